@@ -1,0 +1,96 @@
+"""The one `nextstate` command line. Each command only parses, builds settings and calls a loop.
+
+Heavy imports (torch, transformers, faust) happen inside the commands that need them, so
+`nextstate --help` and the stack commands start fast.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from infra.cli_stack import stack_app
+from infra.errors import NextstateError
+from infra.settings import load_settings, masked
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="nextstate: online RL from the next state that follows every action.")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect settings.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print numbers.")
+app.add_typer(stack_app, name="stack", help="The local Kafka, schema registry and MinIO.")
+app.add_typer(config_app, name="config")
+app.add_typer(bench_app, name="bench")
+
+console = Console()
+
+
+def fail(exc: NextstateError) -> None:
+    console.print(f"[red]error:[/red] {exc}")
+    raise typer.Exit(1)
+
+
+@config_app.command("show")
+def config_show() -> None:
+    """Print the effective settings, secrets masked."""
+    try:
+        settings = load_settings()
+    except NextstateError as exc:
+        fail(exc)
+    console.print_json(json.dumps(masked(settings), default=str))
+
+
+@app.command()
+def provision(namespace: Optional[str] = typer.Option(None, help="topic prefix; default from settings"),
+              bucket: Optional[str] = typer.Option(None, help="checkpoint bucket; default from settings")) -> None:
+    """Create every topic, register every schema, and create the checkpoint bucket."""
+    from infra.provision import provision as run
+
+    try:
+        s = load_settings()
+        result = run(s.kafka, s.registry, s.storage, namespace, bucket)
+    except NextstateError as exc:
+        fail(exc)
+    for topic, state in result["topics"].items():
+        console.print(f"topic   {topic:<40} {state}")
+    for subject, schema_id in result["schemas"].items():
+        console.print(f"schema  {subject:<40} id {schema_id}")
+    b = result["bucket"]
+    console.print(f"bucket  {b['name']:<40} {'created' if b['created'] else 'exists'}")
+
+
+@bench_app.command("codec")
+def bench_codec(records: int = typer.Option(5000, help="records per measurement"),
+                response_tokens: int = typer.Option(1000),
+                prompt_tokens: int = typer.Option(1000),
+                broker: bool = typer.Option(True, help="also measure produce+consume through Kafka")) -> None:
+    """TurnRecorded through the registry-bound Avro serializer vs orjson, and through Kafka."""
+    from infra.bench_codec import run_codec_bench
+
+    try:
+        run_codec_bench(load_settings(), records, prompt_tokens, response_tokens, broker, console)
+    except NextstateError as exc:
+        fail(exc)
+
+
+@app.command()
+def demo() -> None:
+    """Set up the embedded default and run it: for now, the stack, provisioned, and its status."""
+    from infra.cli_stack import print_status
+    from infra.provision import provision as run
+    from infra.stack import up
+
+    try:
+        s = load_settings()
+        statuses = up(s.stack, s.storage)
+        run(s.kafka, s.registry, s.storage)
+    except NextstateError as exc:
+        fail(exc)
+    print_status(statuses)
+    console.print("[green]stack up and provisioned[/green]")
+
+
+if __name__ == "__main__":
+    app()

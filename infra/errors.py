@@ -1,0 +1,41 @@
+"""The one root of nextstate's errors, with a subclass per layer.
+
+Messages name the values they saw. Only the HTTP edge turns these into status codes.
+"""
+
+
+class NextstateError(Exception):
+    """Root of every error nextstate raises on purpose."""
+
+
+class ConfigError(NextstateError):
+    """Settings that cannot be used as given."""
+
+
+class StackError(NextstateError):
+    """The local stack (Kafka, registry, MinIO) could not be installed, started or reached."""
+
+
+class SchemaError(NextstateError):
+    """An event that does not match its schema, or a schema the registry refused."""
+
+
+class DecodeError(SchemaError):
+    """A record read from Kafka that could not be decoded; names topic, partition and offset."""
+
+    def __init__(self, topic: str, partition: int, offset: int, cause: str) -> None:
+        super().__init__(
+            f"cannot decode record at {topic}[{partition}]@{offset}: {cause}"
+        )
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self.cause = cause
+
+
+class DeliveryError(NextstateError):
+    """Kafka did not acknowledge a produced record."""
+
+
+class StorageError(NextstateError):
+    """The object store refused or lost an object."""

@@ -1,0 +1,241 @@
+"""One frozen settings object for every nextstate process, handed out by section.
+
+Values come from the environment (prefix ``NEXTSTATE_``, nested with ``__``, e.g.
+``NEXTSTATE_KAFKA__BOOTSTRAP_SERVERS``) or an ``.env`` file. A component receives its own
+section, never the whole object.
+
+Secrets are ``SecretStr`` and print masked. With ``profile=local`` (the default, the stack that
+``nextstate stack up`` starts on this machine) the stack's own development credentials are
+filled in; with any other profile every secret must be given explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from infra.errors import ConfigError
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "nextstate"
+
+
+def _state_root() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "nextstate"
+
+
+class Profile(StrEnum):
+    LOCAL = "local"
+    PRODUCTION = "production"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(_Section):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    namespace: str = "nextstate."
+    partitions: int = Field(default=3, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+    # The event topics are the event store: no time-based deletion unless asked for.
+    retention_ms: int = -1
+    max_message_bytes: int = 8 * 1024 * 1024
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+
+    def topic(self, name: str, namespace: str | None = None) -> str:
+        return f"{self.namespace if namespace is None else namespace}{name}"
+
+    def client_config(self) -> dict[str, Any]:
+        """librdkafka settings shared by producers, consumers and the admin client."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            conf["sasl.mechanism"] = self.sasl_mechanism
+            conf["sasl.username"] = self.sasl_username or ""
+            conf["sasl.password"] = self.sasl_password.get_secret_value() if self.sasl_password else ""
+        return conf
+
+
+class RegistrySettings(_Section):
+    url: str = "http://127.0.0.1:8081/apis/ccompat/v7"
+    username: str | None = None
+    password: SecretStr | None = None
+    compatibility: str = "BACKWARD"
+
+    def client_config(self) -> dict[str, Any]:
+        conf: dict[str, Any] = {"url": self.url}
+        if self.username:
+            secret = self.password.get_secret_value() if self.password else ""
+            conf["basic.auth.user.info"] = f"{self.username}:{secret}"
+        return conf
+
+
+class StorageSettings(_Section):
+    endpoint: str = "127.0.0.1:9000"
+    access_key: str | None = None
+    secret_key: SecretStr | None = None
+    secure: bool = False
+    region: str = "us-east-1"
+    bucket: str = "nextstate-checkpoints"
+
+
+class StackSettings(_Section):
+    """The local stack that `nextstate stack up` installs and runs as plain processes."""
+
+    host: str = "127.0.0.1"
+    kafka_port: int = 9092
+    controller_port: int = 9093
+    registry_port: int = 8081
+    registry_management_port: int = 9010
+    minio_port: int = 9000
+    minio_console_port: int = 9001
+    kafka_version: str = "4.2.0"
+    apicurio_version: str = "3.3.3"
+    minio_release: str = "RELEASE.2025-09-07T16-13-09Z"
+    cache_dir: Path = Field(default_factory=_cache_root)
+    state_dir: Path = Field(default_factory=_state_root)
+    java_home: Path | None = None
+    kafka_heap: str = "-Xms256m -Xmx1g"
+    registry_heap: str = "-Xms128m -Xmx512m"
+    start_timeout_s: float = 180.0
+
+
+class ServingSettings(_Section):
+    engine: str = "local"
+    model: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_batch_size: int = Field(default=8, ge=1)
+    max_new_tokens: int = Field(default=256, ge=1)
+    sglang_python: Path | None = None
+    sglang_url: str | None = None
+    port: int = 30001
+
+
+class GatewaySettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_keys: dict[str, SecretStr] = Field(default_factory=dict)
+    max_body_bytes: int = 4 * 1024 * 1024
+    session_idle_timeout_s: float = 600.0
+    spool_dir: Path = Field(default_factory=lambda: _state_root() / "spool")
+    tenant: str = "default"
+
+
+class ProcessorSettings(_Section):
+    judge: str = "feedback"
+    judge_votes: int = Field(default=3, ge=1)
+    judge_url: str | None = None
+    judge_api_key: SecretStr | None = None
+    judge_model: str | None = None
+    judge_timeout_s: float = 60.0
+    judge_concurrency: int = Field(default=8, ge=1)
+    hint_votes: int = Field(default=1, ge=1)
+    method: str = "combined"
+    transition_timeout_s: float = 600.0
+    faust_data_dir: Path = Field(default_factory=lambda: _state_root() / "faust")
+
+
+class LearnerSettings(_Section):
+    run: str = "main"
+    method: str = "combined"
+    lora: bool = True
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lr: float = 1e-5
+    zero_stage: int = Field(default=0, ge=0, le=3)
+    token_budget: int = Field(default=2048, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    max_staleness: int = Field(default=4, ge=0)
+    staleness_policy: str = "correct"
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    opd_clip: float = 2.0
+    w_rl: float = 1.0
+    w_opd: float = 1.0
+    kl_coef: float = 0.0
+    entropy_coef: float = 0.0
+    checkpoint_every_steps: int = Field(default=4, ge=1)
+    checkpoint_every_s: float = 300.0
+    work_dir: Path = Field(default_factory=lambda: _state_root() / "learner")
+
+
+class Settings(BaseSettings):
+    """Everything a nextstate process can be told. Frozen once built."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="NEXTSTATE_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+        frozen=True,
+    )
+
+    profile: Profile = Profile.LOCAL
+    kafka: KafkaSettings = KafkaSettings()
+    registry: RegistrySettings = RegistrySettings()
+    storage: StorageSettings = StorageSettings()
+    stack: StackSettings = StackSettings()
+    serving: ServingSettings = ServingSettings()
+    gateway: GatewaySettings = GatewaySettings()
+    processors: ProcessorSettings = ProcessorSettings()
+    learner: LearnerSettings = LearnerSettings()
+
+    @model_validator(mode="after")
+    def _secrets(self) -> "Settings":
+        if self.profile is Profile.LOCAL:
+            # The local stack's development credentials: they only ever guard 127.0.0.1.
+            if self.storage.access_key is None or self.storage.secret_key is None:
+                storage = self.storage.model_copy(
+                    update={
+                        "access_key": self.storage.access_key or "nextstate",
+                        "secret_key": self.storage.secret_key or SecretStr("nextstate-local-dev"),
+                    }
+                )
+                object.__setattr__(self, "storage", storage)
+            return self
+        missing = [
+            name
+            for name, value in (
+                ("storage.access_key", self.storage.access_key),
+                ("storage.secret_key", self.storage.secret_key),
+            )
+            if value is None
+        ]
+        if not self.gateway.api_keys:
+            missing.append("gateway.api_keys")
+        if missing:
+            raise ConfigError(
+                f"profile {self.profile.value!r} needs explicit secrets: {', '.join(missing)} "
+                f"(set NEXTSTATE_{missing[0].upper().replace('.', '__')})"
+            )
+        return self
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the environment, with keyword overrides taking precedence."""
+    try:
+        return Settings(**overrides)
+    except ConfigError:
+        raise
+    except Exception as exc:  # pydantic's ValidationError, with every bad field named
+        raise ConfigError(f"invalid settings: {exc}") from exc
+
+
+def masked(settings: Settings) -> dict[str, Any]:
+    """The effective settings as plain data with every secret shown as '**********'."""
+    return settings.model_dump(mode="json")

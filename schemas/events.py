@@ -1,0 +1,312 @@
+"""Typed Python models of the events, one per ``.avsc`` (tests/schemas holds each against it).
+
+Names are past-tense facts. Every event carries ``event_id``, ``occurred_at``,
+``schema_version`` and ``parent_ids``. Token arrays are plain lists here; they are packed
+into little-endian bytes on the wire (see ``schemas.codecs``).
+
+Event ids of derived events come from ``derived_id(stage, *parents)``, so a stage that
+reprocesses the same input produces the same ids and downstream can drop duplicates.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from enum import StrEnum
+from array import array
+from typing import Annotated, Any, ClassVar
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+
+_ID_NAMESPACE = uuid.UUID("6f1c2a54-3b7e-4d6a-9a51-2e0c8f3b9d10")
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def derived_id(stage: str, *parents: str) -> str:
+    """A deterministic event id for what `stage` derived from `parents`."""
+    return str(uuid.uuid5(_ID_NAMESPACE, "|".join((stage, *parents))))
+
+
+def now() -> datetime:
+    # Avro timestamp-millis keeps milliseconds; truncating here makes round trips exact.
+    t = datetime.now(timezone.utc)
+    return t.replace(microsecond=t.microsecond // 1000 * 1000)
+
+
+# fastavro hands uuid logical types back as uuid.UUID; events keep ids as strings.
+EventId = Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, uuid.UUID) else v)]
+
+
+def _as_float32(values: list[float]) -> list[float]:
+    return array("f", values).tolist()
+
+
+# Logprobs travel as float32; rounding at construction makes every round trip exact.
+Float32List = Annotated[list[float], AfterValidator(_as_float32)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Event(_Model):
+    """Fields every event carries."""
+
+    SCHEMA_VERSION: ClassVar[int] = 1
+
+    event_id: EventId = Field(default_factory=new_id)
+    occurred_at: datetime = Field(default_factory=now)
+    schema_version: int = 1
+    parent_ids: list[str] = Field(default_factory=list)
+
+    def to_avro(self) -> dict[str, Any]:
+        return self.model_dump()
+
+    @classmethod
+    def from_avro(cls, record: dict[str, Any]) -> "Event":
+        return cls.model_validate(record)
+
+
+# -- turns ------------------------------------------------------------------------------
+
+class SessionSource(StrEnum):
+    HEADER = "HEADER"
+    BODY = "BODY"
+    DERIVED = "DERIVED"
+
+
+class TurnType(StrEnum):
+    MAIN = "MAIN"
+    SIDE = "SIDE"
+
+
+class SamplingParams(_Model):
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+
+
+class TurnRecorded(Event):
+    tenant: str
+    session_id: str
+    session_source: SessionSource = SessionSource.HEADER
+    turn_index: int
+    turn_type: TurnType
+    request_id: str
+    messages_json: str
+    tools_json: str | None = None
+    prompt_token_ids: list[int]
+    response_token_ids: list[int]
+    response_logprobs: Float32List
+    response_text: str
+    finish_reason: str
+    sampling: SamplingParams
+    policy_version: int
+    engine: str
+    model: str
+    latency_ms: float = 0.0
+
+
+# -- feedback ---------------------------------------------------------------------------
+
+class FeedbackKind(StrEnum):
+    USER_MESSAGE = "USER_MESSAGE"
+    TOOL_OUTPUT = "TOOL_OUTPUT"
+    TERMINAL_OUTPUT = "TERMINAL_OUTPUT"
+    TEST_RESULT = "TEST_RESULT"
+    GUI_CHANGE = "GUI_CHANGE"
+    THUMBS = "THUMBS"
+    OUTCOME_REWARD = "OUTCOME_REWARD"
+    SESSION_END = "SESSION_END"
+
+
+class FeedbackReceived(Event):
+    tenant: str
+    session_id: str
+    turn_index: int | None = None
+    kind: FeedbackKind
+    text: str | None = None
+    thumbs: int | None = None
+    reward: float | None = None
+    exit_code: int | None = None
+    passed: bool | None = None
+    source: str = "client"
+    metadata_json: str | None = None
+
+
+# -- transitions ------------------------------------------------------------------------
+
+class NextStateKind(StrEnum):
+    NEXT_TURN = "NEXT_TURN"
+    FEEDBACK = "FEEDBACK"
+    SESSION_END = "SESSION_END"
+    TIMEOUT = "TIMEOUT"
+
+
+class TransitionFormed(Event):
+    tenant: str
+    session_id: str
+    turn_index: int
+    turn: TurnRecorded
+    next_state_kind: NextStateKind
+    next_messages_json: str = "[]"
+    feedback: list[FeedbackReceived] = Field(default_factory=list)
+    next_turn_event_id: str | None = None
+
+
+# -- judgements -------------------------------------------------------------------------
+
+class JudgeVote(_Model):
+    index: int
+    raw_text: str
+    score: int | None = None
+    latency_ms: float = 0.0
+    error: str | None = None
+
+
+class RewardJudged(Event):
+    tenant: str
+    session_id: str
+    turn_index: int
+    transition_id: str
+    turn_id: str
+    judge: str
+    judge_model: str
+    judge_version: str
+    prompt_sha256: str
+    votes: list[JudgeVote]
+    majority: int
+    latency_ms: float = 0.0
+
+
+# -- hints ------------------------------------------------------------------------------
+
+class HintVote(_Model):
+    index: int
+    raw_text: str
+    score: int | None = None
+    hint: str | None = None
+    latency_ms: float = 0.0
+    error: str | None = None
+
+
+class HintCandidate(_Model):
+    hint: str
+    vote_index: int
+    overlap_score: float | None = None
+
+
+class HintSelection(StrEnum):
+    LONGEST = "LONGEST"
+    OVERLAP_SEQUENCE = "OVERLAP_SEQUENCE"
+    OVERLAP_TOKEN = "OVERLAP_TOKEN"
+
+
+class HintJudged(Event):
+    tenant: str
+    session_id: str
+    turn_index: int
+    transition_id: str
+    turn_id: str
+    judge_model: str
+    judge_version: str
+    prompt_sha256: str
+    votes: list[HintVote]
+    candidates: list[HintCandidate] = Field(default_factory=list)
+    selection: HintSelection
+    accepted_hint: str | None = None
+    rejected_reason: str | None = None
+    teacher_policy: str | None = None
+    teacher_policy_version: int | None = None
+    teacher_logprobs: Float32List | None = None
+
+
+# -- samples ----------------------------------------------------------------------------
+
+class Method(StrEnum):
+    RL = "RL"
+    OPD = "OPD"
+    COMBINED = "COMBINED"
+
+
+class SampleReady(Event):
+    tenant: str
+    session_id: str
+    turn_index: int
+    method: Method
+    prompt_token_ids: list[int]
+    response_token_ids: list[int]
+    loss_mask: list[int]
+    behaviour_logprobs: Float32List
+    teacher_logprobs: Float32List | None = None
+    reward: float
+    policy_version: int
+    task_group: str | None = None
+    step_index: int | None = None
+
+
+# -- checkpoints ------------------------------------------------------------------------
+
+class CheckpointKind(StrEnum):
+    FULL = "FULL"
+    LORA = "LORA"
+
+
+class CheckpointFile(_Model):
+    path: str
+    sha256: str
+    size_bytes: int
+
+
+class PartitionOffset(_Model):
+    topic: str
+    partition: int
+    offset: int
+
+
+class CheckpointPublished(Event):
+    run: str
+    version: int
+    parent_version: int | None = None
+    kind: CheckpointKind
+    base_model: str
+    uri: str
+    files: list[CheckpointFile]
+    consumed_offsets: list[PartitionOffset]
+    step: int
+    samples_trained: int
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+# -- dead letters -----------------------------------------------------------------------
+
+class DeadLettered(Event):
+    stage: str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    key: bytes | None = None
+    value: bytes | None = None
+    headers: dict[str, bytes] = Field(default_factory=dict)
+    error_type: str
+    error: str
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.__name__: cls
+    for cls in (
+        TurnRecorded,
+        FeedbackReceived,
+        TransitionFormed,
+        RewardJudged,
+        HintJudged,
+        SampleReady,
+        CheckpointPublished,
+        DeadLettered,
+    )
+}

@@ -1,0 +1,97 @@
+"""Event serializers bound to the schema registry, in the Confluent wire format.
+
+Serialization goes through ``confluent_kafka.schema_registry``'s Avro serializers (fastavro
+underneath): magic byte 0, a 4-byte schema id, then the Avro body. Subjects follow the topic
+name strategy (``<topic>-value``) and are registered with BACKWARD compatibility, so a
+reader with the newest schema reads every older version's data.
+
+Decoding failures raise ``DecodeError`` naming the topic, partition, offset and cause.
+This module knows nothing about producing or consuming.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
+from confluent_kafka.serialization import MessageField, SerializationContext
+
+from infra.errors import DecodeError, SchemaError
+from infra.settings import RegistrySettings
+from schemas.catalog import EventSchema, schema_for
+from schemas.events import EVENT_TYPES, Event
+
+
+def registry_client(registry: RegistrySettings) -> SchemaRegistryClient:
+    return SchemaRegistryClient(registry.client_config())
+
+
+def subject_for(topic: str) -> str:
+    return f"{topic}-value"
+
+
+def register(client: SchemaRegistryClient, topic: str, schema: EventSchema | str,
+             compatibility: str = "BACKWARD") -> int:
+    """Register `schema` under the topic's subject with the given compatibility; its id."""
+    schema_str = schema if isinstance(schema, str) else schema.schema_str()
+    subject = subject_for(topic)
+    try:
+        client.set_compatibility(subject_name=subject, level=compatibility)
+        return client.register_schema(subject, Schema(schema_str, "AVRO"))
+    except Exception as exc:
+        raise SchemaError(f"registry refused schema for subject {subject!r}: {exc}") from exc
+
+
+@dataclass
+class EventSerde:
+    """Serializer and deserializer of one event type on one topic."""
+
+    client: SchemaRegistryClient
+    event_name: str
+    topic: str
+    schema_str: str | None = None  # override, for evolution tests; default: the catalog's
+    _ser: AvroSerializer = field(init=False, repr=False)
+    _de: AvroDeserializer = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        model = EVENT_TYPES[self.event_name]
+        schema_str = self.schema_str or schema_for(self.event_name).schema_str()
+        self._model = model
+        self._ser = AvroSerializer(
+            self.client,
+            schema_str,
+            to_dict=lambda obj, ctx: obj if isinstance(obj, dict) else obj.to_avro(),
+            conf={"auto.register.schemas": True},
+        )
+        self._de = AvroDeserializer(self.client, schema_str, from_dict=lambda d, ctx: d)
+        self._ctx = SerializationContext(self.topic, MessageField.VALUE)
+
+    def serialize(self, event: Event | dict[str, Any]) -> bytes:
+        try:
+            return self._ser(event, self._ctx)
+        except Exception as exc:
+            name = type(event).__name__
+            raise SchemaError(
+                f"cannot serialize {name} for topic {self.topic!r}: {exc}"
+            ) from exc
+
+    def deserialize_dict(self, data: bytes | None, partition: int = -1,
+                         offset: int = -1) -> dict[str, Any]:
+        if data is None:
+            raise DecodeError(self.topic, partition, offset, "record has no value (tombstone)")
+        try:
+            return self._de(data, self._ctx)
+        except Exception as exc:
+            raise DecodeError(self.topic, partition, offset, f"{type(exc).__name__}: {exc}") from exc
+
+    def deserialize(self, data: bytes | None, partition: int = -1, offset: int = -1) -> Event:
+        record = self.deserialize_dict(data, partition, offset)
+        try:
+            return self._model.from_avro(record)
+        except Exception as exc:
+            raise DecodeError(
+                self.topic, partition, offset,
+                f"decoded record does not fit {self.event_name}: {exc}",
+            ) from exc
