@@ -32,6 +32,34 @@ def wait_for(condition: Callable[[], T], timeout: float = 30.0, interval: float 
         time.sleep(interval)
 
 
+def drain(consumer, want: int, timeout: float = 60.0) -> list:
+    """Poll an EventConsumer until `want` records arrived; fail after `timeout` seconds."""
+    got: list = []
+
+    def more() -> bool:
+        record = consumer.poll(0.5)
+        if record is not None:
+            got.append(record)
+        return len(got) >= want
+
+    wait_for(more, timeout, interval=0, what=f"{want} records (got {len(got)})")
+    return got
+
+
+def poll_raw(consumer, want: int, timeout: float = 60.0) -> list:
+    """Poll a plain confluent_kafka Consumer for `want` messages without errors."""
+    got: list = []
+
+    def more() -> bool:
+        msg = consumer.poll(0.5)
+        if msg is not None and not msg.error():
+            got.append(msg)
+        return len(got) >= want
+
+    wait_for(more, timeout, interval=0, what=f"{want} messages (got {len(got)})")
+    return got
+
+
 @pytest.fixture(scope="session")
 def settings() -> Settings:
     return load_settings()

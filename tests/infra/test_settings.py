@@ -1,0 +1,68 @@
+"""Settings: sections from the environment, secrets masked, secrets required off the local stack."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from infra.errors import ConfigError
+from infra.settings import Profile, load_settings, masked
+
+
+def test_nested_environment_overrides(monkeypatch):
+    monkeypatch.setenv("NEXTSTATE_KAFKA__BOOTSTRAP_SERVERS", "10.0.0.5:9092")
+    monkeypatch.setenv("NEXTSTATE_LEARNER__LR", "3e-6")
+    s = load_settings()
+    assert s.kafka.bootstrap_servers == "10.0.0.5:9092"
+    assert s.learner.lr == 3e-6
+    assert s.kafka.topic("samples") == "nextstate.samples"
+    assert s.kafka.topic("samples", "replay-1.") == "replay-1.samples"
+
+
+def test_settings_are_frozen():
+    s = load_settings()
+    with pytest.raises(Exception):
+        s.kafka = None  # type: ignore[misc]
+    with pytest.raises(Exception):
+        s.kafka.partitions = 9  # type: ignore[misc]
+
+
+def test_local_profile_fills_stack_credentials_and_masks_them():
+    s = load_settings()
+    assert s.profile is Profile.LOCAL
+    assert s.storage.secret_key is not None
+    shown = json.dumps(masked(s))
+    assert s.storage.secret_key.get_secret_value() not in shown
+    assert "**********" in shown
+
+
+def test_production_requires_every_secret(monkeypatch):
+    monkeypatch.setenv("NEXTSTATE_PROFILE", "production")
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert "storage.access_key" in str(err.value) and "gateway.api_keys" in str(err.value)
+    monkeypatch.setenv("NEXTSTATE_STORAGE__ACCESS_KEY", "prod-user")
+    monkeypatch.setenv("NEXTSTATE_STORAGE__SECRET_KEY", "prod-secret-123")
+    monkeypatch.setenv("NEXTSTATE_GATEWAY__API_KEYS", '{"acme": "k-very-secret"}')
+    s = load_settings()
+    assert s.storage.secret_key.get_secret_value() == "prod-secret-123"
+    assert "k-very-secret" not in json.dumps(masked(s))
+
+
+def test_invalid_value_names_the_field(monkeypatch):
+    monkeypatch.setenv("NEXTSTATE_KAFKA__PARTITIONS", "0")
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert "partitions" in str(err.value)
+
+
+def test_config_show_masks_secrets(monkeypatch):
+    from infra.cli import app
+
+    monkeypatch.setenv("NEXTSTATE_STORAGE__SECRET_KEY", "super-secret-value")
+    result = CliRunner().invoke(app, ["config", "show"])
+    assert result.exit_code == 0, result.output
+    assert "super-secret-value" not in result.output
+    assert '"bootstrap_servers"' in result.output
