@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from confluent_kafka.admin import AdminClient, ConfigResource, NewPartitions, NewTopic
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewPartitions,
+    NewTopic,
+)
 
 from infra.errors import StackError
 from infra.settings import KafkaSettings, RegistrySettings, StorageSettings
@@ -77,11 +84,13 @@ def provision_topics(kafka: KafkaSettings, namespace: str | None = None,
         have = len(existing[p.name].partitions)
         if have < p.partitions:
             grow.append(NewPartitions(p.name, p.partitions))
-        reconcile.append(ConfigResource("topic", p.name, set_config=p.config))
+        entries = [ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
+                   for k, v in p.config.items()]
+        reconcile.append(ConfigResource("topic", p.name, incremental_configs=entries))
     for fut in (admin.create_partitions(grow, request_timeout=timeout) if grow else {}).values():
         fut.result()
     if reconcile:
-        for res, fut in admin.alter_configs(reconcile, request_timeout=timeout).items():
+        for res, fut in admin.incremental_alter_configs(reconcile, request_timeout=timeout).items():
             try:
                 fut.result()
             except Exception as exc:

@@ -124,16 +124,43 @@ class ServingSettings(_Section):
     sglang_python: Path | None = None
     sglang_url: str | None = None
     port: int = 30001
+    # Local engine: keep a copy of the base weights after a FULL checkpoint is loaded, so
+    # score(base=True) keeps working (costs one more model in memory; LoRA needs no copy).
+    keep_base: bool = True
+    # Where converted models (models/) and downloaded checkpoints (checkpoints/) are cached.
+    cache_dir: Path = Field(default_factory=_cache_root)
+    # SGLang: extra launch_server arguments, how long to wait for it to come up, and the
+    # port it listens on when we launch it ourselves.
+    sglang_args: list[str] = Field(default_factory=list)
+    sglang_port: int = 30010
+    sglang_start_timeout_s: float = 600.0
+    request_timeout_s: float = 600.0
+    # Reloader: which learner run's checkpoints to follow (None: any) and its consumer group.
+    checkpoint_run: str | None = None
+    reload_group: str | None = None
 
 
 class GatewaySettings(_Section):
     host: str = "127.0.0.1"
     port: int = 30000
+    # tenant -> key, either "sha256:<64 hex>" (what to store; `nextstate gateway hash-key`
+    # prints it) or the raw key (hashed at start, never kept or logged in clear).
     api_keys: dict[str, SecretStr] = Field(default_factory=dict)
+    # profile=local with no api_keys: a random key is generated once into this file (0600).
+    dev_key_file: Path = Field(default_factory=lambda: _state_root() / "gateway" / "dev-key")
     max_body_bytes: int = 4 * 1024 * 1024
     session_idle_timeout_s: float = 600.0
     spool_dir: Path = Field(default_factory=lambda: _state_root() / "spool")
+    spool_segment_bytes: int = Field(default=64 * 1024 * 1024, ge=4096)
+    # How long one drain attempt waits for Kafka before spooled events are retried.
+    delivery_timeout_s: float = Field(default=15.0, gt=0)
     tenant: str = "default"
+    # The model name /v1/models reports and turns record; default: the engine's.
+    served_model_name: str | None = None
+    # Tool-call syntax of the model's chat template (producers.gateway.chat.TOOL_PARSERS);
+    # None: detected from the template.
+    tool_parser: str | None = None
+    default_max_tokens: int = Field(default=256, ge=1)
 
 
 class ProcessorSettings(_Section):
@@ -148,12 +175,40 @@ class ProcessorSettings(_Section):
     method: str = "combined"
     transition_timeout_s: float = 600.0
     faust_data_dir: Path = Field(default_factory=lambda: _state_root() / "faust")
+    # LLM judge client: attempts per call (with exponential backoff) and sampling.
+    judge_retries: int = Field(default=3, ge=0)
+    judge_temperature: float = 0.6
+    judge_max_tokens: int = Field(default=1024, ge=1)
+    # Hint judge: "llm" or "feedback" (rule-based: the user's correction becomes the hint).
+    hint_judge: str = "feedback"
+    # Hint selection: LONGEST, OVERLAP_SEQUENCE or OVERLAP_TOKEN (the last two need an engine).
+    hint_selection: str = "LONGEST"
+    hint_min_chars: int = Field(default=11, ge=1)
+    overlap_top_k: int = Field(default=8, ge=1)
+    # Teacher: "base" (frozen base weights + hint) or "current" (the serving policy + hint),
+    # and the model the hint stage loads an engine on (None: no teacher, hints without logprobs).
+    teacher_policy: str = "base"
+    teacher_model: str | None = None
+    # Feedback judge rule table overrides (regexes over the user's text in the next state).
+    correction_patterns: list[str] | None = None
+    approval_patterns: list[str] | None = None
+    # faust: seconds between idle-transition scans, agent concurrency of stateless stages,
+    # and the consumer session timeout (how fast a killed worker's partitions move).
+    timeout_scan_s: float = Field(default=5.0, gt=0)
+    stage_concurrency: int = Field(default=4, ge=1)
+    session_timeout_s: float = Field(default=10.0, gt=0)
 
 
 class LearnerSettings(_Section):
+    """The learner. `method` is the loss rule applied to every sample (rl | opd | combined);
+    `lora=None` means LoRA on CPU and full-weight training on GPU."""
+
     run: str = "main"
     method: str = "combined"
-    lora: bool = True
+    lora: bool | None = None
+    device: str = "auto"
+    bf16: bool | None = None
+    model: str | None = None
     lora_rank: int = 16
     lora_alpha: int = 32
     lr: float = 1e-5
@@ -172,6 +227,17 @@ class LearnerSettings(_Section):
     checkpoint_every_steps: int = Field(default=4, ge=1)
     checkpoint_every_s: float = 300.0
     work_dir: Path = Field(default_factory=lambda: _state_root() / "learner")
+    adv_norm: str = "none"
+    tis_cap: float = 2.0
+    lr_schedule: str = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    total_steps: int = Field(default=10_000, ge=1)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    fill_timeout_s: float = Field(default=2.0, gt=0)
+    bucket: str | None = None
+    metrics_port: int | None = None
+    seed: int = 0
 
 
 class Settings(BaseSettings):

@@ -54,9 +54,13 @@ def _install_dir(final: Path, fill: Callable[[Path], None]) -> Path:
     with _locked(final.parent / f".{final.name}.lock"):
         if final.is_dir():  # someone else finished it while we waited
             return final
+        for leftover in final.parent.glob(f".{final.name}.*"):
+            if leftover.is_dir():  # from an install that was killed; we hold the lock now
+                shutil.rmtree(leftover, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
         try:
             fill(tmp)
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is plain user files
             tmp.rename(final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -140,6 +144,7 @@ def minio_binary(cache_dir: Path, release: str, progress: Progress) -> Path:
         stamp = re.fullmatch(r"RELEASE\.(\d{4}-\d\d-\d\d)T(\d\d)-(\d\d)-(\d\d)Z", release)
         if stamp:
             ldflags.append(f"-X github.com/minio/minio/cmd.Version={stamp[1]}T{stamp[2]}:{stamp[3]}:{stamp[4]}Z")
+            ldflags.append(f"-X github.com/minio/minio/cmd.CopyrightYear={stamp[1][:4]}")
         if commit:
             ldflags.append(f"-X github.com/minio/minio/cmd.CommitID={commit}")
             ldflags.append(f"-X github.com/minio/minio/cmd.ShortCommitID={commit[:12]}")

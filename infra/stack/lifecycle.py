@@ -20,7 +20,7 @@ from infra.errors import StackError
 from infra.settings import StackSettings, StorageSettings
 from infra.stack import procs
 from infra.stack.install import Progress
-from infra.stack.services import Service, all_services
+from infra.stack.services import Port, Service, all_services
 
 LOG_LINES_ON_ERROR = 30
 
@@ -62,16 +62,31 @@ def _ours(service: Service) -> procs.PidRecord | None:
     return record if record is not None and procs.is_alive(record) else None
 
 
+def _held(service: Service) -> list[tuple[Port, str | None]]:
+    """Ports of the service that some other program holds, with who holds them if visible."""
+    return [
+        (port, procs.port_holder(port.port))
+        for port in service.ports
+        if not procs.port_free(service.stack.host, port.port)
+    ]
+
+
 def _conflicts(service: Service) -> list[str]:
-    found = []
-    for port in service.ports:
-        if not procs.port_free(service.stack.host, port.port):
-            holder = procs.port_holder(port.port)
-            found.append(
-                f"{service.name} {port.role} port {service.stack.host}:{port.port} is already in use "
-                f"by another program{f' ({holder})' if holder else ''}, not one this stack started"
-            )
-    return found
+    return [
+        f"{service.name} {port.role} port {service.stack.host}:{port.port} is in use by another program"
+        + (f" ({holder})" if holder else "")
+        for port, holder in _held(service)
+    ]
+
+
+def _conflict_error(stack: StackSettings, conflicts: list[str]) -> StackError:
+    return StackError(
+        "cannot start the local stack, ports are held by programs it did not start "
+        f"(state dir {stack.state_dir}):\n  "
+        + "\n  ".join(conflicts)
+        + "\nStop them, or move the stack to other ports (NEXTSTATE_STACK__KAFKA_PORT etc.). If one is "
+        "a nextstate stack with another state dir, `nextstate stack down` with that state dir stops it."
+    )
 
 
 def _failure(service: Service, what: str) -> StackError:
@@ -83,10 +98,10 @@ def _failure(service: Service, what: str) -> StackError:
 
 def _status(service: Service, record: procs.PidRecord | None, health_timeout_s: float = 3.0) -> ServiceStatus:
     if record is None:
-        conflicts = _conflicts(service)
-        return ServiceStatus(
-            service.name, ServiceState.STOPPED, None, service.address, service.version, "; ".join(conflicts)
+        held = "; ".join(
+            f"port {port.port} held by another program" + (f" ({who})" if who else "") for port, who in _held(service)
         )
+        return ServiceStatus(service.name, ServiceState.STOPPED, None, service.address, service.version, held)
     state = ServiceState.HEALTHY if service.healthy(health_timeout_s) else ServiceState.UNHEALTHY
     return ServiceStatus(service.name, state, record.pid, service.address, record.version)
 
@@ -99,20 +114,24 @@ def up(stack: StackSettings, storage: StorageSettings, *, progress: Progress = _
         to_start = [s for s in services if s.name not in running]
         conflicts = [c for s in to_start for c in _conflicts(s)]
         if conflicts:
-            raise StackError("cannot start the local stack: " + "; ".join(conflicts))
+            raise _conflict_error(stack, conflicts)
 
         # The slow part on a new machine (Maven downloads, the MinIO build) runs side by side.
         with ThreadPoolExecutor(max_workers=3) as pool:
             for future in [pool.submit(s.install, progress) for s in to_start]:
                 future.result()
 
-        records = dict(running)
+        # Everything that can fail without starting a process (a JDK too old, bad credentials,
+        # formatting Kafka's storage) happens before the first service is started.
+        launches = []
         for service in to_start:
             conflicts = _conflicts(service)  # the installs may have taken minutes
             if conflicts:
-                raise StackError("cannot start the local stack: " + "; ".join(conflicts))
-            argv = service.prepare()
-            env = service.env()
+                raise _conflict_error(stack, conflicts)
+            launches.append((service, service.prepare(), service.env()))
+
+        records = dict(running)
+        for service, argv, env in launches:
             service.pid_path.unlink(missing_ok=True)
             progress(f"starting {service.name} {service.version} on {service.address}")
             pid = procs.spawn(argv, log_path=service.log_path, cwd=service.home, env=env)

@@ -163,6 +163,9 @@ class Kafka(Service):
                 "logger.request.level = WARN",
                 "logger.cleaner.name = kafka.log.LogCleaner",
                 "logger.cleaner.level = WARN",
+                # Each client and server config is otherwise dumped in full, hundreds of lines.
+                "logger.config.name = org.apache.kafka.common.config.AbstractConfig",
+                "logger.config.level = WARN",
                 "",
             ]
         )
@@ -176,6 +179,8 @@ class Kafka(Service):
         base = [
             str(java.executable), *_jvm_flags(java),
             f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
+            # Kafka logs its own orderly shutdown; log4j's hook would stop logging halfway.
+            "-Dlog4j2.shutdownHookEnabled=false",
             f"-Dkafka.logs.dir={self.stack.state_dir / 'logs'}",
             "-cp", f"{libs}/*",
         ]
@@ -194,6 +199,7 @@ class Kafka(Service):
             "-t", cluster_id, "-c", str(self.home / "server.properties"), "--standalone",
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a") as log:
             log.write(proc.stdout + proc.stderr)
         if proc.returncode != 0:
