@@ -262,6 +262,21 @@ class Settings(BaseSettings):
     learner: LearnerSettings = LearnerSettings()
 
     @model_validator(mode="after")
+    def _local_addresses(self) -> "Settings":
+        """Clients follow the local stack's ports unless their addresses were given."""
+        st = self.stack
+        derived = (
+            ("kafka", "bootstrap_servers", f"{st.host}:{st.kafka_port}"),
+            ("registry", "url", f"http://{st.host}:{st.registry_port}/apis/ccompat/v7"),
+            ("storage", "endpoint", f"{st.host}:{st.minio_port}"),
+        )
+        for section, name, value in derived:
+            current = getattr(self, section)
+            if name not in current.model_fields_set:
+                object.__setattr__(self, section, current.model_copy(update={name: value}))
+        return self
+
+    @model_validator(mode="after")
     def _secrets(self) -> "Settings":
         if self.profile is Profile.LOCAL:
             # The local stack's development credentials: they only ever guard 127.0.0.1.

@@ -66,3 +66,16 @@ def test_config_show_masks_secrets(monkeypatch):
     assert result.exit_code == 0, result.output
     assert "super-secret-value" not in result.output
     assert '"bootstrap_servers"' in result.output
+
+
+def test_client_addresses_follow_the_local_stack_ports(monkeypatch):
+    monkeypatch.setenv("NEXTSTATE_STACK__KAFKA_PORT", "19092")
+    monkeypatch.setenv("NEXTSTATE_STACK__REGISTRY_PORT", "18081")
+    monkeypatch.setenv("NEXTSTATE_STACK__MINIO_PORT", "19000")
+    s = load_settings()
+    assert s.kafka.bootstrap_servers == "127.0.0.1:19092"
+    assert s.registry.url == "http://127.0.0.1:18081/apis/ccompat/v7"
+    assert s.storage.endpoint == "127.0.0.1:19000"
+    # An address given explicitly wins over the derived one.
+    monkeypatch.setenv("NEXTSTATE_KAFKA__BOOTSTRAP_SERVERS", "broker.internal:9092")
+    assert load_settings().kafka.bootstrap_servers == "broker.internal:9092"
