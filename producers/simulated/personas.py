@@ -1,0 +1,147 @@
+"""Simulated users: personas with a hidden preference they reveal only the way people do.
+
+Each persona has a checker that scores a response against its hidden preference. Neither
+the policy nor the judge ever sees a checker: the persona reacts to a response in words
+(a correction, a re-ask, thanks) and with thumbs, and only that reaction enters the log.
+The preferences are compatible with each other, so one policy can satisfy all of them.
+
+Pure: no HTTP, no Kafka. `harness.py` makes them talk to a gateway.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+MARKDOWN = re.compile(r"(\*\*|__|^\s*#{1,6}\s|^\s*[-*+]\s|^\s*\d+[.)]\s|`)", re.MULTILINE)
+IMPERIAL = re.compile(
+    r"\b(miles?|mph|feet|foot|ft|inch(es)?|yards?|pounds?|lbs?|ounces?|oz|gallons?|fahrenheit)\b"
+    r"|°\s?F\b",
+    re.IGNORECASE,
+)
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def no_markdown(text: str) -> bool:
+    return not MARKDOWN.search(text)
+
+
+def under_40_words(text: str) -> bool:
+    return 0 < words(text) <= 40
+
+
+def asks_back(text: str) -> bool:
+    return text.rstrip().endswith("?")
+
+
+def metric_only(text: str) -> bool:
+    return not IMPERIAL.search(text)
+
+
+@dataclass(frozen=True)
+class Persona:
+    name: str
+    preference: str                    # what the persona wants, in the operator's words
+    check: Callable[[str], bool]       # hidden: never shown to the policy or the judge
+    corrections: tuple[str, ...]       # how the persona reveals the preference when unmet
+    thanks: tuple[str, ...] = (
+        "Thanks, that's exactly what I needed.",
+        "Perfect, thank you.",
+        "Great answer, thanks!",
+    )
+
+    def react(self, response: str, rng: random.Random) -> "Reaction":
+        if self.check(response):
+            return Reaction(satisfied=True, text=rng.choice(self.thanks), thumbs=1)
+        return Reaction(satisfied=False, text=rng.choice(self.corrections), thumbs=-1)
+
+
+@dataclass(frozen=True)
+class Reaction:
+    satisfied: bool
+    text: str
+    thumbs: int
+
+
+PERSONAS: dict[str, Persona] = {
+    p.name: p
+    for p in (
+        Persona(
+            "brief", "answers under 40 words", under_40_words,
+            ("That's way too long. Please keep your answers under 40 words.",
+             "Too much text. Answer in a couple of short sentences, under 40 words.",
+             "No, that's too long for me. Keep it brief, under 40 words please."),
+        ),
+        Persona(
+            "plain", "no markdown formatting", no_markdown,
+            ("Please don't use markdown, no bullet points, asterisks or headings. Just plain sentences.",
+             "No, I can't read that formatting. Write plain text without lists or bold.",
+             "Stop using bullet points and bold text, just answer in plain sentences."),
+        ),
+        Persona(
+            "curious", "ends by asking something back", asks_back,
+            ("You didn't ask me anything. Always end your answer with a question for me.",
+             "I'd like you to finish by asking me a question back.",
+             "No, end with a question to me next time, please."),
+        ),
+        Persona(
+            "metric", "metric units only", metric_only,
+            ("Please use metric units only, I don't understand miles, feet or pounds.",
+             "No imperial units please, use kilometres, metres, kilograms and Celsius.",
+             "That's wrong for me: I only use metric units."),
+        ),
+    )
+}
+
+# Everyday questions; the last quarter is held out as the probe set and never trained on.
+QUESTIONS: tuple[str, ...] = (
+    "How should I prepare for a job interview?",
+    "What is a good way to start running?",
+    "How do I keep houseplants alive?",
+    "How far is a marathon?",
+    "What should I pack for a weekend hike?",
+    "How can I sleep better?",
+    "How do I make a simple tomato sauce?",
+    "What is the best way to learn a new language?",
+    "How tall is the Eiffel Tower?",
+    "How do I save money on groceries?",
+    "What is a healthy breakfast?",
+    "How can I be more productive at work?",
+    "How heavy is an adult elephant?",
+    "What should I know before adopting a dog?",
+    "How do I write a good email to my boss?",
+    "How hot does an oven get for baking bread?",
+    "How can I reduce stress?",
+    "What is the fastest way to boil water?",
+    "How do I start a vegetable garden?",
+    "How far can a car drive on a full tank?",
+    "How do I clean a cast iron pan?",
+    "What makes a good presentation?",
+    "How much water should I drink a day?",
+    "How do I fix a squeaky door?",
+    "How long does it take to walk five kilometres?",
+    "How do I choose a good book to read?",
+    "What is the weather like in London in spring?",
+    "How can I improve my handwriting?",
+    "How much does a bicycle weigh?",
+    "How do I keep my laptop battery healthy?",
+    "How do I make friends in a new city?",
+    "How deep is the ocean on average?",
+)
+
+
+def split_questions(questions: tuple[str, ...] = QUESTIONS) -> tuple[list[str], list[str]]:
+    """(train, probe): the last quarter is the held-out probe set."""
+    cut = len(questions) - len(questions) // 4
+    return list(questions[:cut]), list(questions[cut:])
+
+
+def satisfaction(response: str, personas: list[Persona] | None = None) -> float:
+    """Share of personas whose hidden preference the response meets (0..1)."""
+    personas = personas or list(PERSONAS.values())
+    return sum(p.check(response) for p in personas) / len(personas)

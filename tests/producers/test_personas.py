@@ -1,0 +1,41 @@
+"""Personas: each checker judges its hidden preference, and reactions reveal it only in words."""
+
+from __future__ import annotations
+
+import random
+
+from producers.simulated.personas import PERSONAS, QUESTIONS, satisfaction, split_questions
+
+
+def test_checkers():
+    brief, plain, curious, metric = (PERSONAS[n].check for n in ("brief", "plain", "curious", "metric"))
+    assert brief("Drink water and rest.") and not brief(" ".join(["word"] * 41)) and not brief("")
+    assert plain("Just plain text here.")
+    assert not plain("**Bold** claim") and not plain("- item one\n- item two") and not plain("1. first")
+    assert not plain("# Heading\ntext") and not plain("use `code`")
+    assert curious("It is 42 km. Have you run one before?") and not curious("It is 42 km.")
+    assert metric("About 42 kilometres.") and not metric("About 26 miles.") and not metric("350 °F")
+
+
+def test_reaction_reveals_preference_without_the_checker():
+    rng = random.Random(0)
+    long_markdown = "**Tips**\n- one\n- two\n" + "more words " * 30
+    for persona in PERSONAS.values():
+        reaction = persona.react(long_markdown, rng)
+        if persona.name == "metric":
+            assert reaction.satisfied and reaction.thumbs == 1
+            continue
+        assert not reaction.satisfied and reaction.thumbs == -1
+        assert reaction.text in persona.corrections
+
+
+def test_one_response_can_satisfy_everyone():
+    good = "A marathon is about 42 kilometres. Are you planning to run one?"
+    assert satisfaction(good) == 1.0
+    assert satisfaction("A marathon is **26 miles**.") == 0.25  # short, but bold, imperial, no question
+
+
+def test_probe_questions_are_held_out():
+    train, probe = split_questions()
+    assert len(probe) == len(QUESTIONS) // 4
+    assert not set(train) & set(probe)
