@@ -80,6 +80,24 @@ def bench_codec(records: int = typer.Option(5000, help="records per measurement"
 
 
 @app.command()
+def audit(some_id: str = typer.Argument(..., help="a sample, turn, transition, judgement or session id"),
+          namespace: Optional[str] = typer.Option(None, help="topic prefix; default from settings")) -> None:
+    """Print the full lineage: turn, next state, every judge vote, the hint, the sample, the checkpoint."""
+    from infra.audit import lineage, read_log, render, resolve
+
+    try:
+        log = read_log(load_settings(), namespace)
+    except NextstateError as exc:
+        fail(exc)
+    turn_ids = resolve(log, some_id)
+    if not turn_ids:
+        console.print(f"[red]no event or session {some_id!r} in the log ({len(log)} events read)[/red]")
+        raise typer.Exit(1)
+    for turn_id in turn_ids:
+        render(lineage(log, turn_id), console)
+
+
+@app.command()
 def demo() -> None:
     """Set up the embedded default and run it: for now, the stack, provisioned, and its status."""
     from infra.cli_stack import print_status

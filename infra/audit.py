@@ -1,0 +1,193 @@
+"""The audit trail: from any sample, turn or session back to everything that explains it.
+
+`read_log` reads every topic of a namespace from the beginning to the current end (the log
+is the database); `lineage` is pure and walks the ids events carry: a sample's parents (turn,
+transition, judgement, hint), the transition's next state and feedback, every judge vote
+with its raw text, the hint decision, and the checkpoints whose consumed offsets cover the
+sample's offset. `render` prints it. Knows nothing about training or serving.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+
+from confluent_kafka import TopicPartition
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from infra.kafka import EventConsumer, OnDecodeError
+from infra.settings import Settings
+from schemas.catalog import TOPICS
+from schemas.events import (
+    CheckpointPublished,
+    Event,
+    FeedbackReceived,
+    HintJudged,
+    RewardJudged,
+    SampleReady,
+    TransitionFormed,
+    TurnRecorded,
+)
+from schemas.serde import registry_client
+
+
+@dataclass(frozen=True)
+class Logged:
+    event: Event
+    topic: str
+    partition: int
+    offset: int
+
+
+def read_log(settings: Settings, namespace: str | None = None, timeout: float = 30.0) -> list[Logged]:
+    """Every decodable event of the namespace, up to each partition's end at call time."""
+    consumer = EventConsumer(settings.kafka, registry_client(settings.registry),
+                             f"audit-{uuid.uuid4().hex}", namespace,
+                             on_decode_error=OnDecodeError.SKIP)
+    raw = consumer.raw
+    ends: dict[tuple[str, int], int] = {}
+    assignment = []
+    for name in TOPICS:
+        topic = consumer.topic(name)
+        meta = raw.list_topics(topic, timeout=timeout).topics.get(topic)
+        if meta is None or meta.error is not None:
+            continue
+        for p in meta.partitions:
+            low, high = raw.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+            if high > low:
+                ends[(topic, p)] = high
+                assignment.append(TopicPartition(topic, p, low))
+    consumer.assign(assignment)
+    out: list[Logged] = []
+    done: set[tuple[str, int]] = set()
+    while len(done) < len(ends):
+        msg = raw.poll(timeout)
+        if msg is None:
+            break  # nothing more within the timeout: report what arrived
+        if msg.error():
+            continue
+        where = (msg.topic(), msg.partition())
+        try:
+            out.append(Logged(consumer.decode(msg), *where, msg.offset()))
+        except Exception:
+            pass  # undecodable records are the dead-letter view's business
+        if msg.offset() + 1 >= ends[where]:
+            done.add(where)
+    consumer.close()
+    return out
+
+
+@dataclass
+class Lineage:
+    turn: TurnRecorded | None = None
+    transition: TransitionFormed | None = None
+    feedback: list[FeedbackReceived] = field(default_factory=list)
+    judgements: list[RewardJudged] = field(default_factory=list)
+    hints: list[HintJudged] = field(default_factory=list)
+    samples: list[Logged] = field(default_factory=list)
+    checkpoints: list[CheckpointPublished] = field(default_factory=list)
+
+
+def lineage(log: list[Logged], turn_id: str) -> Lineage:
+    """Everything tied to one turn."""
+    out = Lineage()
+    for item in log:
+        e = item.event
+        if isinstance(e, TurnRecorded) and e.event_id == turn_id:
+            out.turn = e
+        elif isinstance(e, TransitionFormed) and e.turn.event_id == turn_id:
+            out.transition = e
+            out.turn = out.turn or e.turn
+            out.feedback.extend(e.feedback)
+        elif isinstance(e, (RewardJudged, HintJudged)) and e.turn_id == turn_id:
+            (out.judgements if isinstance(e, RewardJudged) else out.hints).append(e)
+        elif isinstance(e, FeedbackReceived) and turn_id in e.parent_ids:
+            if all(f.event_id != e.event_id for f in out.feedback):
+                out.feedback.append(e)
+        elif isinstance(e, SampleReady) and turn_id in e.parent_ids:
+            out.samples.append(item)
+    for sample in out.samples:
+        out.checkpoints.extend(c for c in trained_by(log, sample) if c not in out.checkpoints)
+    return out
+
+
+def trained_by(log: list[Logged], sample: Logged) -> list[CheckpointPublished]:
+    """Per run, the first checkpoint whose consumed offsets pass the sample's offset."""
+    firsts: dict[str, CheckpointPublished] = {}
+    for item in log:
+        c = item.event
+        if not isinstance(c, CheckpointPublished):
+            continue
+        covered = any(o.topic == sample.topic and o.partition == sample.partition
+                      and o.offset > sample.offset for o in c.consumed_offsets)
+        if covered and (c.run not in firsts or c.version < firsts[c.run].version):
+            firsts[c.run] = c
+    return sorted(firsts.values(), key=lambda c: (c.run, c.version))
+
+
+def resolve(log: list[Logged], some_id: str) -> list[str]:
+    """Turn ids for a sample, turn, transition, judgement or session id."""
+    turns = [i.event for i in log if isinstance(i.event, TurnRecorded)]
+    if any(t.event_id == some_id for t in turns):
+        return [some_id]
+    for item in log:
+        e = item.event
+        if e.event_id == some_id:
+            if isinstance(e, TransitionFormed):
+                return [e.turn.event_id]
+            if isinstance(e, (RewardJudged, HintJudged)):
+                return [e.turn_id]
+            if isinstance(e, SampleReady):
+                ids = {t.event_id for t in turns}
+                return [p for p in e.parent_ids if p in ids][:1] or e.parent_ids[:1]
+    session = sorted((t for t in turns if t.session_id == some_id), key=lambda t: t.turn_index)
+    return [t.event_id for t in session]
+
+
+def render(lin: Lineage, console: Console) -> None:
+    t = lin.turn
+    if t is None:
+        console.print("[red]turn not found in the log[/red]")
+        return
+    messages = json.loads(t.messages_json)
+    last = messages[-1]["content"] if messages else ""
+    console.print(Panel(
+        f"session {t.session_id} · turn {t.turn_index} ({t.turn_type.value}) · policy v{t.policy_version} "
+        f"· {t.engine}/{t.model}\n[bold]last message:[/bold] {str(last)[:400]}\n"
+        f"[bold]response ({len(t.response_token_ids)} tokens):[/bold] {t.response_text[:600]}",
+        title=f"turn {t.event_id}"))
+    if lin.transition:
+        tr = lin.transition
+        console.print(Panel(
+            f"kind {tr.next_state_kind.value}\n{tr.next_messages_json[:600]}"
+            + "".join(f"\nfeedback {f.kind.value}: {f.text or ''} thumbs={f.thumbs} reward={f.reward}"
+                      for f in lin.feedback),
+            title=f"next state {tr.event_id}"))
+    for j in lin.judgements:
+        table = Table(title=f"judgement {j.event_id} · {j.judge} {j.judge_model}@{j.judge_version} "
+                            f"· majority {j.majority:+d}")
+        for col in ("vote", "score", "raw text"):
+            table.add_column(col)
+        for v in j.votes:
+            table.add_row(str(v.index), "invalid" if v.score is None else f"{v.score:+d}",
+                          (v.error or v.raw_text)[:300])
+        console.print(table)
+    for h in lin.hints:
+        console.print(Panel(
+            f"selection {h.selection.value} · accepted: {h.accepted_hint!r}"
+            + (f" · rejected: {h.rejected_reason}" if h.rejected_reason else "")
+            + "".join(f"\ncandidate {c.vote_index}: {c.hint!r} overlap={c.overlap_score}" for c in h.candidates)
+            + (f"\nteacher {h.teacher_policy} v{h.teacher_policy_version}" if h.teacher_policy else ""),
+            title=f"hint {h.event_id}"))
+    for item in lin.samples:
+        s = item.event
+        console.print(f"sample {s.event_id} · {s.method.value} · reward {s.reward:+.2f} · "
+                      f"{sum(s.loss_mask)}/{len(s.loss_mask)} tokens trained · "
+                      f"{item.topic}[{item.partition}]@{item.offset}")
+    for c in lin.checkpoints:
+        console.print(f"trained into checkpoint {c.run} v{c.version} ({c.kind.value}) at {c.uri}")
+    if lin.samples and not lin.checkpoints:
+        console.print("not yet trained into any published checkpoint")
