@@ -12,7 +12,9 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from infra.cli_processors import register as register_processors
 from infra.cli_stack import stack_app
+from infra.cli_learner import register as register_learner
 from infra.errors import NextstateError
 from infra.settings import load_settings, masked
 
@@ -23,6 +25,8 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print number
 app.add_typer(stack_app, name="stack", help="The local Kafka, schema registry and MinIO.")
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
+register_learner(app, bench_app)
+register_processors(app, bench_app)
 
 console = Console()
 
@@ -91,6 +95,61 @@ def audit(some_id: str = typer.Argument(..., help="a sample, turn, transition, j
         raise typer.Exit(1)
     for turn_id in turn_ids:
         render(lineage(log, turn_id), console)
+
+
+@app.command("up")
+def up_all(stack: bool = typer.Option(True, help="start the local stack too (off when Kafka etc. run elsewhere)")) -> None:
+    """Start every part (stack, engine + gateway, processors, learner) as supervised processes."""
+    from infra.provision import provision as run_provision
+    from infra.stack import up as stack_up
+    from infra.supervisor import parts_dir, start_supervisor
+
+    try:
+        s = load_settings()
+        if stack:
+            stack_up(s.stack, s.storage)
+        run_provision(s.kafka, s.registry, s.storage)
+    except NextstateError as exc:
+        fail(exc)
+    pid = start_supervisor(s)
+    console.print(f"supervisor pid {pid}; parts log to {parts_dir(s)}; `nextstate ps` shows them")
+
+
+@app.command("down")
+def down_all(stack: bool = typer.Option(False, help="stop the local stack too")) -> None:
+    """Stop every supervised part (and, with --stack, the local stack)."""
+    from infra.stack import down as stack_down
+    from infra.supervisor import stop_supervisor
+
+    s = load_settings()
+    console.print("parts stopped" if stop_supervisor(s) else "no parts were running")
+    if stack:
+        stack_down(s.stack, s.storage)
+        console.print("stack stopped")
+
+
+@app.command("ps")
+def ps() -> None:
+    """Show each supervised part: state, pid, restarts, last exit."""
+    from rich.table import Table
+
+    from infra.supervisor import read_states, supervisor_running
+
+    s = load_settings()
+    table = Table(title=f"nextstate parts (supervisor {'running' if supervisor_running(s) else 'stopped'})")
+    for col in ("part", "state", "pid", "starts", "last exit"):
+        table.add_column(col)
+    for name, st in read_states(s).items():
+        table.add_row(name, st["state"], str(st["pid"] or "-"), str(st["starts"]), st["last_exit"])
+    console.print(table)
+
+
+@app.command("supervise", hidden=True)
+def supervise_cmd() -> None:
+    """Run the supervisor in the foreground (what `nextstate up` starts detached)."""
+    from infra.supervisor import supervise
+
+    supervise(load_settings())
 
 
 @app.command()
