@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from infra.cli_stack import stack_app
+from infra.cli_learner import register as register_learner
 from infra.errors import NextstateError
 from infra.settings import load_settings, masked
 
@@ -23,6 +24,7 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print number
 app.add_typer(stack_app, name="stack", help="The local Kafka, schema registry and MinIO.")
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
+register_learner(app, bench_app)
 
 console = Console()
 

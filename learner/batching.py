@@ -1,0 +1,157 @@
+"""Samples -> micro-batches: validation, packing by token budget, padding and collation.
+
+A micro-batch holds as many samples as fit in `token_budget` *padded* tokens
+(samples × longest sequence); one optimizer step is at most `grad_accum` micro-batches. A
+sample longer than the budget on its own gets a micro-batch to itself rather than being cut:
+cutting would train on something other than what was sampled.
+
+Collated tensors are aligned to target tokens: position t of every per-token tensor belongs to
+token t+1 of the sequence, so the response token i sits at ``len(prompt) − 1 + i``. Knows
+nothing about Kafka, models or optimizers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from infra.errors import LearnerError
+from schemas.events import SampleReady
+
+
+class InvalidSample(LearnerError):
+    """A sample whose arrays disagree, or that lacks what the training method needs."""
+
+
+def validate(sample: SampleReady, needs_teacher: bool = False) -> None:
+    """Raise InvalidSample naming the mismatch; silent if the sample can be trained."""
+    sid = sample.event_id[:8]
+    n = len(sample.response_token_ids)
+    if not sample.prompt_token_ids:
+        raise InvalidSample(f"sample {sid} has an empty prompt: nothing predicts its first token")
+    if n == 0:
+        raise InvalidSample(f"sample {sid} has no response tokens")
+    for name in ("loss_mask", "behaviour_logprobs", "teacher_logprobs"):
+        values = getattr(sample, name)
+        if values is not None and len(values) != n:
+            raise InvalidSample(f"sample {sid} has {n} response tokens but {len(values)} {name}")
+    if needs_teacher and sample.teacher_logprobs is None:
+        raise InvalidSample(f"sample {sid} has no teacher_logprobs, which method opd needs")
+    if any(m not in (0, 1) for m in sample.loss_mask):
+        raise InvalidSample(f"sample {sid} has loss_mask values other than 0/1")
+
+
+def seq_len(sample: SampleReady) -> int:
+    return len(sample.prompt_token_ids) + len(sample.response_token_ids)
+
+
+def pack(samples: Sequence[SampleReady], token_budget: int) -> list[list[SampleReady]]:
+    """Greedy, order-preserving: start a new micro-batch when the padded size would pass the budget."""
+    batches: list[list[SampleReady]] = []
+    current: list[SampleReady] = []
+    longest = 0
+    for s in samples:
+        n = seq_len(s)
+        if current and (len(current) + 1) * max(longest, n) > token_budget:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(s)
+        longest = max(longest, n)
+    if current:
+        batches.append(current)
+    return batches
+
+
+@dataclass
+class StepCollector:
+    """Gathers samples until one optimizer step's micro-batches are full.
+
+    `add` returns False (and keeps nothing) when the sample would need micro-batch
+    number grad_accum + 1; the caller then trains the step and offers the sample again.
+    """
+
+    token_budget: int
+    grad_accum: int
+    samples: list[SampleReady]
+
+    @classmethod
+    def empty(cls, token_budget: int, grad_accum: int) -> "StepCollector":
+        return cls(token_budget, grad_accum, [])
+
+    def add(self, sample: SampleReady) -> bool:
+        if self.samples and len(pack([*self.samples, sample], self.token_budget)) > self.grad_accum:
+            return False
+        self.samples.append(sample)
+        return True
+
+    def full(self) -> bool:
+        batches = pack(self.samples, self.token_budget)
+        if len(batches) < self.grad_accum:
+            return False
+        last = batches[-1]
+        return len(last) * max(map(seq_len, last)) >= self.token_budget
+
+    def micro_batches(self) -> list[list[SampleReady]]:
+        return pack(self.samples, self.token_budget)
+
+
+@dataclass
+class Batch:
+    """One padded micro-batch; per-token tensors are [B, L-1], aligned to targets."""
+
+    input_ids: torch.Tensor        # [B, L] long
+    attention_mask: torch.Tensor   # [B, L] long
+    mask: torch.Tensor             # [B, L-1] float, 1 = trained response token
+    behaviour: torch.Tensor        # [B, L-1] float
+    teacher: torch.Tensor          # [B, L-1] float, 0 where no teacher
+    has_teacher: torch.Tensor      # [B] float
+    rewards: torch.Tensor          # [B] float
+    stale: torch.Tensor            # [B] bool, importance-corrected rather than PPO-ratioed
+    sample_ids: list[str]
+    task_groups: list[str | None]
+    step_indices: list[int | None]
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def to(self, device: torch.device | str) -> "Batch":
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        return Batch(**moved)
+
+
+def collate(samples: Sequence[SampleReady], pad_id: int, stale: Sequence[bool] | None = None) -> Batch:
+    """Right-pad `samples` into one Batch; `stale[i]` marks samples to importance-correct."""
+    if not samples:
+        raise LearnerError("collate() got no samples")
+    b = len(samples)
+    length = max(map(seq_len, samples))
+    input_ids = torch.full((b, length), pad_id, dtype=torch.long)
+    attention = torch.zeros((b, length), dtype=torch.long)
+    mask = torch.zeros((b, length - 1))
+    behaviour = torch.zeros((b, length - 1))
+    teacher = torch.zeros((b, length - 1))
+    for i, s in enumerate(samples):
+        ids = [*s.prompt_token_ids, *s.response_token_ids]
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention[i, : len(ids)] = 1
+        start, n = len(s.prompt_token_ids) - 1, len(s.response_token_ids)
+        mask[i, start: start + n] = torch.tensor(s.loss_mask, dtype=torch.float32)
+        behaviour[i, start: start + n] = torch.tensor(s.behaviour_logprobs, dtype=torch.float32)
+        if s.teacher_logprobs is not None:
+            teacher[i, start: start + n] = torch.tensor(s.teacher_logprobs, dtype=torch.float32)
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=attention,
+        mask=mask,
+        behaviour=behaviour,
+        teacher=teacher,
+        has_teacher=torch.tensor([float(s.teacher_logprobs is not None) for s in samples]),
+        rewards=torch.tensor([float(s.reward) for s in samples]),
+        stale=torch.tensor(list(stale) if stale is not None else [False] * b, dtype=torch.bool),
+        sample_ids=[s.event_id for s in samples],
+        task_groups=[s.task_group for s in samples],
+        step_indices=[s.step_index for s in samples],
+    )

@@ -1,0 +1,220 @@
+"""Loss and advantage math of the learner: Binary RL, OPD, Combined, KL, entropy, stale-data IS.
+
+Pure torch and the standard library: no Kafka, DeepSpeed, model or file I/O here, so every
+rule is tested on hand-computed tensors. Per-token tensors are ``[B, T]``, aligned to the
+*target* tokens (position t holds the logprob of token t+1 of the sequence), and ``mask`` is 1
+where a response token is trained on.
+
+Conventions (documented once, here):
+
+- **Advantages.** Binary RL uses the sample's reward as the advantage of every response token.
+  OPD uses ``clip(teacher_lp − student_lp, ±opd_clip)`` per token, where ``student_lp`` is the
+  *behaviour* logprob recorded by the serving engine at sampling time (the policy that actually
+  produced the tokens), not a logprob recomputed here. Combined is
+  ``w_rl·r + w_opd·clip(teacher − behaviour)``; a sample without teacher logprobs gets no OPD
+  term (never ``0 − behaviour``).
+- **Surrogate.** PPO clipped, asymmetric: ``max(−ρA, −clip(ρ, 1−ε_low, 1+ε_high)·A)`` with
+  ``ρ = π_θ / π_behaviour``.
+- **Stale samples** (older than the allowed lag, under the ``correct`` policy) use the decoupled
+  form: the proximal policy is the current weights at forward time (``ρ = π_θ / sg(π_θ)``), and
+  the behaviour gap is corrected by a truncated importance weight
+  ``min(sg(π_θ) / π_behaviour, tis_cap)``. Without it the clip would zero their gradient.
+- **Aggregation.** Token-mean over the loss-mask tokens of the whole optimizer step: each
+  micro-batch contributes ``sum(loss over its mask tokens) / N_step``. Long responses weigh more
+  than short ones, and a fully masked sample contributes exactly nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+# exp() of a log-ratio beyond this overflows float32 and turns gradients into NaN; real
+# ratios never get near it, padded or wildly stale positions can.
+_LOG_RATIO_LIMIT = 20.0
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    opd_clip: float = 2.0
+    w_rl: float = 1.0
+    w_opd: float = 1.0
+    kl_coef: float = 0.0
+    entropy_coef: float = 0.0
+    tis_cap: float = 2.0
+    eps: float = 1e-6
+
+
+# -- advantages ---------------------------------------------------------------------------
+
+def opd_term(teacher: torch.Tensor, behaviour: torch.Tensor, clip: float) -> torch.Tensor:
+    """Per-token distillation advantage: teacher minus student (behaviour) logprob, clipped."""
+    return torch.clamp(teacher - behaviour, -clip, clip)
+
+
+AdvantageFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LossConfig],
+                       torch.Tensor]
+
+
+def rl_advantage(rewards, teacher, behaviour, has_teacher, cfg):
+    return rewards[:, None].expand_as(behaviour).clone()
+
+
+def opd_advantage(rewards, teacher, behaviour, has_teacher, cfg):
+    return opd_term(teacher, behaviour, cfg.opd_clip) * has_teacher[:, None]
+
+
+def combined_advantage(rewards, teacher, behaviour, has_teacher, cfg):
+    return (cfg.w_rl * rl_advantage(rewards, teacher, behaviour, has_teacher, cfg)
+            + cfg.w_opd * opd_advantage(rewards, teacher, behaviour, has_teacher, cfg))
+
+
+# The training method is a config value; each one names the rule that turns a sample into
+# token advantages.
+ADVANTAGES: dict[str, AdvantageFn] = {
+    "rl": rl_advantage,
+    "opd": opd_advantage,
+    "combined": combined_advantage,
+}
+
+# Which methods cannot train a sample that has no teacher logprobs.
+NEEDS_TEACHER = {"opd"}
+
+
+def advantage_fn(method: str) -> AdvantageFn:
+    try:
+        return ADVANTAGES[method.lower()]
+    except KeyError:
+        raise ValueError(f"unknown training method {method!r}; known: {sorted(ADVANTAGES)}") from None
+
+
+# -- reward normalisation -----------------------------------------------------------------
+
+def normalisation_keys(task_groups: Sequence[str | None], step_indices: Sequence[int | None],
+                       mode: str) -> list[Hashable | None]:
+    """The group each sample is normalised within; None means 'leave this reward alone'.
+
+    ``group``: per task group. ``step``: per (task group, step index), the step-wise estimator
+    of the environment tracks. ``none``: no normalisation.
+    """
+    if mode == "none":
+        return [None] * len(task_groups)
+    if mode == "group":
+        return list(task_groups)
+    if mode == "step":
+        return [None if g is None or s is None else (g, s) for g, s in zip(task_groups, step_indices)]
+    raise ValueError(f"unknown advantage normalisation {mode!r}; known: none, group, step")
+
+
+def normalise_rewards(rewards: torch.Tensor, keys: Sequence[Hashable | None],
+                      eps: float = 1e-6) -> torch.Tensor:
+    """(r − mean) / (std + eps) within each key's members of this step.
+
+    A group with a single member gets advantage 0, as in GRPO: one sample has no baseline to
+    compare against. Samples whose key is None keep their raw reward.
+    """
+    out = rewards.clone()
+    members: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        if key is not None:
+            members.setdefault(key, []).append(i)
+    for idx in members.values():
+        r = rewards[idx]
+        std = r.std(unbiased=False) if len(idx) > 1 else r.new_zeros(())
+        out[idx] = (r - r.mean()) / (std + eps)
+    return out
+
+
+# -- per-token terms ----------------------------------------------------------------------
+
+def _safe_log_ratio(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # torch.where before exp(): masked positions must never produce inf, whose backward
+    # would be 0·inf = NaN even though the forward value is discarded.
+    diff = torch.where(mask > 0, a - b, torch.zeros_like(a))
+    return torch.clamp(diff, -_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Low-variance KL(π_θ‖π_ref) estimate per token: exp(d) − d − 1, d = ref − logp; ≥ 0."""
+    d = _safe_log_ratio(ref_logp, logp, mask)
+    return (torch.exp(d) - d - 1.0) * mask
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the softmax at every position, [B, T, V] -> [B, T]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@dataclass
+class PolicyTerms:
+    """Per-token policy loss and the statistics that explain it."""
+
+    loss: torch.Tensor        # [B, T], zero off the mask
+    ratio: torch.Tensor       # [B, T], detached, 1 off the mask
+    clipped: torch.Tensor     # [B, T] bool, the clipped branch was taken (its gradient is 0)
+    is_weight: torch.Tensor   # [B, T], detached truncated IS weight (1 for fresh samples)
+
+
+def policy_terms(logp: torch.Tensor, behaviour: torch.Tensor, adv: torch.Tensor,
+                 mask: torch.Tensor, stale: torch.Tensor, cfg: LossConfig) -> PolicyTerms:
+    """PPO clipped surrogate per token, decoupled with truncated IS for stale samples."""
+    stale_tok = stale[:, None].expand_as(logp)
+    proximal = torch.where(stale_tok, logp.detach(), behaviour)
+    ratio = torch.exp(_safe_log_ratio(logp, proximal, mask))
+    is_weight = torch.where(
+        stale_tok,
+        torch.clamp(torch.exp(_safe_log_ratio(logp.detach(), behaviour, mask)), max=cfg.tis_cap),
+        torch.ones_like(logp),
+    )
+    clipped_ratio = torch.clamp(ratio, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
+    unclipped_obj = -ratio * adv
+    clipped_obj = -clipped_ratio * adv
+    loss = is_weight * torch.maximum(unclipped_obj, clipped_obj) * mask
+    clipped = (clipped_obj > unclipped_obj) & (mask > 0)
+    return PolicyTerms(loss, ratio.detach(), clipped, is_weight.detach())
+
+
+@dataclass
+class MicroLoss:
+    """One micro-batch's share of the step loss (already divided by the step's token count)
+    and the sums the step's metrics are built from."""
+
+    loss: torch.Tensor
+    sums: dict[str, float]
+
+
+def micro_batch_loss(logp: torch.Tensor, behaviour: torch.Tensor, adv: torch.Tensor,
+                     mask: torch.Tensor, stale: torch.Tensor, step_tokens: int, cfg: LossConfig,
+                     ref_logp: torch.Tensor | None = None,
+                     entropy: torch.Tensor | None = None) -> MicroLoss:
+    """policy + kl_coef·KL − entropy_coef·H, summed over mask tokens, / the step's mask tokens."""
+    mask = mask.to(logp.dtype)
+    denom = float(max(step_tokens, 1))
+    terms = policy_terms(logp, behaviour, adv, mask, stale, cfg)
+    total = terms.loss.sum()
+    sums = {"policy_loss": float(terms.loss.detach().sum())}
+    if ref_logp is not None:
+        kl = k3_kl(logp, ref_logp, mask)
+        total = total + cfg.kl_coef * kl.sum()
+        sums["kl"] = float(kl.detach().sum())
+    if entropy is not None:
+        ent = entropy * mask
+        total = total - cfg.entropy_coef * ent.sum()
+        sums["entropy"] = float(ent.detach().sum())
+    on = mask > 0
+    sums.update(
+        tokens=float(on.sum()),
+        clipped=float(terms.clipped.sum()),
+        ratio_sum=float(terms.ratio[on].sum()),
+        ratio_max=float(terms.ratio[on].max()) if on.any() else 1.0,
+        ratio_min=float(terms.ratio[on].min()) if on.any() else 1.0,
+        adv_sum=float(adv[on].sum()),
+        adv_sq_sum=float((adv[on] ** 2).sum()),
+        is_weight_sum=float(terms.is_weight[on].sum()),
+    )
+    return MicroLoss(total / denom, sums)

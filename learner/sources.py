@@ -1,0 +1,172 @@
+"""Where the learner's samples come from: the `samples` topic, or memory (benchmarks).
+
+The Kafka source *assigns* every partition of the namespace's `samples` topic at concrete
+start offsets (no group rebalancing: one learner process per run), so the position it
+resumes from is the one stored in the last published checkpoint, never the group's committed
+offset. Commits happen only after a checkpoint is published and are informational (lag
+dashboards). Undecodable records go to `dead-letters`. A start spec for a new run is
+``beginning``, ``end``, an offset (every partition), or an ISO-8601 time.
+
+Knows nothing about training.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Protocol
+
+from confluent_kafka import TopicPartition
+
+from infra.errors import ConfigError
+from infra.kafka import EventConsumer, EventProducer, OnDecodeError
+from infra.settings import KafkaSettings
+from schemas.events import DeadLettered, PartitionOffset, SampleReady
+
+
+@dataclass(frozen=True)
+class Fed:
+    """One sample and the place in the log it was read from."""
+
+    sample: SampleReady
+    topic: str
+    partition: int
+    offset: int
+
+
+class SampleSource(Protocol):
+    def start_positions(self) -> dict[tuple[str, int], int]: ...
+    def poll(self, timeout: float) -> Fed | None: ...
+    def at_end(self) -> bool: ...
+    def commit(self, offsets: Iterable[PartitionOffset]) -> None: ...
+    def close(self) -> None: ...
+
+
+class MemorySampleSource:
+    """The same feed from a list, for measuring the loop without Kafka."""
+
+    def __init__(self, samples: Iterable[SampleReady], topic: str = "memory") -> None:
+        self._queue = deque(Fed(s, topic, 0, i) for i, s in enumerate(samples))
+        self._topic = topic
+
+    def start_positions(self) -> dict[tuple[str, int], int]:
+        return {(self._topic, 0): 0}
+
+    def poll(self, timeout: float) -> Fed | None:
+        return self._queue.popleft() if self._queue else None
+
+    def at_end(self) -> bool:
+        return not self._queue
+
+    def commit(self, offsets: Iterable[PartitionOffset]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def parse_start(spec: str) -> int | datetime | str:
+    """'beginning' | 'end' | an offset | an ISO-8601 time (naive times are UTC)."""
+    if spec in ("beginning", "earliest", "end", "latest"):
+        return {"earliest": "beginning", "latest": "end"}.get(spec, spec)
+    if spec.isdigit():
+        return int(spec)
+    try:
+        t = datetime.fromisoformat(spec)
+    except ValueError:
+        raise ConfigError(f"--from {spec!r} is neither beginning, end, an offset nor an ISO time") from None
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+class KafkaSampleSource:
+    def __init__(self, kafka: KafkaSettings, registry, namespace: str | None, run: str,
+                 stored: list[PartitionOffset] | None, start: str = "beginning",
+                 dead_letters: EventProducer | None = None) -> None:
+        self.consumer = EventConsumer(
+            kafka, registry, group_id=f"nextstate-learner-{run}", namespace=namespace,
+            on_decode_error=OnDecodeError.DEAD_LETTER if dead_letters else OnDecodeError.SKIP,
+            dead_letters=dead_letters, stage="learner")
+        self.topic = self.consumer.topic("SampleReady")
+        meta = self.consumer.raw.list_topics(self.topic, timeout=30).topics.get(self.topic)
+        if meta is None or meta.error is not None or not meta.partitions:
+            raise ConfigError(f"topic {self.topic!r} does not exist; run `nextstate provision`")
+        self.partitions = sorted(meta.partitions)
+        self._start = self._resolve(stored, parse_start(start))
+        self.consumer.assign([TopicPartition(self.topic, p, o) for (_, p), o in self._start.items()])
+
+    def _watermarks(self, p: int) -> tuple[int, int]:
+        return self.consumer.raw.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10,
+                                                       cached=False)
+
+    def _resolve(self, stored: list[PartitionOffset] | None, start) -> dict[tuple[str, int], int]:
+        """Concrete start offsets for every partition, so every checkpoint can name all of them."""
+        if stored is not None:
+            have = {o.partition: o.offset for o in stored if o.topic == self.topic}
+            # A partition the checkpoint does not know (added since) starts at its beginning.
+            return {(self.topic, p): have.get(p, self._watermarks(p)[0]) for p in self.partitions}
+        if isinstance(start, datetime):
+            ms = int(start.timestamp() * 1000)
+            found = self.consumer.raw.offsets_for_times(
+                [TopicPartition(self.topic, p, ms) for p in self.partitions], timeout=30)
+            # No record at or after the time: start at the end of that partition.
+            return {(self.topic, tp.partition): tp.offset if tp.offset >= 0 else self._watermarks(tp.partition)[1]
+                    for tp in found}
+        out = {}
+        for p in self.partitions:
+            low, high = self._watermarks(p)
+            if start == "beginning":
+                out[(self.topic, p)] = low
+            elif start == "end":
+                out[(self.topic, p)] = high
+            else:
+                out[(self.topic, p)] = min(max(int(start), low), high)
+        return out
+
+    def start_positions(self) -> dict[tuple[str, int], int]:
+        return dict(self._start)
+
+    def poll(self, timeout: float) -> Fed | None:
+        record = self.consumer.poll(timeout)
+        if record is None:
+            return None
+        return Fed(record.event, record.topic, record.partition, record.offset)
+
+    def at_end(self) -> bool:
+        """True when every partition's position has reached its high watermark (now)."""
+        positions = self.consumer.raw.position([TopicPartition(self.topic, p) for p in self.partitions])
+        for tp in positions:
+            low, high = self._watermarks(tp.partition)
+            pos = tp.offset if tp.offset >= 0 else self._start[(self.topic, tp.partition)]
+            if pos < high:
+                return False
+        return True
+
+    def commit(self, offsets: Iterable[PartitionOffset]) -> None:
+        tps = [TopicPartition(o.topic, o.partition, o.offset) for o in offsets if o.offset >= 0]
+        if tps:
+            self.consumer.raw.commit(offsets=tps, asynchronous=False)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+
+def dead_letter_invalid(producer: EventProducer):
+    """A callback sending a decodable-but-untrainable sample to `dead-letters` with the reason."""
+
+    def send(fed: Fed, exc: Exception) -> None:
+        producer.send(DeadLettered(
+            stage="learner",
+            source_topic=fed.topic,
+            source_partition=fed.partition,
+            source_offset=fed.offset,
+            key=fed.sample.session_id.encode(),
+            value=producer.serde("SampleReady").serialize(fed.sample),  # the event, re-encoded
+            error_type=type(exc).__name__,
+            error=str(exc),
+        ), key=fed.sample.session_id)
+        producer.flush()
+
+    return send

@@ -1,0 +1,270 @@
+"""The DeepSpeed side of the learner: model (full or LoRA), engine, one optimizer step, save/restore.
+
+One process, one DeepSpeed engine. On CPU it runs single-process with the gloo backend and
+``DS_ACCELERATOR=cpu`` (LoRA by default: a full SmolLM2-135M step is ~15 s on two cores); on
+GPU it trains the full weights unless told otherwise. A torch AdamW and a LambdaLR schedule
+are handed to ``deepspeed.initialize`` so ZeRO 0/1/2 save and reload them with the weights.
+
+Save layout (under one checkpoint directory, uploaded as is):
+
+- ``weights/``: what the serving tier loads. LoRA: the peft adapter only
+  (``adapter_config.json`` + ``adapter_model.safetensors``). Full: a Hugging Face directory
+  (``config.json`` + safetensors + tokenizer files) that ``from_pretrained`` loads.
+- ``train_state/``: DeepSpeed's checkpoint (optimizer, scheduler, step, client state; for LoRA
+  without the frozen base). Only a resuming learner needs it.
+
+Knows nothing about Kafka or the object store.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from infra.errors import LearnerError
+from infra.settings import LearnerSettings
+from learner.batching import Batch
+from learner.losses import (LossConfig, advantage_fn, entropy_from_logits, micro_batch_loss,
+                            normalisation_keys, normalise_rewards)
+
+DS_TAG = "ds"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "vocab.json", "merges.txt", "generation_config.json")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: torch.device) -> Any:
+    """Import deepspeed for `device` and join (or form) the process group; returns the module.
+
+    Launched by the deepspeed launcher the rank variables are already set; run by hand we are
+    rank 0 of 1. DS_ACCELERATOR must be set before deepspeed is first imported.
+    """
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl")
+    return deepspeed
+
+
+def _constant(step: int, warmup: int, total: int) -> float:
+    return min(1.0, (step + 1) / warmup) if warmup else 1.0
+
+
+def _cosine(step: int, warmup: int, total: int) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _linear(step: int, warmup: int, total: int) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, 1.0 - (step - warmup) / max(1, total - warmup))
+
+
+LR_SCHEDULES = {"constant": _constant, "cosine": _cosine, "linear": _linear}
+
+
+def ds_config(ls: LearnerSettings, bf16: bool) -> dict[str, Any]:
+    return {
+        # Micro-batches vary in size (token budget); DeepSpeed only uses this for its logs.
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": ls.grad_accum,
+        "gradient_clipping": ls.grad_clip,
+        "zero_optimization": {"stage": ls.zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+class Trainer:
+    """A model under a DeepSpeed engine that trains one step from collated micro-batches."""
+
+    def __init__(self, ls: LearnerSettings, model_path: Path) -> None:
+        from transformers import AutoModelForCausalLM
+
+        if ls.zero_stage == 3:
+            raise LearnerError("zero_stage 3 is not supported: weights are saved with "
+                               "save_pretrained, which needs unpartitioned parameters (use 0-2)")
+        if ls.lr_schedule not in LR_SCHEDULES:
+            raise LearnerError(f"unknown lr_schedule {ls.lr_schedule!r}; known: {sorted(LR_SCHEDULES)}")
+        self.settings = ls
+        self.model_path = Path(model_path)
+        self.device = resolve_device(ls.device)
+        self.lora = ls.lora if ls.lora is not None else self.device.type == "cpu"
+        bf16 = ls.bf16 if ls.bf16 is not None else self.device.type == "cuda"
+        self.advantage = advantage_fn(ls.method)
+        normalisation_keys([], [], ls.adv_norm)  # fail at start, not at the first step
+        self.loss_cfg = LossConfig(ls.clip_low, ls.clip_high, ls.opd_clip, ls.w_rl, ls.w_opd,
+                                   ls.kl_coef, ls.entropy_coef, ls.tis_cap)
+        deepspeed = init_distributed(self.device)
+        torch.manual_seed(ls.seed)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        except (OSError, ValueError) as exc:
+            raise LearnerError(f"cannot load base model from {self.model_path}: {exc}") from exc
+        self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        self.ref_model = None
+        if self.lora:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=ls.lora_rank, lora_alpha=ls.lora_alpha,
+                                                     target_modules="all-linear", lora_dropout=0.0))
+        elif ls.kl_coef > 0:
+            # Full fine-tuning needs its own frozen copy of the base for the KL reference;
+            # with LoRA the reference is the same model with the adapter switched off.
+            self.ref_model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+            self.ref_model.requires_grad_(False).eval().to(self.device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=ls.lr, weight_decay=ls.weight_decay)
+        rule = LR_SCHEDULES[ls.lr_schedule]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: rule(step, ls.warmup_steps, ls.total_steps))
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(ls, bf16))
+        self.trainable_params = sum(p.numel() for p in params)
+
+    # -- forward --------------------------------------------------------------------------
+
+    def _logits(self, module: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        out = module(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        return out.logits[:, :-1].float()
+
+    @staticmethod
+    def _token_logprobs(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        targets = batch.input_ids[:, 1:].unsqueeze(-1)
+        return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+    def _reference_logprobs(self, batch: Batch) -> torch.Tensor:
+        with torch.no_grad():
+            if self.lora:
+                with self.engine.module.disable_adapter():
+                    logits = self._logits(self.engine, batch)
+            else:
+                logits = self._logits(self.ref_model, batch)
+            return self._token_logprobs(logits, batch)
+
+    # -- one optimizer step ---------------------------------------------------------------
+
+    def train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
+        """Forward/backward every micro-batch, then one optimizer step; the step's metrics."""
+        if not micro_batches:
+            raise LearnerError("train_step() got no micro-batches")
+        started = time.perf_counter()
+        cfg, ls = self.loss_cfg, self.settings
+        batches = [b.to(self.device) for b in micro_batches]
+        rewards = torch.cat([b.rewards for b in batches])
+        keys = normalisation_keys([g for b in batches for g in b.task_groups],
+                                  [s for b in batches for s in b.step_indices], ls.adv_norm)
+        normed = normalise_rewards(rewards, keys, cfg.eps).split([len(b.rewards) for b in batches])
+        step_tokens = int(sum(int(b.mask.sum()) for b in batches))
+        totals: dict[str, float] = {}
+        self.engine.train()
+        for i, (batch, r) in enumerate(zip(batches, normed)):
+            self.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
+            logits = self._logits(self.engine, batch)
+            logp = self._token_logprobs(logits, batch)
+            adv = self.advantage(r, batch.teacher, batch.behaviour, batch.has_teacher, cfg)
+            ref = self._reference_logprobs(batch) if cfg.kl_coef > 0 else None
+            ent = entropy_from_logits(logits) if cfg.entropy_coef > 0 else None
+            part = micro_batch_loss(logp, batch.behaviour, adv, batch.mask, batch.stale,
+                                    step_tokens, cfg, ref_logp=ref, entropy=ent)
+            # The loss is already divided by the step's token count: no further /grad_accum.
+            self.engine.backward(part.loss, scale_wrt_gas=False)
+            for k, v in part.sums.items():
+                if k == "ratio_max":
+                    totals[k] = max(totals.get(k, v), v)
+                elif k == "ratio_min":
+                    totals[k] = min(totals.get(k, v), v)
+                else:
+                    totals[k] = totals.get(k, 0.0) + v
+        self.engine.step()
+        elapsed = time.perf_counter() - started
+        return self._step_metrics(totals, batches, rewards, elapsed)
+
+    def _step_metrics(self, t: dict[str, float], batches: list[Batch], rewards: torch.Tensor,
+                      elapsed: float) -> dict[str, float]:
+        n = max(t["tokens"], 1.0)
+        adv_mean = t["adv_sum"] / n
+        seq_tokens = sum(b.tokens for b in batches)
+        grad_norm = self.engine.get_global_grad_norm()
+        metrics = {
+            "loss": (t["policy_loss"] + self.loss_cfg.kl_coef * t.get("kl", 0.0)
+                     - self.loss_cfg.entropy_coef * t.get("entropy", 0.0)) / n,
+            "policy_loss": t["policy_loss"] / n,
+            "reward_mean": float(rewards.mean()),
+            "adv_mean": adv_mean,
+            "adv_std": math.sqrt(max(0.0, t["adv_sq_sum"] / n - adv_mean ** 2)),
+            "ratio_mean": t["ratio_sum"] / n,
+            "ratio_max": t["ratio_max"],
+            "ratio_min": t["ratio_min"],
+            "clip_frac": t["clipped"] / n,
+            "is_weight_mean": t["is_weight_sum"] / n,
+            "samples": float(len(rewards)),
+            "micro_batches": float(len(batches)),
+            "trained_tokens": t["tokens"],
+            "tokens": float(seq_tokens),
+            "step_s": elapsed,
+            "tokens_per_s": seq_tokens / elapsed if elapsed > 0 else 0.0,
+            "lr": float(self.scheduler.get_last_lr()[0]),
+        }
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        if "kl" in t:
+            metrics["kl"] = t["kl"] / n
+        if "entropy" in t:
+            metrics["entropy"] = t["entropy"] / n
+        return metrics
+
+    # -- save / restore -------------------------------------------------------------------
+
+    def save(self, directory: Path, client_state: dict[str, Any]) -> Path:
+        """Write weights/ and train_state/ under `directory` (replaced if it exists)."""
+        directory = Path(directory)
+        if directory.exists():
+            shutil.rmtree(directory)
+        weights = directory / "weights"
+        self.engine.module.save_pretrained(weights)
+        if not self.lora:
+            for name in TOKENIZER_FILES:
+                if (self.model_path / name).exists():
+                    shutil.copy2(self.model_path / name, weights / name)
+        self.engine.save_checkpoint(str(directory / "train_state"), tag=DS_TAG,
+                                    client_state=client_state,
+                                    exclude_frozen_parameters=self.lora)
+        return directory
+
+    def restore(self, directory: Path) -> dict[str, Any]:
+        """Load weights, optimizer and scheduler from a directory `save` wrote; its client state."""
+        path, client_state = self.engine.load_checkpoint(
+            str(Path(directory) / "train_state"), tag=DS_TAG,
+            load_module_strict=not self.lora, load_optimizer_states=True,
+            load_lr_scheduler_states=True)
+        if path is None:
+            raise LearnerError(f"no DeepSpeed checkpoint under {directory}/train_state")
+        return client_state or {}

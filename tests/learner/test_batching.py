@@ -1,0 +1,77 @@
+"""Validation, packing by token budget, step collection, collation alignment, staleness."""
+
+from __future__ import annotations
+
+import pytest
+
+from learner.batching import InvalidSample, StepCollector, collate, pack, validate
+from learner.staleness import StalenessCounter, Verdict, lag, policy
+from schemas.events import Method
+from tests.learner.samples import make_sample
+
+
+def test_validate_names_the_mismatch():
+    good = make_sample(1)
+    validate(good)
+    bad = good.model_copy(update={"behaviour_logprobs": [-1.0]})
+    with pytest.raises(InvalidSample, match="has 3 response tokens but 1 behaviour_logprobs"):
+        validate(bad)
+    with pytest.raises(InvalidSample, match="no teacher_logprobs, which method opd needs"):
+        validate(good, needs_teacher=True)
+    with pytest.raises(InvalidSample, match="empty prompt"):
+        validate(good.model_copy(update={"prompt_token_ids": []}))
+
+
+def test_pack_respects_padded_budget_and_keeps_order():
+    samples = [make_sample(i, prompt_len=3, response_len=2) for i in range(5)]  # 5 tokens each
+    batches = pack(samples, token_budget=10)
+    assert [len(b) for b in batches] == [2, 2, 1]
+    assert [s.event_id for b in batches for s in b] == [s.event_id for s in samples]
+    # A sample over budget on its own gets its own micro-batch, uncut.
+    long = make_sample(9, prompt_len=20, response_len=5)
+    assert [len(b) for b in pack([samples[0], long, samples[1]], 10)] == [1, 1, 1]
+
+
+def test_step_collector_refuses_what_would_need_one_more_micro_batch():
+    c = StepCollector.empty(token_budget=10, grad_accum=2)
+    samples = [make_sample(i, prompt_len=3, response_len=2) for i in range(5)]
+    assert [c.add(s) for s in samples[:4]] == [True] * 4
+    assert c.full()
+    assert not c.add(samples[4])
+    assert len(c.samples) == 4 and len(c.micro_batches()) == 2
+
+
+def test_collate_aligns_response_to_targets_and_pads():
+    a = make_sample(1, prompt_len=2, response_len=3, loss_mask=[1, 0, 1], teacher=True)
+    b = make_sample(2, prompt_len=3, response_len=1, reward=-1.0)
+    batch = collate([a, b], pad_id=7, stale=[False, True])
+    assert batch.input_ids.shape == (2, 5)
+    assert batch.input_ids[1, :4].tolist() == [*b.prompt_token_ids, *b.response_token_ids]
+    assert batch.input_ids[1, 4].item() == 7
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    # Response token i of a sample with prompt length P is predicted at position P-1+i.
+    assert batch.mask[0].tolist() == [0, 1, 0, 1]
+    assert batch.mask[1].tolist() == [0, 0, 1, 0]
+    assert batch.behaviour[0, 1:4].tolist() == pytest.approx(a.behaviour_logprobs)
+    assert batch.teacher[0, 1:4].tolist() == [-5.0] * 3 and batch.teacher[1].abs().sum() == 0
+    assert batch.has_teacher.tolist() == [1.0, 0.0]
+    assert batch.rewards.tolist() == [1.0, -1.0] and batch.stale.tolist() == [False, True]
+
+
+def test_staleness_policies_and_histogram():
+    counter = StalenessCounter()
+    drop, correct = policy("drop"), policy("correct")
+    assert counter.judge(drop, 10, 8, max_staleness=2) is Verdict.TRAIN
+    assert counter.judge(drop, 10, 7, max_staleness=2) is Verdict.DROP
+    assert counter.judge(correct, 10, 1, max_staleness=2) is Verdict.CORRECT
+    assert counter.judge(correct, 3, 5, max_staleness=0) is Verdict.TRAIN  # newer than us: lag 0
+    assert lag(3, 5) == 0
+    assert counter.verdicts == {Verdict.TRAIN: 2, Verdict.DROP: 1, Verdict.CORRECT: 1}
+    assert counter.histogram() == {"lag_le_0": 1, "lag_le_1": 0, "lag_le_2": 1, "lag_le_4": 1,
+                                   "lag_le_8": 0, "lag_gt_8": 1}
+    with pytest.raises(ValueError, match="unknown staleness policy 'keep'"):
+        policy("keep")
+
+
+def test_methods_in_samples_are_plain_enums():
+    assert make_sample(1, method=Method.OPD, teacher=True).method is Method.OPD

@@ -1,0 +1,159 @@
+"""Hand-computed checks of the loss math: clipping both ways, masking, OPD clip, Combined
+weights, stale-sample IS, KL, entropy, normalisation and token-mean aggregation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from learner.losses import (
+    LossConfig,
+    advantage_fn,
+    entropy_from_logits,
+    k3_kl,
+    micro_batch_loss,
+    normalisation_keys,
+    normalise_rewards,
+    opd_term,
+    policy_terms,
+)
+
+CFG = LossConfig()  # clip 0.2 / 0.28, opd clip 2.0, tis cap 2.0
+
+
+def one_token(ratio: float, adv: float, stale: bool = False, behaviour: float = -1.0):
+    """A single trained token whose current/behaviour probability ratio is `ratio`."""
+    logp = torch.tensor([[behaviour + math.log(ratio)]], requires_grad=True)
+    terms = policy_terms(logp, torch.tensor([[behaviour]]), torch.tensor([[adv]]),
+                         torch.ones(1, 1), torch.tensor([stale]), CFG)
+    terms.loss.sum().backward()
+    return float(terms.loss.detach()), float(logp.grad), bool(terms.clipped[0, 0])
+
+
+def test_ratio_above_upper_clip_with_positive_advantage_is_clipped_and_has_no_gradient():
+    loss, grad, clipped = one_token(ratio=1.5, adv=1.0)
+    assert loss == pytest.approx(-1.28)
+    assert grad == 0.0
+    assert clipped
+
+
+def test_ratio_above_upper_clip_with_negative_advantage_keeps_the_unclipped_gradient():
+    # max(-1.5·-1, -1.28·-1) = 1.5: the pessimistic branch is the unclipped one.
+    loss, grad, clipped = one_token(ratio=1.5, adv=-1.0)
+    assert loss == pytest.approx(1.5)
+    assert grad == pytest.approx(1.5)   # d(ρ)/d(logp) = ρ
+    assert not clipped
+
+
+def test_ratio_below_lower_clip():
+    loss, grad, clipped = one_token(ratio=0.5, adv=-1.0)   # max(0.5, 0.8) = 0.8, clipped
+    assert (loss, grad, clipped) == (pytest.approx(0.8), 0.0, True)
+    loss, grad, clipped = one_token(ratio=0.5, adv=1.0)    # max(-0.5, -0.8) = -0.5
+    assert (loss, grad, clipped) == (pytest.approx(-0.5), pytest.approx(-0.5), False)
+
+
+def test_clip_is_asymmetric():
+    # 1.25 is inside the upper bound 1.28 but would be outside a symmetric 0.2 clip.
+    loss, grad, clipped = one_token(ratio=1.25, adv=1.0)
+    assert (loss, grad, clipped) == (pytest.approx(-1.25), pytest.approx(-1.25), False)
+
+
+def test_stale_sample_uses_truncated_importance_weight_instead_of_the_clip():
+    # ρ_behaviour = 3 would be clipped to zero gradient; stale: weight min(3, 2) = 2, ratio 1.
+    loss, grad, clipped = one_token(ratio=3.0, adv=1.0, stale=True)
+    assert loss == pytest.approx(-2.0)
+    assert grad == pytest.approx(-2.0)
+    assert not clipped
+
+
+def test_all_masked_sample_contributes_nothing_and_no_nan_even_with_extreme_values():
+    # Sample 0 trains one token; sample 1 is fully masked and holds values whose ratio
+    # would overflow exp() if it were not masked out first.
+    logp = torch.tensor([[-1.0, 0.0], [0.0, 0.0]], requires_grad=True)
+    behaviour = torch.tensor([[-1.0, 0.0], [-200.0, -300.0]])
+    adv = torch.tensor([[1.0, 1.0], [5.0, 5.0]])
+    mask = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    out = micro_batch_loss(logp, behaviour, adv, mask, torch.tensor([False, False]), 1, CFG)
+    out.loss.backward()
+    assert float(out.loss) == pytest.approx(-1.0)
+    assert torch.isfinite(logp.grad).all()
+    assert logp.grad[1].abs().sum() == 0
+    assert out.sums["tokens"] == 1.0
+
+
+def test_whole_step_masked_gives_zero_loss_not_nan():
+    logp = torch.zeros(1, 3, requires_grad=True)
+    out = micro_batch_loss(logp, torch.zeros(1, 3), torch.ones(1, 3), torch.zeros(1, 3),
+                           torch.tensor([False]), 0, CFG)
+    out.loss.backward()
+    assert float(out.loss) == 0.0 and torch.isfinite(logp.grad).all()
+
+
+def test_token_mean_over_the_step_across_micro_batches():
+    # Sample A: 1 token, reward +1. Sample B: 3 tokens, reward -1. ρ = 1 everywhere.
+    # Token mean: (1·(-1) + 3·(+1)) / 4 = 0.5, whichever micro-batch each sample is in.
+    def part(n_tokens, reward):
+        logp = torch.full((1, 3), -0.5)
+        mask = torch.tensor([[1.0] * n_tokens + [0.0] * (3 - n_tokens)])
+        adv = torch.full((1, 3), reward)
+        return micro_batch_loss(logp, logp.clone(), adv, mask, torch.tensor([False]), 4, CFG).loss
+    assert float(part(1, 1.0) + part(3, -1.0)) == pytest.approx(0.5)
+
+
+def test_opd_clip():
+    teacher = torch.tensor([[0.5, -1.0, -0.2]])
+    behaviour = torch.tensor([[-3.0, 4.0, -0.7]])
+    assert opd_term(teacher, behaviour, 2.0).tolist() == [[2.0, -2.0, pytest.approx(0.5)]]
+
+
+def test_combined_weights_and_no_opd_term_without_teacher():
+    cfg = LossConfig(w_rl=0.5, w_opd=2.0)
+    rewards = torch.tensor([1.0, 1.0])
+    teacher = torch.tensor([[-0.75], [0.0]])
+    behaviour = torch.tensor([[-1.0], [-1.0]])
+    has_teacher = torch.tensor([1.0, 0.0])
+    adv = advantage_fn("combined")(rewards, teacher, behaviour, has_teacher, cfg)
+    # 0.5·1 + 2·(−0.75 − (−1)) = 1.0; the second has no teacher: 0.5·1 only.
+    assert adv.tolist() == [[1.0], [0.5]]
+    assert advantage_fn("rl")(rewards, teacher, behaviour, has_teacher, cfg).tolist() == [[1.0], [1.0]]
+    assert advantage_fn("OPD")(rewards, teacher, behaviour, has_teacher, cfg).tolist() == [[0.25], [0.0]]
+    with pytest.raises(ValueError, match="unknown training method 'ppo'"):
+        advantage_fn("ppo")
+
+
+def test_k3_kl_by_hand_and_zero_off_mask():
+    logp = torch.tensor([[math.log(0.5), math.log(0.5)]])
+    ref = torch.tensor([[math.log(0.25), -500.0]])
+    kl = k3_kl(logp, ref, torch.tensor([[1.0, 0.0]]))
+    # d = ln 0.5: 0.5 − ln 0.5 − 1 = 0.19315
+    assert kl.tolist() == [[pytest.approx(0.5 - math.log(0.5) - 1.0), 0.0]]
+    assert float(k3_kl(logp, logp, torch.ones(1, 2)).sum()) == 0.0
+
+
+def test_kl_and_entropy_enter_the_loss_with_their_coefficients():
+    cfg = LossConfig(kl_coef=0.1, entropy_coef=0.01)
+    logp = torch.tensor([[math.log(0.5)]])
+    ref = torch.tensor([[math.log(0.25)]])
+    ent = torch.tensor([[math.log(4.0)]])
+    out = micro_batch_loss(logp, logp.clone(), torch.zeros(1, 1), torch.ones(1, 1),
+                           torch.tensor([False]), 1, cfg, ref_logp=ref, entropy=ent)
+    assert float(out.loss) == pytest.approx(0.1 * (0.5 - math.log(0.5) - 1) - 0.01 * math.log(4))
+
+
+def test_entropy_of_uniform_logits():
+    assert entropy_from_logits(torch.zeros(1, 2, 4)).tolist() == [[pytest.approx(math.log(4))] * 2]
+
+
+def test_group_and_step_normalisation():
+    rewards = torch.tensor([1.0, -1.0, 1.0, -1.0, 3.0, 0.7])
+    groups = ["a", "a", "a", "a", "solo", None]
+    keys = normalisation_keys(groups, [0] * 6, "group")
+    out = normalise_rewards(rewards, keys)
+    # group a: mean 0, std 1; a singleton group has no baseline: 0; no group: untouched.
+    assert out.tolist() == [pytest.approx(v, abs=1e-5) for v in (1, -1, 1, -1, 0, 0.7)]
+    assert normalisation_keys(["a", "a", None], [0, 1, 0], "step") == [("a", 0), ("a", 1), None]
+    assert normalise_rewards(rewards, normalisation_keys(groups, [0] * 6, "none")).equal(rewards)
+    with pytest.raises(ValueError, match="unknown advantage normalisation 'batch'"):
+        normalisation_keys(groups, [0] * 6, "batch")
