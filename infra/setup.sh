@@ -8,6 +8,8 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+with_test_tools=0
+[ "${1:-}" = "--test" ] && with_test_tools=1
 cache=${NEXTSTATE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/nextstate}
 py=${NEXTSTATE_PYTHON:-$(command -v python3.11 || command -v python3)}
 torch_spec=${NEXTSTATE_TORCH:-torch==2.13.0}
@@ -62,3 +64,13 @@ if [ ! -x "$venv/bin/nextstate" ]; then
   (cd "$root" && "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e .)
 fi
 echo "nextstate: environment ready ($venv on $deps)"
+
+# --test: what the test suite needs beyond Python: Debian's chromium for the ops-page test.
+if [ "$with_test_tools" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "nextstate: installing Debian's chromium for the browser test"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "nextstate: chromium is missing; install Debian's 'chromium' package to run the browser test" >&2
+  fi
+fi
