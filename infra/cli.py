@@ -13,7 +13,9 @@ import typer
 from rich.console import Console
 
 from infra.cli_stack import stack_app
+from infra.cli_gateway import register as register_gateway
 from infra.cli_learner import register as register_learner
+from infra.cli_serving import register as register_serving
 from infra.errors import NextstateError
 from infra.settings import load_settings, masked
 
@@ -25,6 +27,8 @@ app.add_typer(stack_app, name="stack", help="The local Kafka, schema registry an
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 register_learner(app, bench_app)
+register_serving(app, bench_app)
+register_gateway(app, bench_app)
 
 console = Console()
 

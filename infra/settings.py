@@ -131,6 +131,9 @@ class ServingSettings(_Section):
     # spin-wait and collapse when the cores are shared (measured on 2 busy cores, SmolLM2 at
     # 8 concurrent requests: 2.5 tok/s with 2 threads, 41.6 with 1); raise it on a dedicated box.
     cpu_threads: int = Field(default=1, ge=1)
+    # Local engine: prompts are prefilled in chunks of this many tokens, one chunk between two
+    # decode steps, so a long prompt never stalls the running batch for its whole prefill.
+    prefill_chunk: int = Field(default=256, ge=1)
     # Where converted models (models/) and downloaded checkpoints (checkpoints/) are cached.
     cache_dir: Path = Field(default_factory=_cache_root)
     # SGLang: extra launch_server arguments, how long to wait for it to come up, and the
@@ -142,6 +145,11 @@ class ServingSettings(_Section):
     # Reloader: which learner run's checkpoints to follow (None: any) and its consumer group.
     checkpoint_run: str | None = None
     reload_group: str | None = None
+    # `nextstate serve` exposes the engine over HTTP on host:port; engine=remote reaches one at
+    # engine_url. The bearer key is required whenever host is not a loopback address.
+    host: str = "127.0.0.1"
+    engine_url: str | None = None
+    api_key: SecretStr | None = None
 
 
 class GatewaySettings(_Section):

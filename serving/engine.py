@@ -26,7 +26,9 @@ class Generation:
     """What one sampling call produced, token-exact."""
 
     token_ids: list[int]
-    logprobs: list[float]          # logprob of each sampled token, same length as token_ids
+    # logprob of each sampled token, same length as token_ids: the raw model logprob at
+    # temperature 1 (log_softmax of the logits before temperature/top-p); see serving.sampling
+    logprobs: list[float]
     finish_reason: str             # "stop" | "length" | "abort"
     policy_version: int
     prompt_tokens: int
@@ -39,6 +41,7 @@ class TokenDelta:
     token_id: int
     logprob: float
     finish_reason: str | None = None   # set on the last delta
+    policy_version: int = 0            # the version whose weights sampled this token
 
 
 @dataclass(frozen=True)

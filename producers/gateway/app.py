@@ -1,0 +1,220 @@
+"""The HTTP edge of the recording gateway: OpenAI-compatible routes over a `Gateway`.
+
+Routes: `POST /v1/chat/completions` (whole or SSE-streamed token by token), `GET /v1/models`,
+`POST /v1/feedback`, `POST /v1/sessions/{id}/end`, `GET /metrics` (Prometheus), and
+`GET /healthz`. Every route but `/healthz` needs `Authorization: Bearer <key>` (401).
+
+Only this module turns errors into status codes: malformed JSON 400, invalid fields 422
+(the message names each field), bodies over `max_body_bytes` 413 (Content-Length or the
+bytes actually received), a prompt longer than the context 400 `context_length_exceeded`,
+a broken engine 502. Responses carry `X-Policy-Version`, `X-Session-Id`, `X-Request-Id`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from infra.errors import ContextLengthError, GatewayError, NextstateError, ServingError
+from producers.gateway.auth import bearer
+from producers.gateway.chat import ChatError
+from producers.gateway.service import Gateway, Outcome, Turn
+from producers.gateway.streaming import ClosingStreamingResponse, sse_stream
+from producers.gateway.wire import ChatCompletionRequest, FeedbackRequest, describe, error_body
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.headers = status, message, type_, code, headers
+
+
+def _route_label(path: str) -> str:
+    if path.startswith("/v1/sessions/"):
+        return "/v1/sessions/{id}/end"
+    return path if path in {"/v1/chat/completions", "/v1/models", "/v1/feedback", "/metrics",
+                            "/healthz"} else "other"
+
+
+class Edge:
+    """ASGI middleware: refuses oversized bodies (413) and counts requests and latency."""
+
+    def __init__(self, app: Any, gateway: Gateway) -> None:
+        self.app, self.gw = app, gateway
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.gw.settings.max_body_bytes
+        route, started, status = _route_label(scope["path"]), time.perf_counter(), [500]
+
+        async def counted_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                self.gw.metrics.requests.labels(route, str(status[0])).inc()
+                self.gw.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            what = f"Content-Length {length.decode()!r}"
+            return await _send_error(counted_send, 413 if length.isdigit() else 400,
+                                     f"{what} exceeds the limit of {limit} bytes" if length.isdigit()
+                                     else f"{what} is not a byte count")
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before sending its body
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > limit:
+                return await _send_error(counted_send, 413, f"request body exceeds the limit of {limit} bytes")
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # later calls see the disconnect, for streaming responses
+
+        await self.app(scope, replay, counted_send)
+
+
+async def _send_error(send: Any, status: int, message: str) -> None:
+    payload = orjson.dumps(error_body(message, code="request_too_large" if status == 413 else None))
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def create_app(gw: Gateway) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        await gw.start()
+        try:
+            yield
+        finally:
+            await gw.stop()
+
+    app = FastAPI(title="nextstate gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.gateway = gw
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(exc.message, exc.type, exc.code), exc.status, headers=exc.headers)
+
+    def tenant_of(request: Request) -> str:
+        tenant = gw.keys.tenant_for(bearer(request.headers.get("authorization")))
+        if tenant is None:
+            raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                           "authentication_error", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+        return tenant
+
+    async def parse(request: Request, model: type) -> Any:
+        raw = await request.body()
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(400, f"body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, f"body must be a JSON object, got {type(data).__name__}")
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            raise ApiError(422, f"invalid request: {describe(exc)}") from None
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "policy_version": gw.engine.info().policy_version}
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        tenant_of(request)
+        return Response(gw.metrics.render(), media_type=gw.metrics.content_type)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        tenant_of(request)
+        info = gw.engine.info()
+        return {"object": "list", "data": [{"id": gw.model_name, "object": "model", "created": 0,
+                                            "owned_by": "nextstate", "max_model_len": info.max_context,
+                                            "policy_version": info.policy_version}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        tenant = tenant_of(request)
+        req: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
+        try:
+            turn = gw.prepare(req, tenant, {k.lower(): v for k, v in request.headers.items()})
+        except ContextLengthError as exc:
+            raise ApiError(400, f"the prompt is {exc.prompt_tokens} tokens but the model's context is "
+                           f"{exc.max_context} tokens; shorten the conversation",
+                           code="context_length_exceeded") from None
+        except (ChatError, GatewayError) as exc:
+            raise ApiError(400, str(exc)) from None
+        headers = {"X-Session-Id": turn.session.session_id, "X-Request-Id": turn.request_id}
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            headers["X-Policy-Version"] = str(gw.engine.info().policy_version)
+            return ClosingStreamingResponse(sse_stream(gw, turn, include_usage), media_type="text/event-stream",
+                                     headers={**headers, "Cache-Control": "no-cache"})
+        try:
+            outcome = await gw.complete(turn)
+        except ContextLengthError as exc:
+            raise ApiError(400, str(exc), code="context_length_exceeded") from None
+        except NextstateError as exc:
+            log.exception("request %s failed", turn.request_id)
+            raise ApiError(502 if isinstance(exc, ServingError) else 500, f"engine failed: {exc}",
+                           "server_error") from None
+        headers["X-Policy-Version"] = str(outcome.policy_version)
+        return JSONResponse(completion_body(gw, turn, outcome), headers=headers)
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request) -> dict[str, Any]:
+        tenant = tenant_of(request)
+        fb: FeedbackRequest = await parse(request, FeedbackRequest)
+        event = await gw.feedback(tenant, fb)
+        return {"event_id": event.event_id, "session_id": event.session_id, "kind": event.kind.value}
+
+    @app.post("/v1/sessions/{session_id}/end")
+    async def end_session(session_id: str, request: Request) -> dict[str, Any]:
+        tenant = tenant_of(request)
+        if not re.fullmatch(r"[^\x00-\x1f]{1,256}", session_id):
+            raise ApiError(400, f"session id {session_id[:40]!r} is empty, too long or has control characters")
+        event, session = await gw.end_session(tenant, session_id)
+        return {"event_id": event.event_id, "session_id": session_id, "known": session is not None,
+                "turns": session.turns if session else None}
+
+    return Edge(app, gw)  # type: ignore[return-value]
+
+
+def completion_body(gw: Gateway, turn: Turn, outcome: Outcome) -> dict[str, Any]:
+    parsed = outcome.final.parsed
+    message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+    if parsed.tool_calls:
+        message["tool_calls"] = [c.openai() for c in parsed.tool_calls]
+    return {
+        "id": f"chatcmpl-{turn.request_id}", "object": "chat.completion", "created": int(time.time()),
+        "model": gw.model_name,
+        "choices": [{"index": 0, "message": message, "finish_reason": outcome.finish_reason, "logprobs": None}],
+        "usage": {"prompt_tokens": len(turn.prompt_ids), "completion_tokens": outcome.completion_tokens,
+                  "total_tokens": len(turn.prompt_ids) + outcome.completion_tokens},
+        "nextstate": {"session_id": turn.session.session_id, "turn_index": outcome.turn_index,
+                      "policy_version": outcome.policy_version},
+    }

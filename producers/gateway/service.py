@@ -1,0 +1,268 @@
+"""One chat turn through the gateway: render once, sample token-in/token-out, record exactly.
+
+`Gateway` holds what a running gateway needs (engine, tokenizer, spool, session tracker,
+keys, metrics) and does the work behind the HTTP routes: prepare a turn (render the prompt
+ids with the chat template once, pick the session, check the context), run it through the
+engine (whole or streamed), and record a TurnRecorded with exactly the ids sent to the
+engine and the ids and logprobs it sampled. Feedback and session ends become
+FeedbackReceived. Everything recorded goes through the durable spool.
+
+Side turns are served and recorded too, with turn_type SIDE (DESIGN: main/side is
+recorded); processors decide what to learn from. No HTTP types here: `app.py` is the edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from infra.errors import ContextLengthError, GatewayError
+from infra.settings import GatewaySettings
+from producers.gateway.auth import KeyRing
+from producers.gateway.chat import ToolCallParser, normalize_messages, parser_for, render_prompt
+from producers.gateway.decode import Final, TextAssembler
+from producers.gateway.metrics import GatewayMetrics
+from producers.gateway.sessions import Session, SessionRef, SessionTracker
+from producers.gateway.spool import Spool, SpoolDrainer
+from producers.gateway.wire import ChatCompletionRequest, FeedbackRequest
+from schemas.events import (FeedbackKind, FeedbackReceived, SamplingParams, SessionSource, TurnRecorded,
+                            TurnType)
+from serving.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Turn:
+    """A request ready for the engine."""
+
+    request_id: str
+    tenant: str
+    session: SessionRef
+    turn_type: TurnType
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    parser: ToolCallParser | None
+    ends_session: bool
+    started: float
+
+
+@dataclass
+class Sampled:
+    """Every token the engine sampled for a turn, as it sampled them."""
+
+    version: int
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish: str = "length"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a finished turn returns to the client."""
+
+    final: Final
+    finish_reason: str
+    completion_tokens: int
+    policy_version: int
+    turn_index: int
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings, engine: Engine, tokenizer: Any, spool: Spool,
+                 keys: KeyRing, drainer: SpoolDrainer | None = None, model_name: str | None = None) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.spool = spool
+        self.keys = keys
+        self.drainer = drainer
+        # A model path would leak the server's filesystem layout; report its last component.
+        self.model_name = model_name or settings.served_model_name or Path(engine.info().model).name
+        self.parser = parser_for(tokenizer, settings.tool_parser)
+        self.sessions = SessionTracker(settings.session_idle_timeout_s)
+        self.metrics = GatewayMetrics()
+        self.metrics.bind(lambda: len(self.sessions), lambda: self.spool.depth,
+                          lambda: drainer.delivered if drainer else 0,
+                          lambda: drainer.failures if drainer else 0)
+        self._reaper: asyncio.Task | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.drainer is not None:
+            self.drainer.start()
+        self._reaper = asyncio.create_task(self._reap())
+
+    async def stop(self, drain_timeout_s: float = 5.0) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        if self.drainer is not None:
+            await asyncio.to_thread(self.drainer.stop, drain_timeout_s)
+
+    async def _reap(self) -> None:
+        interval = max(0.05, min(self.settings.session_idle_timeout_s / 4, 5.0))
+        while True:
+            await asyncio.sleep(interval)
+            for session in self.sessions.expire():
+                try:
+                    await self.record([(self._session_end(session, "idle_timeout"), session.session_id)])
+                except Exception:  # a spool write failed: say so, keep reaping the others
+                    log.exception("could not record the idle end of session %s", session.session_id)
+
+    # -- turns --------------------------------------------------------------------------------
+    def prepare(self, req: ChatCompletionRequest, tenant: str, headers: dict[str, str]) -> Turn:
+        """Render the prompt ids once and place the request in a session. Raises ChatError
+        (bad messages) or ContextLengthError (prompt longer than the model's context)."""
+        messages = req.dumped_messages()
+        tools = req.dumped_tools()
+        prompt_ids = render_prompt(self.tokenizer, normalize_messages(messages), tools)
+        info = self.engine.info()
+        if len(prompt_ids) >= info.max_context:
+            raise ContextLengthError(len(prompt_ids), 0, info.max_context)
+        asked = req.max_completion_tokens or req.max_tokens or self.settings.default_max_tokens
+        # Documented: max_new_tokens is clamped to the room left in the context.
+        params = SamplingParams(
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            max_new_tokens=min(asked, info.max_context - len(prompt_ids)),
+            seed=req.seed, stop=req.stop_list)
+        kind = (headers.get("x-turn-type") or req.turn_type or "main").upper()
+        if kind not in TurnType.__members__:
+            raise GatewayError(f"X-Turn-Type {kind.lower()!r} is not one of main, side")
+        session_id, source = _explicit_session(req, headers)
+        ref = self.sessions.assign(tenant, messages, session_id, source)
+        done = headers.get("x-session-done", "").strip().lower() in ("1", "true", "yes")
+        return Turn(uuid.uuid4().hex, tenant, ref, TurnType(kind), messages, tools, prompt_ids,
+                    params, self.parser if tools else None, done, time.perf_counter())
+
+    async def complete(self, turn: Turn) -> Outcome:
+        """Run a turn to the end (non-streaming) and record it."""
+        assembler = TextAssembler(self.tokenizer, turn.params.stop, turn.parser)
+        if turn.params.stop:  # stop strings are enforced here, so sample step by step
+            sampled = Sampled(self.engine.info().policy_version)
+            async for _ in self.stream_tokens(turn, assembler, sampled):
+                pass
+        else:
+            gen = await self.engine.generate(turn.prompt_ids, turn.params)
+            sampled = Sampled(gen.policy_version, list(gen.token_ids), list(gen.logprobs), gen.finish_reason)
+            assembler.push_many(sampled.ids)
+        return await self.finish(turn, assembler.finish(), sampled)
+
+    async def stream_tokens(self, turn: Turn, assembler: TextAssembler, out: "Sampled") -> AsyncIterator[str]:
+        """Sample step by step, collecting every token into `out`; yields visible text."""
+        async with contextlib.aclosing(self.engine.stream(turn.prompt_ids, turn.params)) as deltas:
+            async for d in deltas:
+                out.ids.append(d.token_id)
+                out.logprobs.append(d.logprob)
+                out.version = getattr(d, "policy_version", out.version)  # the weights that sampled it
+                text = assembler.push(d.token_id)
+                if text:
+                    yield text
+                if d.finish_reason:
+                    out.finish = d.finish_reason
+                    break
+                if assembler.stopped:
+                    out.finish = "stop"
+                    break
+
+    async def finish(self, turn: Turn, final: Final, sampled: "Sampled") -> Outcome:
+        finish = sampled.finish
+        if final.parsed.tool_calls:
+            finish = "tool_calls"
+        elif final.stopped_by:
+            finish = "stop"
+        index = self.sessions.take_index(turn.session)
+        event = self.turn_event(turn, index, sampled, final.raw_text, finish)
+        items: list[tuple[Any, str]] = [(event, turn.session.session_id)]
+        self.sessions.record_reply(turn.tenant, turn.session.session_id, final.parsed.content)
+        if turn.ends_session:
+            ended = self.sessions.end(turn.tenant, turn.session.session_id)
+            items.append((self._session_end(ended, "client_done", turn.session, index), turn.session.session_id))
+        await self.record(items)
+        m = self.metrics
+        m.tokens.labels("prompt").inc(len(turn.prompt_ids))
+        m.tokens.labels("completion").inc(len(sampled.ids))
+        return Outcome(final, finish, len(sampled.ids), sampled.version, index)
+
+    def record_aborted(self, turn: Turn, sampled: "Sampled", assembler: TextAssembler) -> None:
+        """A stream the client left (or the engine broke) mid-way: record what was sampled,
+        finish_reason 'abort', synchronously (we may be inside a cancelled task)."""
+        if not sampled.ids:
+            return
+        index = self.sessions.take_index(turn.session)
+        raw = assembler.finish().raw_text
+        self.spool.append([(self.turn_event(turn, index, sampled, raw, "abort"), turn.session.session_id)])
+        self.metrics.turns.labels(turn.turn_type.value).inc()
+
+    def turn_event(self, turn: Turn, index: int, sampled: "Sampled", text: str, finish: str) -> TurnRecorded:
+        if len(sampled.ids) != len(sampled.logprobs):
+            raise GatewayError(f"engine {self.engine.name} returned {len(sampled.ids)} tokens but "
+                               f"{len(sampled.logprobs)} logprobs for request {turn.request_id}")
+        return TurnRecorded(
+            tenant=turn.tenant, session_id=turn.session.session_id, session_source=turn.session.source,
+            turn_index=index, turn_type=turn.turn_type, request_id=turn.request_id,
+            messages_json=orjson.dumps(turn.messages).decode(),
+            tools_json=orjson.dumps(turn.tools).decode() if turn.tools else None,
+            prompt_token_ids=turn.prompt_ids, response_token_ids=sampled.ids,
+            response_logprobs=sampled.logprobs, response_text=text, finish_reason=finish,
+            sampling=turn.params, policy_version=sampled.version, engine=self.engine.name,
+            model=self.model_name, latency_ms=(time.perf_counter() - turn.started) * 1000)
+
+    # -- feedback and session ends ------------------------------------------------------------
+    async def feedback(self, tenant: str, fb: FeedbackRequest) -> FeedbackReceived:
+        event = FeedbackReceived(
+            tenant=tenant, session_id=fb.session_id, turn_index=fb.turn_index, kind=fb.kind,
+            text=fb.text, thumbs=fb.thumbs, reward=fb.reward, exit_code=fb.exit_code,
+            passed=fb.passed, source=fb.source, parent_ids=fb.parent_ids,
+            metadata_json=orjson.dumps(fb.metadata).decode() if fb.metadata is not None else None)
+        if fb.kind is FeedbackKind.SESSION_END:
+            self.sessions.end(tenant, fb.session_id)
+        await self.record([(event, fb.session_id)])
+        return event
+
+    async def end_session(self, tenant: str, session_id: str) -> tuple[FeedbackReceived, Session | None]:
+        session = self.sessions.end(tenant, session_id)
+        event = self._session_end(session, "client_end", SessionRef(tenant, session_id, SessionSource.HEADER))
+        await self.record([(event, session_id)])
+        return event, session
+
+    def _session_end(self, session: Session | None, reason: str, ref: SessionRef | None = None,
+                     last_index: int | None = None) -> FeedbackReceived:
+        tenant = session.tenant if session else ref.tenant
+        sid = session.session_id if session else ref.session_id
+        index = session.last_index if session else last_index
+        return FeedbackReceived(tenant=tenant, session_id=sid, turn_index=index,
+                                kind=FeedbackKind.SESSION_END, source="gateway",
+                                metadata_json=orjson.dumps({"reason": reason}).decode())
+
+    async def record(self, items: list[tuple[Any, str]]) -> None:
+        """Durably spool events (fsync'd) before the client hears back."""
+        await asyncio.to_thread(self.spool.append, items)
+        for event, _ in items:
+            if isinstance(event, TurnRecorded):
+                self.metrics.turns.labels(event.turn_type.value).inc()
+            else:
+                self.metrics.feedback.labels(event.kind.value).inc()
+
+
+def _explicit_session(req: ChatCompletionRequest, headers: dict[str, str]) -> tuple[str | None, SessionSource]:
+    if headers.get("x-session-id", "").strip():
+        return headers["x-session-id"].strip()[:256], SessionSource.HEADER
+    if req.session_id:
+        return req.session_id, SessionSource.BODY
+    if req.user:
+        return req.user[:256], SessionSource.BODY
+    return None, SessionSource.DERIVED

@@ -1,0 +1,153 @@
+"""The HTTP shapes the gateway accepts and returns: OpenAI chat completions and feedback.
+
+Requests are validated with pydantic; unknown OpenAI fields (`store`, `parallel_tool_calls`,
+`reasoning_effort`, ...) are accepted and ignored, so real clients are not refused for
+options this gateway does not act on. `tool_choice` other than "auto"/"none" is accepted but
+not enforced (no constrained decoding). Errors use OpenAI's `{"error": {...}}` body.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from schemas.events import FeedbackKind
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class FunctionCall(_Lenient):
+    name: str
+    arguments: str | dict[str, Any] | None = None
+
+
+class ToolCallIn(_Lenient):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionDef(_Lenient):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ToolDef(_Lenient):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Lenient):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[ToolDef] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    user: str | None = None
+    # nextstate extensions (headers take precedence)
+    session_id: str | None = Field(default=None, min_length=1, max_length=256)
+    turn_type: Literal["main", "side", "MAIN", "SIDE"] | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError(f"n={v} is not supported; every turn is recorded as one sample, use n=1")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > 4:
+            raise ValueError(f"at most 4 stop sequences, got {len(v)}")
+        return v
+
+    @property
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def dumped_messages(self) -> list[dict[str, Any]]:
+        return [m.model_dump(exclude_none=True) for m in self.messages]
+
+    def dumped_tools(self) -> list[dict[str, Any]] | None:
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+
+class FeedbackRequest(BaseModel):
+    """An explicit next state for a session's turn (default: its latest)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: str = Field(min_length=1, max_length=256)
+    kind: FeedbackKind
+    turn_index: int | None = Field(default=None, ge=0)
+    text: str | None = None
+    thumbs: Literal[-1, 1] | None = None
+    reward: float | None = Field(default=None, ge=-1.0, le=1.0)
+    exit_code: int | None = None
+    passed: bool | None = None
+    source: str = Field(default="client", max_length=256)
+    metadata: dict[str, Any] | None = None
+    parent_ids: list[str] = Field(default_factory=list)
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _needs(self) -> "FeedbackRequest":
+        needed = {
+            FeedbackKind.THUMBS: ("thumbs", self.thumbs),
+            FeedbackKind.OUTCOME_REWARD: ("reward", self.reward),
+            FeedbackKind.USER_MESSAGE: ("text", self.text),
+            FeedbackKind.TOOL_OUTPUT: ("text", self.text),
+        }.get(self.kind)
+        if needed is not None and needed[1] is None:
+            raise ValueError(f"kind {self.kind.value} needs the field {needed[0]!r}")
+        if self.kind is FeedbackKind.TERMINAL_OUTPUT and self.text is None and self.exit_code is None:
+            raise ValueError("kind TERMINAL_OUTPUT needs 'text' or 'exit_code'")
+        if self.kind is FeedbackKind.TEST_RESULT and self.passed is None and self.reward is None:
+            raise ValueError("kind TEST_RESULT needs 'passed' or 'reward'")
+        return self
+
+
+def error_body(message: str, type_: str = "invalid_request_error", code: str | None = None,
+               param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def describe(exc: ValidationError) -> str:
+    """A pydantic error as one readable line: where, and what was wrong."""
+    parts = []
+    for err in exc.errors()[:8]:
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{where}: {err['msg']}")
+    more = len(exc.errors()) - 8
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")

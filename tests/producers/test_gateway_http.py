@@ -1,0 +1,187 @@
+"""The gateway over real HTTP (uvicorn on a free port) with the official `openai` client and
+the real local engine on the tiny model. Recorded turns are read back from the spool (no
+Kafka here; test_gateway_kafka.py covers delivery)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from producers.gateway.chat import normalize_messages, render_prompt
+from producers.gateway.server import ServerThread
+from schemas.events import SamplingParams, SessionSource, TurnRecorded, TurnType
+from tests.producers.gateway_fixtures import (engine, keyring, long_engine, long_model_dir,  # noqa: F401
+                                              make_gateway, tokenizer)
+from tests.producers.helpers import KEYS, ScriptedEngine
+from tests.producers.openclaw_shapes import OpenClawConversation, openclaw_request, openclaw_tools, system_prompt
+
+TOOL_SCRIPT = 'Reading it.<tool_call>{"name": "read", "arguments": {"path": "README.md"}}</tool_call>'
+
+
+def client(server: ServerThread, key: str = KEYS["acme"]) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def turns(gw) -> list[TurnRecorded]:
+    return [s.event for s in gw.spool.read(10_000) if isinstance(s.event, TurnRecorded)]
+
+
+def test_chat_records_exactly_what_the_engine_sampled(make_gateway, engine, tokenizer):
+    gw = make_gateway(engine)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    with ServerThread(gw) as server:
+        raw = client(server).chat.completions.with_raw_response.create(
+            model="tiny", messages=messages, max_tokens=12, temperature=0, seed=3)
+        resp = raw.parse()
+    assert raw.headers["x-policy-version"] == "0" and raw.headers["x-session-id"]
+    [turn] = turns(gw)
+    prompt = render_prompt(tokenizer, normalize_messages(messages), None)
+    assert turn.prompt_token_ids == prompt
+    assert len(turn.response_token_ids) == len(turn.response_logprobs) == resp.usage.completion_tokens
+    assert resp.usage.prompt_tokens == len(prompt)
+    assert tokenizer.decode(turn.response_token_ids, skip_special_tokens=True) == (resp.choices[0].message.content or "")
+    assert turn.turn_type is TurnType.MAIN and turn.tenant == "acme" and turn.turn_index == 0
+    assert turn.sampling.max_new_tokens == 12 and turn.sampling.seed == 3
+    assert json.loads(turn.messages_json) == messages
+    # Greedy: the engine called directly samples the same ids with the same logprobs.
+    import asyncio
+    direct = asyncio.run(engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=12, seed=3)))
+    assert direct.token_ids == turn.response_token_ids
+    assert direct.logprobs == pytest.approx(turn.response_logprobs, abs=1e-4)
+
+
+def test_streaming_is_token_by_token_with_a_usage_chunk(make_gateway, engine, tokenizer):
+    gw = make_gateway(engine)
+    with ServerThread(gw) as server:
+        chunks = list(client(server).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": [{"type": "text", "text": "count"}]}],
+            stream=True, stream_options={"include_usage": True}, max_completion_tokens=24,
+            temperature=1.0, seed=7))
+    text_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    [turn] = turns(gw)
+    assert len(text_chunks) > 1  # streamed as sampled, not one fake chunk
+    streamed = "".join(c.choices[0].delta.content for c in text_chunks)
+    assert streamed == tokenizer.decode(turn.response_token_ids, skip_special_tokens=True)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(turn.response_token_ids)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+
+
+def test_tool_calls_come_back_whole_and_streamed(make_gateway, long_engine, tokenizer):
+    # 12 tool definitions are ~2,500 byte tokens: the long-context tiny model scores the script.
+    gw = make_gateway(ScriptedEngine(long_engine, tokenizer, TOOL_SCRIPT))
+    messages = [{"role": "user", "content": "show me the readme"}]
+    with ServerThread(gw) as server:
+        c = client(server)
+        resp = c.chat.completions.create(model="tiny", messages=messages, tools=openclaw_tools(),
+                                         tool_choice="auto", max_tokens=200)
+        choice = resp.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content == "Reading it."
+        call = choice.message.tool_calls[0]
+        assert call.function.name == "read" and json.loads(call.function.arguments) == {"path": "README.md"}
+        stream = list(c.chat.completions.create(model="tiny", messages=messages, tools=openclaw_tools(),
+                                                stream=True, max_tokens=200))
+        deltas = [ch.choices[0].delta for ch in stream if ch.choices]
+        assert "".join(d.content or "" for d in deltas) == "Reading it."
+        streamed_calls = [tc for d in deltas for tc in (d.tool_calls or [])]
+        assert [tc.function.name for tc in streamed_calls] == ["read"]
+        assert [ch.choices[0].finish_reason for ch in stream if ch.choices][-1] == "tool_calls"
+        # The client sends the call and its result back: the template renders both.
+        follow = messages + [choice.message.model_dump(exclude_none=True),
+                             {"role": "tool", "tool_call_id": call.id, "content": "# nextstate"}]
+        c.chat.completions.create(model="tiny", messages=follow, tools=openclaw_tools(), max_tokens=200)
+    recorded = turns(gw)
+    assert len(recorded) == 3 and all(t.finish_reason == "tool_calls" for t in recorded)
+    assert json.loads(recorded[2].messages_json)[-1]["role"] == "tool"
+    assert recorded[2].prompt_token_ids == render_prompt(tokenizer, normalize_messages(follow), openclaw_tools())
+
+
+def test_auth_errors_limits_and_models(make_gateway, engine):
+    gw = make_gateway(engine, max_body_bytes=64 * 1024)
+    with ServerThread(gw) as server:
+        with pytest.raises(openai.AuthenticationError):
+            client(server, key="wrong").chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "x"}])
+        assert httpx.get(f"{server.url}/v1/models").status_code == 401
+        assert httpx.get(f"{server.url}/healthz").status_code == 200
+        assert client(server, KEYS["globex"]).models.list().data[0].id == gw.model_name
+        auth = {"Authorization": f"Bearer {KEYS['acme']}"}
+        url = f"{server.url}/v1/chat/completions"
+        bad = httpx.post(url, content=b"{nope", headers=auth)
+        assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
+        invalid = httpx.post(url, json={"messages": [{"role": "user", "content": "x"}], "n": 3}, headers=auth)
+        assert invalid.status_code == 422 and "n=3 is not supported" in invalid.json()["error"]["message"]
+        image = httpx.post(url, json={"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+                           headers=auth)
+        assert image.status_code == 400 and "only" in image.json()["error"]["message"]
+        big = {"messages": [{"role": "user", "content": "x" * 70_000}]}
+        assert httpx.post(url, json=big, headers=auth).status_code == 413  # by Content-Length
+        chunked = httpx.post(url, content=iter([json.dumps(big).encode()[i:i + 8192]
+                                                for i in range(0, 80_000, 8192)]), headers=auth)
+        assert chunked.status_code == 413  # by the bytes actually received
+        metrics = httpx.get(f"{server.url}/metrics", headers=auth).text
+        assert 'nextstate_gateway_requests_total{route="/v1/chat/completions",status="413"} 2.0' in metrics
+    assert turns(gw) == []  # refused requests record nothing
+
+
+def test_openclaw_shaped_requests_land_in_one_derived_session(make_gateway, long_engine, tokenizer):
+    gw = make_gateway(long_engine)
+    convo = OpenClawConversation(system_prompt(1_500), "Set up the project")
+    with ServerThread(gw) as server:
+        c = client(server)
+        # A real 40,000-character system prompt is longer than this model's context: a clear
+        # 400 (code context_length_exceeded), never a crash.
+        huge = openclaw_request([{"role": "system", "content": [{"type": "text", "text": system_prompt()}]},
+                                 {"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+        with pytest.raises(openai.BadRequestError) as err:
+            c.chat.completions.create(**huge)
+        assert err.value.code == "context_length_exceeded" and "16384" in err.value.message
+        for n in range(4):
+            body = openclaw_request(convo.request(), max_completion_tokens=8)
+            chunks = list(c.chat.completions.create(**body))
+            assert chunks[-1].usage is not None and chunks[-1].choices == []
+            reply = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+            convo.answered(reply, f"now step {n + 1}")
+    recorded = turns(gw)
+    assert len({t.session_id for t in recorded}) == 1
+    assert [t.turn_index for t in recorded] == [0, 1, 2, 3]
+    assert all(t.session_source is SessionSource.DERIVED and t.turn_type is TurnType.MAIN for t in recorded)
+    assert recorded[0].tools_json and len(json.loads(recorded[0].tools_json)) == 12
+
+
+def test_a_client_leaving_mid_stream_still_gets_its_tokens_recorded(make_gateway, engine):
+    gw = make_gateway(engine)
+    body = {"messages": [{"role": "user", "content": "go on"}], "stream": True, "max_tokens": 1500,
+            "temperature": 1.0, "seed": 1}
+    with ServerThread(gw) as server:
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body,
+                          headers={"Authorization": f"Bearer {KEYS['acme']}", "X-Session-Id": "s-left"}) as r:
+            assert r.headers["x-policy-version"] == "0" and r.headers["x-session-id"] == "s-left"
+            for line in r.iter_lines():  # the role chunk, then the first text; then hang up
+                if line.startswith("data: ") and '"content":"' in line and '"role"' not in line:
+                    break
+        from tests.conftest import wait_for
+        [turn] = wait_for(lambda: turns(gw), timeout=60, what="the aborted turn to be recorded")
+    assert turn.finish_reason in ("abort", "stop")  # "stop" only if EOS came before the hang-up
+    assert 0 < len(turn.response_token_ids) == len(turn.response_logprobs)
+    assert turn.session_id == "s-left"
+
+
+def test_a_stop_string_ends_the_answer_and_the_sampled_tokens_are_kept(make_gateway, engine, tokenizer):
+    gw = make_gateway(ScriptedEngine(engine, tokenizer, "hello STOP world"))
+    with ServerThread(gw) as server:
+        c = client(server)
+        whole = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], stop=["STOP"])
+        streamed = list(c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                                  stop="STOP", stream=True))
+        bad = httpx.post(f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEYS['acme']}",
+                                                                        "X-Turn-Type": "sometimes"},
+                         json={"messages": [{"role": "user", "content": "x"}]})
+    assert whole.choices[0].message.content == "hello " and whole.choices[0].finish_reason == "stop"
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == "hello "
+    assert bad.status_code == 400 and "'sometimes'" in bad.json()["error"]["message"]
+    for turn in turns(gw):  # every sampled id up to the one that completed "STOP", none after
+        assert tokenizer.decode(turn.response_token_ids) == "hello STOP"
+        assert turn.response_text == "hello STOP" and turn.finish_reason == "stop"

@@ -1,0 +1,97 @@
+"""The engine over HTTP: `serving.server` in front of the local engine on the tiny model, and
+`serving.remote.RemoteEngine` as its client, give the same tokens, logprobs, scores, versions
+and errors as the engine used in-process; a bearer key guards it."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from infra.errors import ConfigError, ContextLengthError, ServingError
+from infra.settings import ServingSettings
+from schemas.events import SamplingParams
+from serving.engine import WeightsKind
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.asyncio
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir: Path):
+    """(local engine, settings for a remote client) with the server running in a thread."""
+    import uvicorn
+
+    from serving.local import LocalEngine
+    from serving.server import build_app
+
+    port = free_port()
+    settings = ServingSettings(port=port, api_key=SecretStr("s3cret"))
+    engine = LocalEngine(settings, model_dir=tiny_model_dir)
+    server = uvicorn.Server(uvicorn.Config(build_app(engine, settings), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, 30, what="the engine server to start")
+    yield engine, settings.model_copy(update={"engine": "remote", "engine_url": f"http://127.0.0.1:{port}"})
+    server.should_exit = True
+    thread.join(10)
+    asyncio.run(engine.close())
+
+
+async def test_remote_equals_local(served) -> None:
+    from serving import create_engine
+
+    local, settings = served
+    remote = create_engine(settings)
+    try:
+        assert remote.name == "remote" and remote.info().max_context == local.info().max_context
+        assert remote.info().details["tokenizer"] == str(local.model_dir)
+        prompt = local.tokenizer.encode("over the wire")
+        params = SamplingParams(temperature=0.8, max_new_tokens=10, seed=5)
+        a, b = await local.generate(prompt, params), await remote.generate(prompt, params)
+        assert a == b
+        deltas = [d async for d in remote.stream(prompt, params)]
+        assert [d.token_id for d in deltas] == a.token_ids and deltas[-1].finish_reason == a.finish_reason
+        s_local = await local.score(prompt, a.token_ids, top_k=2)
+        assert await remote.score(prompt, a.token_ids, top_k=2) == s_local
+    finally:
+        await remote.close()
+
+
+async def test_remote_errors_match(served) -> None:
+    from serving.remote import RemoteEngine
+
+    local, settings = served
+    remote = RemoteEngine(settings)
+    try:
+        with pytest.raises(ContextLengthError, match="exceeds the model's context of 2048"):
+            await remote.generate([5] * 2040, SamplingParams(max_new_tokens=100))
+        with pytest.raises(ContextLengthError):
+            async for _ in remote.stream([5] * 2040, SamplingParams(max_new_tokens=100)):
+                pass
+        with pytest.raises(ServingError, match="422|validation|Unprocessable|prompt_ids"):
+            await remote.score([], [1])
+        with pytest.raises(ServingError, match="reloader"):
+            await remote.load_weights("/x", WeightsKind.FULL, 1)
+    finally:
+        await remote.close()
+    with pytest.raises(ServingError, match="Unauthorized"):
+        RemoteEngine(settings.model_copy(update={"api_key": SecretStr("wrong")}))
+
+
+async def test_non_loopback_needs_a_key() -> None:
+    from serving.server import build_app
+
+    with pytest.raises(ConfigError, match="API_KEY"):
+        build_app(object(), ServingSettings(host="0.0.0.0"))
