@@ -33,6 +33,15 @@ register_gateway(app, bench_app)
 console = Console()
 
 
+@app.callback()
+def _quiet_clients() -> None:
+    """Per-request INFO lines of the HTTP clients (registry lookups) drown the real logs."""
+    import logging
+
+    for name in ("httpx", "httpx2", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def fail(exc: NextstateError) -> None:
     console.print(f"[red]error:[/red] {exc}")
     raise typer.Exit(1)
@@ -152,6 +161,22 @@ def supervise_cmd() -> None:
     from infra.supervisor import supervise
 
     supervise(load_settings())
+
+
+@app.command()
+def ops(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(30080),
+        namespace: Optional[str] = typer.Option(None, help="topic prefix; default from settings")) -> None:
+    """Serve only the ops view (sessions, reward decisions, curves) behind the gateway's API keys."""
+    import uvicorn
+
+    from infra.ops import ops_app
+
+    try:
+        app_ = ops_app(load_settings(), namespace)
+    except NextstateError as exc:
+        fail(exc)
+    console.print(f"ops view on http://{host}:{port}/ops/")
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
 @app.command()

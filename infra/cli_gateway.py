@@ -33,7 +33,9 @@ def serve(ctx: typer.Context,
           host: Optional[str] = typer.Option(None, help="default: settings gateway.host (127.0.0.1)"),
           port: Optional[int] = typer.Option(None, help="default: settings gateway.port (30000)"),
           model: Optional[str] = typer.Option(None, help="model spec for the engine; default: settings serving.model"),
-          namespace: Optional[str] = typer.Option(None, help="topic prefix; default from settings")) -> None:
+          namespace: Optional[str] = typer.Option(None, help="topic prefix; default from settings"),
+          reload: bool = typer.Option(True, help="follow checkpoints and hot-swap the engine's weights"),
+          ops: bool = typer.Option(True, help="serve the ops view under /ops (same API keys)")) -> None:
     """Serve the gateway in front of the configured engine, recording every turn to Kafka."""
     if ctx.invoked_subcommand is not None:
         return
@@ -61,7 +63,8 @@ def serve(ctx: typer.Context,
                   f"engine {info.name} v{info.policy_version} | context {info.max_context} | "
                   f"spool {g.spool_dir} ({gw.spool.depth} pending)")
     try:
-        run_gateway(gw, host or g.host, port or g.port)
+        run_gateway(gw, host or g.host, port or g.port, settings=settings, namespace=namespace,
+                    reload=reload, ops=ops)
     finally:
         asyncio.run(engine.close())
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import orjson
@@ -102,18 +102,39 @@ async def _send_error(send: Any, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
-def create_app(gw: Gateway) -> FastAPI:
+def create_app(gw: Gateway, settings: Any = None, namespace: str | None = None,
+               reload: bool = False, ops: bool = False) -> FastAPI:
+    """The gateway app. With the full `settings`, `reload` follows `checkpoints` and hot-swaps
+    the in-process engine (serving.reloader), and `ops` serves the ops view under /ops."""
+    if (reload or ops) and settings is None:
+        raise ValueError("reload and ops need the full settings object")
+
     @asynccontextmanager
-    async def lifespan(_: FastAPI):
+    async def lifespan(app: FastAPI):
         await gw.start()
-        try:
-            yield
-        finally:
-            await gw.stop()
+        async with AsyncExitStack() as stack:
+            if reload:
+                from serving.reloader import following
+
+                await stack.enter_async_context(following(gw.engine, settings, namespace))
+            if ops:
+                from infra.ops import OpsIndex
+
+                app.state.ops_index = OpsIndex(settings, namespace).start()
+                stack.callback(app.state.ops_index.stop)
+            try:
+                yield
+            finally:
+                await gw.stop()
 
     app = FastAPI(title="nextstate gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.gateway = gw
+    if ops:
+        from infra.ops import ops_router
+
+        app.state.ops_keyring = gw.keys
+        app.include_router(ops_router())
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:

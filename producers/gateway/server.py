@@ -76,9 +76,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def run_gateway(gw: Gateway, host: str, port: int, log_level: str = "info") -> None:
+def run_gateway(gw: Gateway, host: str, port: int, log_level: str = "info", settings: Settings | None = None,
+                namespace: str | None = None, reload: bool = False, ops: bool = False) -> None:
     try:
-        uvicorn.run(create_app(gw), host=host, port=port, log_level=log_level, access_log=False)
+        app = create_app(gw, settings, namespace, reload=reload, ops=ops)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
     finally:
         gw.spool.close()
 
