@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from infra.cli_processors import register as register_processors
 from infra.cli_stack import stack_app
 from infra.cli_gateway import register as register_gateway
 from infra.cli_learner import register as register_learner
@@ -28,6 +29,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 register_learner(app, bench_app)
 register_serving(app, bench_app)
+register_processors(app, bench_app)
 register_gateway(app, bench_app)
 
 console = Console()
@@ -180,20 +182,25 @@ def ops(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(30080),
 
 
 @app.command()
-def demo() -> None:
-    """Set up the embedded default and run it: for now, the stack, provisioned, and its status."""
-    from infra.cli_stack import print_status
-    from infra.provision import provision as run
-    from infra.stack import up
+def demo(sessions: int = typer.Option(48, help="simulated user sessions (two turns each)"),
+         concurrency: int = typer.Option(8, help="sessions talking at once"),
+         model: Optional[str] = typer.Option(None, help="model; default SmolLM2-135M-Instruct (embedded)"),
+         methods: str = typer.Option("combined,rl,opd", help="learner runs, comma-separated; the first is served live"),
+         max_tokens: int = typer.Option(48, help="tokens per answer"),
+         lr: float = typer.Option(2e-4, help="learning rate of the LoRA learners"),
+         seed: int = typer.Option(0),
+         port: int = typer.Option(30100, help="the demo gateway's port")) -> None:
+    """The whole loop on the embedded default, driven by simulated users: a live view, then a
+    before/after table and a PNG plot of satisfaction per interaction."""
+    from infra.demo import DemoConfig, run_demo
 
+    cfg = DemoConfig(model=model, sessions=sessions, concurrency=concurrency, max_tokens=max_tokens,
+                     methods=tuple(m.strip() for m in methods.split(",") if m.strip()), lr=lr,
+                     seed=seed, port=port)
     try:
-        s = load_settings()
-        statuses = up(s.stack, s.storage)
-        run(s.kafka, s.registry, s.storage)
+        run_demo(load_settings(), cfg, console)
     except NextstateError as exc:
         fail(exc)
-    print_status(statuses)
-    console.print("[green]stack up and provisioned[/green]")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,118 @@
+"""`nextstate process`, `nextstate replay` and `nextstate bench pipeline`: thin mains.
+
+Each command parses, builds settings and calls the loop in processors/. faust, torch and
+the engines are imported inside the commands, so `nextstate --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from infra.errors import NextstateError
+from infra.settings import load_settings
+
+console = Console()
+STAGES = ("sessionize", "judge", "hint", "assemble")
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[red]error:[/red] {exc}")
+    raise typer.Exit(1)
+
+
+def process(stage: str = typer.Argument(..., help="sessionize | judge | hint | assemble | all"),
+            namespace: Optional[str] = typer.Option(None, help="topic prefix; default from settings"),
+            loglevel: str = typer.Option("warning", help="faust/worker log level")) -> None:
+    """Run one stream processor stage as a faust worker, or every stage (one process each)."""
+    settings = load_settings()
+    ns = settings.kafka.namespace if namespace is None else namespace
+    if stage == "all":
+        raise typer.Exit(_run_all(ns, loglevel))
+    if stage not in STAGES:
+        _fail(ValueError(f"no stage named {stage!r}; known: {', '.join(STAGES)} or all"))
+    from processors.app import run_worker
+    from processors.teacher import build_teacher
+
+    try:
+        teacher = build_teacher(settings) if stage == "hint" else None
+        run_worker(settings, ns, stage, teacher, loglevel)
+    except NextstateError as exc:
+        _fail(exc)
+
+
+def _run_all(namespace: str, loglevel: str) -> int:
+    """One worker process per stage; stop them all when one exits or on SIGINT/SIGTERM."""
+    procs = [subprocess.Popen([sys.executable, "-m", "infra.cli", "process", stage,
+                               "--namespace", namespace, "--loglevel", loglevel])
+             for stage in STAGES]
+
+    def stop(*_: object) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = 0
+    try:
+        while all(p.poll() is None for p in procs):
+            try:
+                procs[0].wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+        code = next(p.returncode for p in procs if p.returncode is not None)
+    finally:
+        stop()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return code
+
+
+def replay(stage: str = typer.Argument(..., help="sessionize | judge | hint | assemble"),
+           namespace: str = typer.Option(..., help="the replay namespace to write into (provisioned)"),
+           source: Optional[str] = typer.Option(None, "--source", help="live namespace to read; default from settings"),
+           start: Optional[str] = typer.Option(None, "--from", help="offset (int) or time (ISO 8601); default: the beginning"),
+           end: Optional[str] = typer.Option(None, "--to", help="offset (int) or time (ISO 8601); default: the current end"),
+           judge: Optional[str] = typer.Option(None, help="override the judge (e.g. llm) for this replay"),
+           copy_inputs: bool = typer.Option(False, help="also copy the slice into the target's input topics")) -> None:
+    """Re-run a stage over the live namespace's history into a separate namespace."""
+    from processors.replay import run_replay
+
+    settings = load_settings()
+    if judge:
+        settings = settings.model_copy(update={"processors": settings.processors.model_copy(
+            update={"judge": judge})})
+    try:
+        report = run_replay(settings, stage, settings.kafka.namespace if source is None else source,
+                            namespace, start, end, copy_inputs=copy_inputs, console=console)
+    except (NextstateError, ValueError) as exc:
+        _fail(exc)
+    console.print(report.summary())
+
+
+def bench_pipeline(turns: int = typer.Option(300, help="sessions × turns to push through"),
+                   response_tokens: int = typer.Option(64),
+                   llm_calls: int = typer.Option(16, help="judge calls per concurrency level (0: skip)"),
+                   model: Optional[str] = typer.Option(None, help="model dir for the llm-judge bench; default: a tiny random model")) -> None:
+    """Turns → samples per second through every stage (feedback judge) vs raw Kafka; llm judge at 1 vs 8."""
+    from processors.bench_pipeline import run_pipeline_bench
+
+    try:
+        run_pipeline_bench(load_settings(), turns, response_tokens, llm_calls, model, console)
+    except NextstateError as exc:
+        _fail(exc)
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    app.command("process")(process)
+    app.command("replay")(replay)
+    bench_app.command("pipeline")(bench_pipeline)

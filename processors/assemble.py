@@ -1,0 +1,138 @@
+"""Assemble: judgements and hints joined per transition → SampleReady, by method.
+
+Rule table (``r`` = the judgement's majority; "hint" = an accepted hint *with* teacher logprobs):
+
+| method   | hint | r    | sample                                    | loss mask | teacher logprobs |
+|----------|------|------|-------------------------------------------|-----------|------------------|
+| rl       |  -   | ±1   | RL, reward r                              | all 1     | null             |
+| rl       |  -   | 0    | RL, reward 0 (kept for the record)        | all 0     | null             |
+| opd      | yes  |  -   | OPD, reward 0                             | all 1     | the teacher's    |
+| opd      | no   |  -   | none — reason counted                     |           |                  |
+| combined | yes  | ±1   | COMBINED, reward r                        | all 1     | the teacher's    |
+| combined | yes  | 0    | OPD, reward 0                             | all 1     | the teacher's    |
+| combined | no   | ±1   | RL, reward r                              | all 1     | **null** (never the rollout logprobs) |
+| combined | no   | 0    | none — reason counted                     |           |                  |
+
+Token ids and behaviour logprobs come from the transition's turn exactly as recorded; lengths
+that do not match raise ``InvalidRecord`` (→ dead-letters), nothing is padded. The sample id is
+``derived_id("assemble", transition id, method)``, so a re-run never duplicates a sample.
+
+The join waits for the sides its method needs (rl: transition + judgement; opd: transition +
+hint; combined: all three) in a state keyed by transition id; once the sample is decided the
+entry keeps only a ``done`` mark, so late duplicates change nothing. Pure: ``on_side`` and
+``assemble``; the faust table is in processors.app.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from processors.dead_letters import validate_sample
+from schemas.events import HintJudged, Method, RewardJudged, SampleReady, TransitionFormed, derived_id
+
+
+class Side(StrEnum):
+    TRANSITION = "transition"
+    JUDGEMENT = "judgement"
+    HINT = "hint"
+
+
+NEEDS: dict[Method, frozenset[Side]] = {
+    Method.RL: frozenset({Side.TRANSITION, Side.JUDGEMENT}),
+    Method.OPD: frozenset({Side.TRANSITION, Side.HINT}),
+    Method.COMBINED: frozenset({Side.TRANSITION, Side.JUDGEMENT, Side.HINT}),
+}
+
+
+class Join(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    transition: TransitionFormed | None = None
+    judgement: RewardJudged | None = None
+    hint: HintJudged | None = None
+    done: bool = False
+
+    def has(self) -> frozenset[Side]:
+        return frozenset(s for s in Side if getattr(self, s.value) is not None)
+
+    def to_table(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_table(cls, value: dict[str, Any] | None) -> "Join | None":
+        return None if value is None else cls.model_validate(value)
+
+
+@dataclass
+class Outcome:
+    sample: SampleReady | None
+    reason: str | None = None
+
+
+@dataclass
+class Step:
+    state: Join | None
+    outputs: list[SampleReady] = field(default_factory=list)
+    note: str | None = None
+
+
+def _teacher(hint: HintJudged | None) -> list[float] | None:
+    if hint is None or hint.accepted_hint is None:
+        return None
+    return hint.teacher_logprobs
+
+
+def _no_hint_reason(hint: HintJudged | None) -> str:
+    if hint is None:
+        return "no hint decision"
+    if hint.accepted_hint is None:
+        return f"hint rejected: {hint.rejected_reason}"
+    return "hint accepted but no teacher logprobs (no teacher engine)"
+
+
+def assemble(transition: TransitionFormed, judgement: RewardJudged | None, hint: HintJudged | None,
+             method: Method) -> Outcome:
+    r = judgement.majority if judgement is not None else 0
+    teacher = _teacher(hint) if method is not Method.RL else None
+    if method is Method.RL:
+        kind, reward, masked = Method.RL, float(r), r == 0
+    elif teacher is not None:
+        kind = Method.COMBINED if (method is Method.COMBINED and r != 0) else Method.OPD
+        reward, masked = float(r if kind is Method.COMBINED else 0), False
+    elif method is Method.COMBINED and r != 0:
+        kind, reward, masked = Method.RL, float(r), False
+    else:
+        why = _no_hint_reason(hint)
+        return Outcome(None, why if method is Method.OPD else f"reward 0 and {why}")
+    turn = transition.turn
+    n = len(turn.response_token_ids)
+    parents = [turn.event_id, transition.event_id]
+    parents += [e.event_id for e in (judgement, hint) if e is not None]
+    sample = SampleReady(
+        event_id=derived_id("assemble", transition.event_id, method.value), parent_ids=parents,
+        tenant=transition.tenant, session_id=transition.session_id, turn_index=transition.turn_index,
+        method=kind, prompt_token_ids=turn.prompt_token_ids, response_token_ids=turn.response_token_ids,
+        loss_mask=[0 if masked else 1] * n, behaviour_logprobs=turn.response_logprobs,
+        teacher_logprobs=teacher, reward=reward, policy_version=turn.policy_version,
+    )
+    validate_sample(sample)
+    return Outcome(sample)
+
+
+def on_side(join: Join | None, side: Side, event: TransitionFormed | RewardJudged | HintJudged,
+            method: Method) -> Step:
+    """Record one side of a transition's join; assemble once the method's sides are in."""
+    join = join or Join()
+    if join.done:
+        return Step(join, note=f"{side.value} after the sample was decided")
+    if side not in NEEDS[method]:
+        return Step(join if join.has() else None, note=f"{side.value} not used by method {method.value}")
+    join = join.model_copy(update={side.value: event})
+    if not NEEDS[method] <= join.has():
+        return Step(join)
+    outcome = assemble(join.transition, join.judgement, join.hint, method)
+    return Step(Join(done=True), [outcome.sample] if outcome.sample else [], outcome.reason)

@@ -1,0 +1,115 @@
+"""Hint: hindsight hint votes, candidate selection and the teacher's scores → HintJudged.
+
+1. The hint judge casts ``hint_votes`` votes at once (processors.judges: ``llm`` or the
+   rule-based ``feedback`` judge whose hint is the user's own correction).
+2. Candidates: votes with score +1 and a hint of at least ``hint_min_chars`` characters.
+   None → HintJudged with ``rejected_reason`` and no teacher call.
+3. Selection (``HintSelection``):
+   - ``LONGEST`` — the longest candidate (the baseline).
+   - ``OVERLAP_SEQUENCE`` — per candidate k the teacher's top-k ids at each response position
+     under the hint-enhanced prompt, against the student's top-k under the original prompt;
+     overlap O[k,t] = |S_student,t ∩ S_teacher,k,t|; pick argmax_k Σ_t O[k,t] (ties → longer).
+   - ``OVERLAP_TOKEN`` — per position the candidate with the largest O[k,t]; the teacher
+     logprob at t comes from that candidate; ``accepted_hint`` is the one chosen most often.
+   With a single candidate there is nothing to choose: it is taken and recorded as LONGEST.
+4. Teacher (processors.teacher): the chosen hint's logprobs of the exact response tokens.
+   Without a teacher (no engine configured) the hint is recorded with no teacher logprobs
+   and assemble counts it as "hint without teacher logprobs".
+
+The overlap math (``overlaps``, ``pick_sequence``, ``pick_tokens``) is pure and import-light.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+from processors.dead_letters import validate_transition
+from processors.judges import HintJudge, raise_if_unreachable
+from processors.teacher import Teacher
+from schemas.events import HintCandidate, HintJudged, HintSelection, HintVote, TransitionFormed, derived_id
+
+
+def candidates(votes: list[HintVote], min_chars: int) -> list[HintCandidate]:
+    """Accepted candidates, longest first (stable, so equal lengths keep vote order)."""
+    found = [HintCandidate(hint=v.hint.strip(), vote_index=v.index)
+             for v in votes if v.score == 1 and v.hint and len(v.hint.strip()) >= min_chars]
+    return sorted(found, key=lambda c: -len(c.hint))
+
+
+def overlaps(student_top: list[list[int]], teacher_top: list[list[int]]) -> list[int]:
+    """|student top-k ∩ teacher top-k| at each response position."""
+    if len(student_top) != len(teacher_top):
+        raise ValueError(f"student top-k covers {len(student_top)} positions, teacher {len(teacher_top)}")
+    return [len(set(s) & set(t)) for s, t in zip(student_top, teacher_top)]
+
+
+def pick_sequence(per_candidate: list[list[int]]) -> int:
+    """Index of the candidate with the largest total overlap; ties go to the earlier (longer)."""
+    totals = [sum(o) for o in per_candidate]
+    return max(range(len(totals)), key=lambda k: (totals[k], -k))
+
+
+def pick_tokens(per_candidate: list[list[int]]) -> list[int]:
+    """Per position, the candidate with the largest overlap (ties → earlier)."""
+    n = len(per_candidate[0])
+    return [max(range(len(per_candidate)), key=lambda k: (per_candidate[k][t], -k)) for t in range(n)]
+
+
+def hints_id(transition: TransitionFormed, judge: HintJudge, selection: HintSelection,
+             teacher: Teacher | None) -> str:
+    who = teacher.policy.value if teacher else "no-teacher"
+    return derived_id("hint", transition.event_id, judge.name, judge.model, judge.version,
+                      selection.value, who)
+
+
+async def judge_hints(transition: TransitionFormed, judge: HintJudge, votes: int, min_chars: int,
+                      selection: HintSelection, teacher: Teacher | None, top_k: int) -> HintJudged:
+    validate_transition(transition)
+    if selection is not HintSelection.LONGEST and teacher is None:
+        raise ValueError(f"hint selection {selection.value} needs a teacher engine")
+    prompt = judge.prompt(transition)
+    start = time.perf_counter()
+    cast = list(await asyncio.gather(*(judge.vote(transition, prompt, i) for i in range(votes))))
+    raise_if_unreachable(cast, f"hint judge {judge.name}/{judge.model} on transition {transition.event_id}")
+    cands = candidates(cast, min_chars)
+    fields = dict(
+        event_id=hints_id(transition, judge, selection, teacher),
+        parent_ids=[transition.event_id, transition.turn.event_id], tenant=transition.tenant,
+        session_id=transition.session_id, turn_index=transition.turn_index,
+        transition_id=transition.event_id, turn_id=transition.turn.event_id,
+        judge_model=judge.model, judge_version=judge.version, prompt_sha256=prompt.sha256,
+        votes=cast,
+    )
+    if not cands:
+        valid = [v for v in cast if v.score is not None]
+        reason = ("no valid hint vote" if not valid else
+                  "no positive vote" if all(v.score != 1 for v in valid) else
+                  f"no positive vote with a hint of at least {min_chars} characters")
+        return HintJudged(**fields, selection=selection, rejected_reason=reason)
+    if len(cands) == 1 or selection is HintSelection.LONGEST:
+        chosen = cands[0]
+        used = HintSelection.LONGEST
+        teacher_lp = version = None
+        if teacher is not None:
+            scores = await teacher.score(transition.turn, chosen.hint)
+            teacher_lp, version = scores.logprobs, scores.policy_version
+        return HintJudged(**fields, candidates=cands, selection=used, accepted_hint=chosen.hint,
+                          teacher_policy=teacher.policy.value if teacher else None,
+                          teacher_policy_version=version, teacher_logprobs=teacher_lp)
+    student = await teacher.student(transition.turn, top_k)
+    scored = await asyncio.gather(*(teacher.score(transition.turn, c.hint, top_k) for c in cands))
+    per = [overlaps(student.top_ids or [], s.top_ids or []) for s in scored]
+    n = max(len(transition.turn.response_token_ids), 1)
+    cands = [c.model_copy(update={"overlap_score": sum(o) / (n * top_k)}) for c, o in zip(cands, per)]
+    if selection is HintSelection.OVERLAP_SEQUENCE:
+        k = pick_sequence(per)
+        teacher_lp, accepted = scored[k].logprobs, cands[k].hint
+    else:
+        picks = pick_tokens(per)
+        teacher_lp = [scored[k].logprobs[t] for t, k in enumerate(picks)]
+        accepted = cands[Counter(picks).most_common(1)[0][0]].hint
+    return HintJudged(**fields, candidates=cands, selection=selection, accepted_hint=accepted,
+                      teacher_policy=teacher.policy.value, teacher_policy_version=scored[0].policy_version,
+                      teacher_logprobs=teacher_lp)

@@ -1,0 +1,215 @@
+"""Sessionize: join each main turn with the next state that followed it → TransitionFormed.
+
+Per session (the Kafka key, so a session's turns and feedback meet in one partition) one
+turn is pending at a time, with the feedback that arrived since its response. It closes:
+
+| what arrives                              | closes as    | next state carried                         |
+|-------------------------------------------|--------------|--------------------------------------------|
+| the next MAIN turn of the session         | NEXT_TURN    | every message after the response (user text, all tool results) + feedback that occurred before that turn |
+| feedback THUMBS / OUTCOME_REWARD / TEST_RESULT | FEEDBACK | that verdict + feedback since              |
+| feedback SESSION_END                      | SESSION_END  | feedback since                             |
+| other feedback (user message, tool/terminal output, GUI change) | stays open | accumulated (parallel tool results all count) |
+| feedback naming a later turn index        | held         | joins that turn when it is read            |
+| nothing for ``transition_timeout_s``       | FEEDBACK if any accumulated, else TIMEOUT | accumulated feedback |
+
+Turns and feedback are two topics, and neither Kafka nor faust orders records across topics:
+while a restarted worker catches up it can read a SESSION_END before the turns that preceded
+it. So a closing verdict only closes once the wiring says the turns of that partition are
+*caught up* to the verdict's time (``caught_up``); until then it waits in the state and the
+periodic check settles it. Feedback is split by event time (``occurred_at``) when the next
+turn arrives: what occurred before it belonged to the previous turn.
+
+SIDE turns never train and never close a transition. A replayed turn (same id as the pending
+one, or an older index) and a duplicate feedback id change nothing. Feedback naming another
+turn index than the pending one (late, for a turn already closed) is not joined: a turn forms
+one transition, so it is trained once; the feedback stays in its topic.
+
+The transition id is ``derived_id("sessionize", turn id)``: reprocessing after a crash gives
+the same id and downstream drops the duplicate. Idle time is processing time
+(``Pending.updated_at``), so a replay of old history does not time out everything at once.
+
+Pure: ``on_turn``, ``on_feedback``, ``on_check`` take the pending state and return the new
+state and the transitions to send. The faust table holding the state lives in processors.app.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from processors.dead_letters import validate_turn
+from schemas.events import (FeedbackKind, FeedbackReceived, NextStateKind, TransitionFormed,
+                            TurnRecorded, TurnType, derived_id)
+
+VERDICTS = {FeedbackKind.THUMBS, FeedbackKind.OUTCOME_REWARD, FeedbackKind.TEST_RESULT}
+CLOSERS = VERDICTS | {FeedbackKind.SESSION_END}
+
+
+class Pending(BaseModel):
+    """The table value: the open turn of a session and what arrived since its response."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    turn: TurnRecorded | None = None  # None: feedback read before any turn of the session
+    feedback: list[FeedbackReceived] = []
+    partition: int = 0
+    updated_at: float = 0.0
+
+    def to_table(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_table(cls, value: dict[str, Any] | None) -> "Pending | None":
+        return None if value is None else cls.model_validate(value)
+
+
+@dataclass
+class Step:
+    state: Pending | None
+    outputs: list[TransitionFormed] = field(default_factory=list)
+    note: str | None = None  # why nothing happened, for counters and logs
+
+
+def next_messages(prev: TurnRecorded, nxt: TurnRecorded) -> list[dict[str, Any]]:
+    """The messages `nxt` sent that `prev` had not: the response itself is skipped, every
+    user text and tool result after it is kept. If the client rewrote history (fewer
+    messages than before), everything after the last assistant message is the next state."""
+    before = json.loads(prev.messages_json)
+    after = json.loads(nxt.messages_json)
+    if len(after) > len(before) and after[:len(before)] == before:
+        rest = after[len(before):]
+        return rest[1:] if rest and rest[0].get("role") == "assistant" else rest
+    for i in range(len(after) - 1, -1, -1):
+        if after[i].get("role") == "assistant":
+            return after[i + 1:]
+    return after
+
+
+def transition_id(turn: TurnRecorded) -> str:
+    return derived_id("sessionize", turn.event_id)
+
+
+def close(pending: Pending, kind: NextStateKind, feedback: list[FeedbackReceived],
+          next_turn: TurnRecorded | None = None) -> TransitionFormed:
+    turn = pending.turn
+    nxt = next_messages(turn, next_turn) if next_turn is not None else []
+    parents = [turn.event_id] + ([next_turn.event_id] if next_turn else []) + [f.event_id for f in feedback]
+    return TransitionFormed(
+        event_id=transition_id(turn), parent_ids=parents, tenant=turn.tenant,
+        session_id=turn.session_id, turn_index=turn.turn_index, turn=turn,
+        next_state_kind=kind, next_messages_json=json.dumps(nxt, ensure_ascii=False),
+        feedback=feedback, next_turn_event_id=next_turn.event_id if next_turn else None,
+    )
+
+
+def _for_turn(f: FeedbackReceived, turn: TurnRecorded) -> bool:
+    """Does `f` belong to `turn`'s next state? By the index it names, else by event time."""
+    if f.turn_index is not None:
+        return f.turn_index == turn.turn_index
+    return f.occurred_at >= turn.occurred_at
+
+
+def _future(f: FeedbackReceived, turn: TurnRecorded) -> bool:
+    """Feedback naming a later turn, read before that turn (cross-topic order)."""
+    return f.turn_index is not None and f.turn_index > turn.turn_index
+
+
+def closing(pending: Pending) -> list[FeedbackReceived]:
+    """Feedback held in the state that must wait until the turns stream has caught up: verdicts
+    for the pending turn, and anything read before its turn."""
+    if pending.turn is None:
+        return list(pending.feedback)
+    return [f for f in pending.feedback if f.kind in CLOSERS and not _future(f, pending.turn)]
+
+
+def _settle(pending: Pending, caught_up: bool, outputs: list[TransitionFormed]) -> Step:
+    if not (closing(pending) and caught_up):
+        return Step(pending, outputs)
+    if pending.turn is None:  # caught up and still no turn: the feedback was for a closed turn
+        return Step(None, outputs, note="feedback with no pending turn")
+    mine = [f for f in pending.feedback if not _future(f, pending.turn)]
+    later = [f for f in pending.feedback if _future(f, pending.turn)]
+    ended = any(f.kind is FeedbackKind.SESSION_END for f in mine)
+    kind = NextStateKind.SESSION_END if ended else NextStateKind.FEEDBACK
+    rest = Pending(feedback=later, partition=pending.partition, updated_at=pending.updated_at) if later else None
+    return Step(rest, [*outputs, close(pending, kind, mine)])
+
+
+def on_turn(pending: Pending | None, turn: TurnRecorded, partition: int, now: float,
+            caught_up: bool = False) -> Step:
+    validate_turn(turn)
+    if turn.turn_type is not TurnType.MAIN:
+        return Step(pending, note="side turn")
+    if pending is not None and pending.turn is not None:
+        if turn.event_id == pending.turn.event_id:
+            return Step(pending, note="turn already pending")
+        if turn.turn_index <= pending.turn.turn_index:
+            return Step(pending, note=f"stale turn index {turn.turn_index} <= {pending.turn.turn_index}")
+    # Held feedback is split: what names this turn (or a later one), or occurred at or after it
+    # with no index, is read early from the other topic and stays; the rest was the previous
+    # turn's next state.
+    held = pending.feedback if pending is not None else []
+    after = [f for f in held if _for_turn(f, turn) or _future(f, turn)]
+    before = [f for f in held if f not in after]
+    outputs = []
+    if pending is not None and pending.turn is not None:
+        outputs.append(close(pending, NextStateKind.NEXT_TURN, before, next_turn=turn))
+    return _settle(Pending(turn=turn, feedback=after, partition=partition, updated_at=now),
+                   caught_up, outputs)
+
+
+def on_feedback(pending: Pending | None, fb: FeedbackReceived, partition: int, now: float,
+                caught_up: bool) -> Step:
+    """`caught_up`: every turn of this partition that occurred before `fb` has been processed
+    (the wiring knows; held feedback waits in the state until it is true)."""
+    if pending is None or pending.turn is None:
+        held = pending.feedback if pending is not None else []
+        if caught_up:
+            return Step(pending, note=f"{fb.kind.value} feedback with no pending turn")
+        if any(f.event_id == fb.event_id for f in held):
+            return Step(pending, note="duplicate feedback")
+        return Step(Pending(feedback=[*held, fb], partition=partition, updated_at=now),
+                    note="feedback held until its turn is read")
+    if fb.turn_index is not None and fb.turn_index < pending.turn.turn_index:
+        return Step(pending, note=f"feedback for turn {fb.turn_index}, pending is {pending.turn.turn_index}")
+    if fb.turn_index is None and fb.occurred_at < pending.turn.occurred_at:
+        return Step(pending, note="feedback older than the pending turn")
+    if any(f.event_id == fb.event_id for f in pending.feedback):
+        return Step(pending, note="duplicate feedback")
+    updated = pending.model_copy(update={"feedback": [*pending.feedback, fb], "updated_at": now})
+    if _future(fb, pending.turn):
+        return Step(updated, note="feedback held until its turn is read")
+    return _settle(updated, caught_up, [])
+
+
+def pending_id(pending: Pending) -> str:
+    """What a periodic check names: the open turn, or '' for feedback still waiting for one."""
+    return pending.turn.event_id if pending.turn is not None else ""
+
+
+def on_check(pending: Pending | None, turn_id: str, now: float, timeout_s: float,
+             caught_up: bool) -> Step:
+    """A periodic check of one session: settle held feedback, or close the turn when idle."""
+    if pending is None or pending_id(pending) != turn_id:
+        return Step(pending, note="check for a turn no longer pending")
+    settled = _settle(pending, caught_up, [])
+    if settled.state is not pending:
+        return settled
+    if now - pending.updated_at < timeout_s:
+        return Step(pending, note="not idle long enough")
+    if pending.turn is None:
+        return Step(None, note="feedback with no turn dropped after the idle timeout")
+    mine = [f for f in pending.feedback if not _future(f, pending.turn)]
+    kind = NextStateKind.FEEDBACK if mine else NextStateKind.TIMEOUT
+    return Step(None, [close(pending, kind, mine)])
+
+
+def idle(pending: Pending, now: float, timeout_s: float) -> bool:
+    return now - pending.updated_at >= timeout_s
+
+
+def needs_check(pending: Pending, now: float, timeout_s: float) -> bool:
+    return bool(closing(pending)) or idle(pending, now, timeout_s)

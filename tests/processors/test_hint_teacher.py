@@ -1,0 +1,128 @@
+"""Hint votes, selection and the teacher's scores, on the real LocalEngine over the tiny model."""
+
+import asyncio
+
+import pytest
+
+from infra.settings import ProcessorSettings, ServingSettings
+from processors.hint import candidates, judge_hints, overlaps, pick_sequence, pick_tokens
+from processors.judges import build_hint_judge
+from processors.judges.prompts import JudgePrompt
+from processors.teacher import HINT_SUFFIX, Teacher, TeacherPolicy, enhanced_messages
+from schemas.events import HintSelection, HintVote
+from tests.processors.helpers import transition
+
+
+def test_candidates_need_a_positive_vote_and_enough_text():
+    votes = [HintVote(index=0, raw_text="", score=1, hint="short"),
+             HintVote(index=1, raw_text="", score=-1, hint="a long but rejected hint"),
+             HintVote(index=2, raw_text="", score=1, hint="  use pathlib for paths  "),
+             HintVote(index=3, raw_text="", score=1, hint="always use pathlib for every path")]
+    assert [(c.vote_index, c.hint) for c in candidates(votes, 11)] == [
+        (3, "always use pathlib for every path"), (2, "use pathlib for paths")]
+
+
+def test_overlap_math():
+    student = [[1, 2, 3], [4, 5, 6]]
+    assert overlaps(student, [[1, 2, 9], [7, 8, 9]]) == [2, 0]
+    per = [[2, 0], [1, 3], [0, 3]]
+    assert pick_sequence(per) == 1            # totals 2, 4, 3
+    assert pick_sequence([[1, 1], [2, 0]]) == 0  # tie → earlier (longer) candidate
+    assert pick_tokens(per) == [0, 1]
+    with pytest.raises(ValueError, match="covers 2 positions"):
+        overlaps(student, [[1]])
+
+
+def test_enhanced_messages_append_to_the_last_user_message():
+    msgs = [{"role": "user", "content": "first"}, {"role": "assistant", "content": "a"},
+            {"role": "user", "content": [{"type": "text", "text": "second"}]}, {"role": "tool", "content": "t"}]
+    out = enhanced_messages(msgs, "use pathlib")
+    assert out[0] == msgs[0] and out[2]["content"][-1]["text"] == HINT_SUFFIX.format(hint="use pathlib")
+    assert msgs[2]["content"] == [{"type": "text", "text": "second"}]  # input untouched
+    assert enhanced_messages([{"role": "system", "content": "s"}], "h")[-1]["role"] == "user"
+
+
+def test_feedback_hint_path_without_teacher():
+    s = ProcessorSettings()
+    judge = build_hint_judge(s, "feedback")
+    ok = asyncio.run(judge_hints(transition("No, I said use pathlib instead"), judge, 1, 11,
+                                 HintSelection.LONGEST, None, 4))
+    assert ok.accepted_hint == "No, I said use pathlib instead" and ok.teacher_logprobs is None
+    assert ok.candidates[0].vote_index == 0 and ok.rejected_reason is None
+    no = asyncio.run(judge_hints(transition("great"), judge, 1, 11, HintSelection.LONGEST, None, 4))
+    assert no.accepted_hint is None and no.rejected_reason == "no positive vote"
+    short = asyncio.run(judge_hints(transition("no"), judge, 1, 11, HintSelection.LONGEST, None, 4))
+    assert short.rejected_reason == "no positive vote with a hint of at least 11 characters"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    from serving.local import LocalEngine
+
+    eng = LocalEngine(ServingSettings(), model_dir=tiny_model_dir)
+    yield eng
+    asyncio.run(eng.close())
+
+
+def _turn_kw(engine):
+    tok = engine.tokenizer
+    msgs = [{"role": "user", "content": "write hello world in python"}]
+    prompt = tok(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False),
+                 add_special_tokens=False)["input_ids"]
+    # Response ids that do not re-tokenize from any text we pass: scoring must use these exactly.
+    response = [40, 41, 42, 43, 44, 45, 200, 201]
+    return dict(prompt_token_ids=prompt, response_token_ids=response, response_logprobs=[-1.0] * 8)
+
+
+def test_teacher_scores_the_exact_response_under_the_hinted_prompt(engine):
+    t = transition("No, use pathlib", **_turn_kw(engine))
+    teacher = Teacher(engine, engine.tokenizer, TeacherPolicy.BASE)
+    ids = teacher.prompt_ids(t.turn, "use pathlib")
+    text = engine.tokenizer.decode(ids)
+    assert "[user's hint / instruction]\nuse pathlib" in text and text.endswith("<|im_start|>assistant\n")
+    got = asyncio.run(teacher.score(t.turn, "use pathlib"))
+    want = asyncio.run(engine.score(ids, t.turn.response_token_ids, base=True))
+    plain = asyncio.run(engine.score(t.turn.prompt_token_ids, t.turn.response_token_ids, base=True))
+    assert got.logprobs == want.logprobs and len(got.logprobs) == 8
+    assert got.logprobs != plain.logprobs  # the hint changed the context
+
+
+class ScriptedHintJudge:
+    """A hint judge that always proposes the same candidates (selection is what is tested)."""
+
+    name, model, version = "scripted", "none", "1"
+
+    def __init__(self, hints):
+        self.hints = hints
+
+    def prompt(self, transition):
+        return JudgePrompt([], "0" * 64)
+
+    async def vote(self, transition, prompt, index):
+        return HintVote(index=index, raw_text="", score=1, hint=self.hints[index])
+
+
+@pytest.mark.parametrize("selection", [HintSelection.OVERLAP_SEQUENCE, HintSelection.OVERLAP_TOKEN])
+def test_overlap_guided_selection(engine, selection):
+    hints = ["use pathlib for every path you build", "write the answer in French please",
+             "print exactly hello world and nothing else"]
+    t = transition("no", **_turn_kw(engine))
+    teacher = Teacher(engine, engine.tokenizer, TeacherPolicy.CURRENT)
+    out = asyncio.run(judge_hints(t, ScriptedHintJudge(hints), 3, 11, selection, teacher, 4))
+    student = asyncio.run(engine.score(t.turn.prompt_token_ids, t.turn.response_token_ids, top_k=4))
+    per = {}
+    for h in hints:
+        sc = asyncio.run(teacher.score(t.turn, h, top_k=4))
+        per[h] = (overlaps(student.top_ids, sc.top_ids), sc.logprobs)
+    n = len(t.turn.response_token_ids)
+    assert {c.hint: c.overlap_score for c in out.candidates} == pytest.approx(
+        {h: sum(o) / (n * 4) for h, (o, _) in per.items()})
+    order = [c.hint for c in out.candidates]  # longest first, as selection sees them
+    if selection is HintSelection.OVERLAP_SEQUENCE:
+        best = order[pick_sequence([per[h][0] for h in order])]
+        assert out.accepted_hint == best and out.teacher_logprobs == pytest.approx(per[best][1])
+    else:
+        picks = pick_tokens([per[h][0] for h in order])
+        assert out.teacher_logprobs == pytest.approx([per[order[k]][1][i] for i, k in enumerate(picks)])
+    assert out.selection is selection and out.teacher_policy == "current"
+    assert len(out.teacher_logprobs) == n

@@ -1,0 +1,139 @@
+"""Sessionize's pure steps: which next state closes a turn, and what it carries."""
+
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from processors.dead_letters import InvalidRecord
+from processors.sessionize import Pending, next_messages, on_check, on_feedback, on_turn, transition_id
+from schemas.events import FeedbackKind, NextStateKind, TurnType
+from tests.processors.helpers import conversation, feedback, turn
+
+
+def test_next_turn_carries_every_message_since_the_response():
+    t0, t1, _ = conversation("s", 3)
+    step = on_turn(None, t0, 1, now=0.0)
+    assert step.outputs == [] and step.state.turn == t0 and step.state.partition == 1
+    step = on_turn(step.state, t1, 1, now=1.0)
+    (tr,) = step.outputs
+    assert tr.next_state_kind is NextStateKind.NEXT_TURN and tr.next_turn_event_id == t1.event_id
+    assert [m["content"] for m in json.loads(tr.next_messages_json)] == [
+        "tool result 0a", "tool result 0b", "thanks, now step 1"]
+    assert tr.event_id == transition_id(t0) and tr.turn == t0
+    assert step.state.turn == t1
+
+
+def test_rewritten_history_falls_back_to_after_last_assistant():
+    a = turn("s", 0, [{"role": "user", "content": "long history"}, {"role": "user", "content": "q"}])
+    b = turn("s", 1, [{"role": "assistant", "content": "summary"}, {"role": "user", "content": "next"}])
+    assert next_messages(a, b) == [{"role": "user", "content": "next"}]
+
+
+def test_verdicts_close_once_turns_caught_up_other_feedback_accumulates():
+    (t0,) = conversation("s", 1)
+    state = on_turn(None, t0, 0, 0.0).state
+    tool_a = feedback("s", FeedbackKind.TOOL_OUTPUT, 0, text="a", exit_code=0)
+    tool_b = feedback("s", FeedbackKind.TOOL_OUTPUT, None, text="b", exit_code=1)
+    state = on_feedback(state, tool_a, 0, 1.0, True).state
+    step = on_feedback(state, tool_b, 0, 2.0, True)
+    assert step.outputs == [] and [f.text for f in step.state.feedback] == ["a", "b"]
+    assert on_feedback(step.state, tool_b, 0, 3.0, True).note == "duplicate feedback"
+    thumbs = feedback("s", FeedbackKind.THUMBS, 0, thumbs=-1)
+    held = on_feedback(step.state, thumbs, 0, 4.0, False)   # turns not caught up: wait
+    assert held.outputs == [] and held.state.feedback[-1] == thumbs
+    assert on_check(held.state, t0.event_id, 5.0, 600, caught_up=False).outputs == []
+    done = on_check(held.state, t0.event_id, 5.0, 600, caught_up=True)
+    (tr,) = done.outputs
+    assert done.state is None and tr.next_state_kind is NextStateKind.FEEDBACK
+    assert [f.kind for f in tr.feedback] == [FeedbackKind.TOOL_OUTPUT] * 2 + [FeedbackKind.THUMBS]
+    (tr2,) = on_feedback(step.state, thumbs, 0, 4.0, True).outputs  # caught up: at once
+    assert tr2 == tr.model_copy(update={"occurred_at": tr2.occurred_at})
+
+
+def test_session_end_read_before_the_turns_that_preceded_it():
+    # Catch-up after a restart: SESSION_END (feedback topic) is read before turns 1 and 2.
+    base = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    t0, t1, t2 = (t.model_copy(update={"occurred_at": base + timedelta(seconds=i)})
+                  for i, t in enumerate(conversation("s", 3)))
+    end = feedback("s", FeedbackKind.SESSION_END, occurred_at=base + timedelta(seconds=3))
+    state = on_turn(None, t0, 0, 0.0).state
+    held = on_feedback(state, end, 0, 1.0, False)
+    assert held.outputs == []
+    s1 = on_turn(held.state, t1, 0, 2.0)            # closes t0 with NEXT_TURN, the end moves on
+    (tr0,) = s1.outputs
+    assert tr0.next_state_kind is NextStateKind.NEXT_TURN and tr0.feedback == []
+    assert s1.state.feedback == [end]
+    s2 = on_turn(s1.state, t2, 0, 3.0, caught_up=True)   # t2 is the last turn: end applies to it
+    tr1, tr2 = s2.outputs
+    assert tr1.turn == t1 and tr1.next_state_kind is NextStateKind.NEXT_TURN
+    assert tr2.turn == t2 and tr2.next_state_kind is NextStateKind.SESSION_END and s2.state is None
+
+
+def test_session_end_and_timeout():
+    (t0,) = conversation("s", 1)
+    state = on_turn(None, t0, 0, 0.0).state
+    (tr,) = on_feedback(state, feedback("s", FeedbackKind.SESSION_END), 0, 1.0, True).outputs
+    assert tr.next_state_kind is NextStateKind.SESSION_END
+    assert on_check(state, t0.event_id, 5.0, 10, False).note == "not idle long enough"
+    (tr,) = on_check(state, t0.event_id, 11.0, 10, False).outputs
+    assert tr.next_state_kind is NextStateKind.TIMEOUT
+    # feedback that does not close the turn restarts the idle clock
+    with_fb = on_feedback(state, feedback("s", FeedbackKind.USER_MESSAGE, text="hm"), 0, 5.0, True).state
+    assert on_check(with_fb, t0.event_id, 11.0, 10, False).outputs == []
+    (tr,) = on_check(with_fb, t0.event_id, 15.0, 10, False).outputs
+    assert tr.next_state_kind is NextStateKind.FEEDBACK and tr.feedback[0].text == "hm"
+    assert on_check(state, "some-other-turn", 99.0, 10, True).outputs == []
+
+
+def test_replays_side_turns_and_stray_feedback_change_nothing():
+    t0, t1 = conversation("s", 2)
+    state = on_turn(None, t0, 0, 0.0).state
+    assert on_turn(state, t0, 0, 1.0).state is state                       # redelivered
+    state1 = on_turn(state, t1, 0, 1.0).state
+    assert on_turn(state1, t0, 0, 2.0).note.startswith("stale turn")      # older index
+    side = turn("s", 5, [], turn_type=TurnType.SIDE)
+    assert on_turn(state1, side, 0, 2.0).state is state1
+    late = on_feedback(state1, feedback("s", FeedbackKind.THUMBS, 0, thumbs=1), 0, 2.0, True)
+    assert late.outputs == [] and late.note.startswith("feedback for turn 0")
+    assert on_feedback(None, feedback("s", FeedbackKind.THUMBS, thumbs=1), 0, 0.0, True).note
+
+
+def test_invalid_turn_is_rejected_with_the_numbers():
+    bad = turn("s", 0, [], n=4, response_logprobs=[-0.1] * 3)
+    with pytest.raises(InvalidRecord, match="4 response tokens but 3 logprobs"):
+        on_turn(None, bad, 0, 0.0)
+
+
+def test_pending_round_trips_through_table_json():
+    t0, = conversation("s", 1)
+    p = on_feedback(on_turn(None, t0, 2, 0.0).state, feedback("s", FeedbackKind.TOOL_OUTPUT, text="x"), 0, 1.0, True).state
+    assert Pending.from_table(json.loads(json.dumps(p.to_table()))) == p
+
+
+def test_feedback_read_before_its_session_turns_is_held():
+    base = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    t0, t1 = (t.model_copy(update={"occurred_at": base + timedelta(seconds=i)})
+              for i, t in enumerate(conversation("s", 2)))
+    end = feedback("s", FeedbackKind.SESSION_END, occurred_at=base + timedelta(seconds=5))
+    held = on_feedback(None, end, 2, 0.0, caught_up=False)
+    assert held.state.turn is None and held.state.partition == 2 and held.outputs == []
+    s0 = on_turn(held.state, t0, 2, 1.0)
+    assert s0.outputs == [] and s0.state.feedback == [end]
+    s1 = on_turn(s0.state, t1, 2, 2.0, caught_up=True)
+    assert [t.next_state_kind for t in s1.outputs] == [NextStateKind.NEXT_TURN, NextStateKind.SESSION_END]
+    # caught up and still no turn: the feedback was for a turn closed long ago
+    assert on_check(held.state, "", 1.0, 600, caught_up=True).state is None
+    assert on_feedback(None, end, 2, 0.0, caught_up=True).state is None
+
+
+def test_feedback_naming_a_later_turn_waits_for_it():
+    t0, t1 = conversation("s", 2)
+    thumbs = feedback("s", FeedbackKind.THUMBS, 1, thumbs=1)
+    state = on_turn(None, t0, 0, 0.0).state
+    held = on_feedback(state, thumbs, 0, 1.0, caught_up=True)  # for turn 1, read before it
+    assert held.outputs == [] and held.note == "feedback held until its turn is read"
+    step = on_turn(held.state, t1, 0, 2.0, caught_up=True)
+    tr0, tr1 = step.outputs
+    assert tr0.turn == t0 and tr0.feedback == [] and tr0.next_state_kind is NextStateKind.NEXT_TURN
+    assert tr1.turn == t1 and tr1.feedback == [thumbs] and tr1.next_state_kind is NextStateKind.FEEDBACK
