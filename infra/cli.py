@@ -186,8 +186,9 @@ def demo(sessions: int = typer.Option(48, help="simulated user sessions (two tur
          concurrency: int = typer.Option(8, help="sessions talking at once"),
          model: Optional[str] = typer.Option(None, help="model; default SmolLM2-135M-Instruct (embedded)"),
          methods: str = typer.Option("combined,rl,opd", help="learner runs, comma-separated; the first is served live"),
-         max_tokens: int = typer.Option(48, help="tokens per answer"),
-         lr: float = typer.Option(2e-4, help="learning rate of the LoRA learners"),
+         personas: str = typer.Option("brief", help="the simulated population: brief, plain, curious, metric"),
+         max_tokens: int = typer.Option(64, help="tokens per answer"),
+         lr: float = typer.Option(1e-3, help="learning rate of the LoRA learners"),
          seed: int = typer.Option(0),
          port: int = typer.Option(30100, help="the demo gateway's port")) -> None:
     """The whole loop on the embedded default, driven by simulated users: a live view, then a
@@ -196,6 +197,7 @@ def demo(sessions: int = typer.Option(48, help="simulated user sessions (two tur
 
     cfg = DemoConfig(model=model, sessions=sessions, concurrency=concurrency, max_tokens=max_tokens,
                      methods=tuple(m.strip() for m in methods.split(",") if m.strip()), lr=lr,
+                     personas=tuple(p.strip() for p in personas.split(",") if p.strip()),
                      seed=seed, port=port)
     try:
         run_demo(load_settings(), cfg, console)

@@ -99,15 +99,18 @@ def normalisation_keys(task_groups: Sequence[str | None], step_indices: Sequence
     """The group each sample is normalised within; None means 'leave this reward alone'.
 
     ``group``: per task group. ``step``: per (task group, step index), the step-wise estimator
-    of the environment tracks. ``none``: no normalisation.
+    of the environment tracks. ``batch``: every sample of the step together, a mean/std
+    baseline for personal-agent traffic that has no task groups. ``none``: no normalisation.
     """
     if mode == "none":
         return [None] * len(task_groups)
+    if mode == "batch":
+        return ["batch"] * len(task_groups)
     if mode == "group":
         return list(task_groups)
     if mode == "step":
         return [None if g is None or s is None else (g, s) for g, s in zip(task_groups, step_indices)]
-    raise ValueError(f"unknown advantage normalisation {mode!r}; known: none, group, step")
+    raise ValueError(f"unknown advantage normalisation {mode!r}; known: none, group, step, batch")
 
 
 def normalise_rewards(rewards: torch.Tensor, keys: Sequence[Hashable | None],

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import shutil
 import socket
 import time
@@ -59,13 +60,24 @@ def init_distributed(device: torch.device) -> Any:
     """
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "RANK" not in os.environ:
+    alone = "RANK" not in os.environ
+    if alone:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
     import deepspeed
 
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl")
+        backend = "gloo" if device.type == "cpu" else "nccl"
+        if alone:
+            # A group of one needs no rendezvous port: a file store cannot race another
+            # learner (or any client socket) for a "free" port between probe and bind.
+            store = tempfile.NamedTemporaryFile(prefix="nextstate-pg-", delete=False)
+            store.close()
+            os.unlink(store.name)
+            deepspeed.init_distributed(dist_backend=backend, init_method=f"file://{store.name}",
+                                       rank=0, world_size=1)
+        else:
+            deepspeed.init_distributed(dist_backend=backend)
     return deepspeed
 
 

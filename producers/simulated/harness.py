@@ -56,12 +56,13 @@ class GatewayUsers:
         await self.client.aclose()
 
     async def chat(self, messages: list[dict], session_id: str, *, turn_type: str = "main",
-                   temperature: float | None = None, seed: int | None = None, done: bool = False) -> Answer:
+                   temperature: float | None = None, seed: int | None = None, done: bool = False,
+                   max_tokens: int | None = None) -> Answer:
         headers = {"X-Session-Id": session_id, "X-Turn-Type": turn_type}
         if done:
             headers["X-Session-Done"] = "1"
         body = {"model": "policy", "messages": self._with_system(messages),
-                "max_completion_tokens": self.max_tokens,
+                "max_completion_tokens": max_tokens or self.max_tokens,
                 "temperature": self.temperature if temperature is None else temperature}
         if seed is not None:
             body["seed"] = seed
@@ -95,11 +96,13 @@ class GatewayUsers:
         await self.client.post(f"/v1/sessions/{sid}/end")
         return SessionResult(persona.name, question, first, reaction.satisfied, closing.satisfied)
 
-    async def probe(self, questions: list[str], personas: list[Persona]) -> ProbeResult:
-        """Greedy first responses to held-out questions, as side turns (never trained on)."""
+    async def probe(self, questions: list[str], personas: list[Persona],
+                    max_tokens: int | None = None) -> ProbeResult:
+        """Greedy first responses to held-out questions, as side turns (never trained on).
+        Give probes more room than training turns: a cut-off answer must not pass for brief."""
         answers = await asyncio.gather(*(
             self.chat([{"role": "user", "content": q}], f"probe-{uuid.uuid4().hex[:10]}",
-                      turn_type="side", temperature=0.0, done=True)
+                      turn_type="side", temperature=0.0, done=True, max_tokens=max_tokens)
             for q in questions))
         texts = [a.text for a in answers]
         return ProbeResult(

@@ -155,5 +155,16 @@ def test_group_and_step_normalisation():
     assert out.tolist() == [pytest.approx(v, abs=1e-5) for v in (1, -1, 1, -1, 0, 0.7)]
     assert normalisation_keys(["a", "a", None], [0, 1, 0], "step") == [("a", 0), ("a", 1), None]
     assert normalise_rewards(rewards, normalisation_keys(groups, [0] * 6, "none")).equal(rewards)
-    with pytest.raises(ValueError, match="unknown advantage normalisation 'batch'"):
-        normalisation_keys(groups, [0] * 6, "batch")
+    with pytest.raises(ValueError, match="unknown advantage normalisation 'episode'"):
+        normalisation_keys(groups, [0] * 6, "episode")
+
+
+def test_batch_normalisation_is_a_mean_baseline_over_the_step():
+    # rewards +1, +1, -1, -1 with groups absent: mean 0, std 1; then 3 of 4 satisfied.
+    flat = normalise_rewards(torch.tensor([1.0, 1.0, -1.0, -1.0]), normalisation_keys([None] * 4, [None] * 4, "batch"))
+    assert flat.tolist() == [pytest.approx(v, abs=1e-5) for v in (1, 1, -1, -1)]
+    skew = normalise_rewards(torch.tensor([1.0, 1.0, 1.0, -1.0]), normalisation_keys([None] * 4, [None] * 4, "batch"))
+    # mean 0.5, std sqrt(0.75): the satisfied ones get a small push, the miss a large one.
+    assert skew.tolist() == [pytest.approx(v, abs=1e-4) for v in (0.57735, 0.57735, 0.57735, -1.73205)]
+    # a step where everyone is satisfied carries no RL gradient
+    assert normalise_rewards(torch.ones(3), ["batch"] * 3).abs().max() < 1e-5

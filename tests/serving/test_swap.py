@@ -110,8 +110,9 @@ async def test_without_keep_base_the_base_is_dropped_after_a_full_swap(tiny_mode
     eng = LocalEngine(ServingSettings(keep_base=False), model_dir=tiny_model_dir)
     try:
         prompt = eng.tokenizer.encode("drop")
+        variant = full_variant(tiny_model_dir, tmp_path / "f", 1)  # built first: it is slow
         first, stream = await started(eng, prompt)
-        await eng.load_weights(str(full_variant(tiny_model_dir, tmp_path / "f", 1)), WeightsKind.FULL, 1)
+        await eng.load_weights(str(variant), WeightsKind.FULL, 1)
         assert eng._base is not None, "a request still runs on the base weights"
         ids, versions = await finish(first, stream)
         assert versions == {0}
