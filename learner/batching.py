@@ -22,11 +22,14 @@ from schemas.events import SampleReady
 
 
 class InvalidSample(LearnerError):
-    """A sample whose arrays disagree, or that lacks what the training method needs."""
+    """A sample whose arrays disagree, or that cannot be trained on at all."""
 
 
-def validate(sample: SampleReady, needs_teacher: bool = False) -> None:
-    """Raise InvalidSample naming the mismatch; silent if the sample can be trained."""
+def validate(sample: SampleReady) -> None:
+    """Raise InvalidSample naming the mismatch; silent if the sample is well formed.
+
+    A well-formed sample that the run's method has no signal for (an RL-only sample in an
+    `opd` run) is not invalid: the feeder skips and counts it (`has_signal`)."""
     sid = sample.event_id[:8]
     n = len(sample.response_token_ids)
     if not sample.prompt_token_ids:
@@ -37,10 +40,13 @@ def validate(sample: SampleReady, needs_teacher: bool = False) -> None:
         values = getattr(sample, name)
         if values is not None and len(values) != n:
             raise InvalidSample(f"sample {sid} has {n} response tokens but {len(values)} {name}")
-    if needs_teacher and sample.teacher_logprobs is None:
-        raise InvalidSample(f"sample {sid} has no teacher_logprobs, which method opd needs")
     if any(m not in (0, 1) for m in sample.loss_mask):
         raise InvalidSample(f"sample {sid} has loss_mask values other than 0/1")
+
+
+def has_signal(sample: SampleReady, needs_teacher: bool) -> bool:
+    """False for a sample without teacher logprobs in a run whose method needs them."""
+    return not needs_teacher or sample.teacher_logprobs is not None
 
 
 def seq_len(sample: SampleReady) -> int:

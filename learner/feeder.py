@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from infra.settings import LearnerSettings
-from learner.batching import Batch, InvalidSample, StepCollector, collate, validate
+from learner.batching import Batch, InvalidSample, StepCollector, collate, has_signal, validate
 from learner.losses import NEEDS_TEACHER
 from learner.sources import Fed, SampleSource
 from learner.staleness import StalenessCounter, Verdict, lag, policy
@@ -67,10 +67,13 @@ class StepFeeder:
                     break
                 continue
             try:
-                validate(fed.sample, self.needs_teacher)
+                validate(fed.sample)
             except InvalidSample as exc:
                 self.on_invalid(fed, exc)
                 step.note(fed, "invalid")
+                continue
+            if not has_signal(fed.sample, self.needs_teacher):
+                step.note(fed, "no_signal")   # valid, just nothing for this method: skip, count
                 continue
             d = lag(current_version, fed.sample.policy_version)
             verdict = self.rule(d, self.ls.max_staleness)

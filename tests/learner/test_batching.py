@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from learner.batching import InvalidSample, StepCollector, collate, pack, validate
+from learner.batching import InvalidSample, StepCollector, collate, has_signal, pack, validate
 from learner.staleness import StalenessCounter, Verdict, lag, policy
 from schemas.events import Method
 from tests.learner.samples import make_sample
@@ -16,8 +16,9 @@ def test_validate_names_the_mismatch():
     bad = good.model_copy(update={"behaviour_logprobs": [-1.0]})
     with pytest.raises(InvalidSample, match="has 3 response tokens but 1 behaviour_logprobs"):
         validate(bad)
-    with pytest.raises(InvalidSample, match="no teacher_logprobs, which method opd needs"):
-        validate(good, needs_teacher=True)
+    # no teacher logprobs is well formed: an opd run skips it, it is not a bad record
+    assert good.teacher_logprobs is None and not has_signal(good, needs_teacher=True)
+    assert has_signal(good, needs_teacher=False)
     with pytest.raises(InvalidSample, match="empty prompt"):
         validate(good.model_copy(update={"prompt_token_ids": []}))
 
