@@ -68,7 +68,11 @@ def download_verified(client: Minio, uri: str, files: list[CheckpointFile], dest
     """
     bucket, prefix = parse_uri(uri)
     dest = Path(dest)
-    if dest.exists() and (dest / ".verified").exists():
+    # The marker names exactly which files were verified: a cached copy of some other
+    # checkpoint that happens to sit at `dest` is fetched anew, never served.
+    stamp = hashlib.sha256("\n".join(sorted(f"{f.path}:{f.sha256}" for f in files)).encode()).hexdigest()
+    marker = dest / ".verified"
+    if marker.exists() and marker.read_text().strip() == stamp:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=dest.parent))
@@ -86,7 +90,7 @@ def download_verified(client: Minio, uri: str, files: list[CheckpointFile], dest
                     f"checkpoint file {uri}{f.path} has sha256 {got[:12]}…, "
                     f"the event says {f.sha256[:12]}…"
                 )
-        (staging / ".verified").touch()
+        (staging / ".verified").write_text(stamp)
         if dest.exists():
             shutil.rmtree(dest)
         staging.rename(dest)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infra.checkpoints import download_verified
+from infra.checkpoints import download_verified, parse_uri
 from infra.kafka import EventConsumer, EventProducer, OnDecodeError, Record
 from schemas.events import CheckpointFile, CheckpointKind, CheckpointPublished, DeadLettered
 from serving.engine import Engine, WeightsKind
@@ -121,7 +121,8 @@ class Reloader:
 
     async def load(self, event: CheckpointPublished, record: Record | None = None) -> Swap:
         files, sub = serving_files(event.files)
-        dest = Path(self.cache_dir) / "checkpoints" / event.run / f"v{event.version:08d}"
+        bucket, prefix = parse_uri(event.uri)  # the uri carries namespace, run and version
+        dest = Path(self.cache_dir) / "checkpoints" / bucket / prefix.strip("/")
         t0 = time.perf_counter()
         swap = Swap(event.version, event.kind.value, ok=False)
         try:
