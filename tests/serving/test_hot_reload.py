@@ -77,7 +77,7 @@ async def test_hot_reload_full_then_lora_under_load(settings, namespace, bucket,
     assert all(o.version in (0, 1) for o in straddling)
     assert {o.version for o in outcomes} >= {0, 1, 2, 4}
     # only weights/ was fetched, never the optimizer state
-    cached = list((tmp_path / "cache" / "checkpoints" / "hot").rglob("*"))
+    cached = list((tmp_path / "cache" / "checkpoints").rglob("*"))
     assert cached and not [p for p in cached if "train_state" in p.parts]
 
     consumer = EventConsumer(s.kafka, registry_client(s.registry), "t-dead-letters", namespace=namespace)
