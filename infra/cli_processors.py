@@ -97,6 +97,38 @@ def replay(stage: str = typer.Argument(..., help="sessionize | judge | hint | as
     except (NextstateError, ValueError) as exc:
         _fail(exc)
     console.print(report.summary())
+    if stage == "judge":
+        print_agreement(settings, settings.kafka.namespace if source is None else source, namespace)
+
+
+def print_agreement(settings, left_ns: str, right_ns: str) -> None:
+    """The table of agreement between two namespaces' reward streams."""
+    from rich.table import Table
+
+    from infra.audit import read_log
+    from processors.compare import SCORES, agreement
+    from schemas.events import RewardJudged
+
+    def judged(ns: str) -> list[RewardJudged]:
+        s = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"namespace": ns})})
+        return [i.event for i in read_log(s, timeout=10.0) if isinstance(i.event, RewardJudged)]
+
+    result = agreement(judged(left_ns), judged(right_ns))
+    table = Table(title=f"reward agreement over {result.pairs} transitions")
+    table.add_column(f"rows: {left_ns} / columns: {right_ns}")
+    for b in SCORES:
+        table.add_column(f"{b:+d}", justify="right")
+    for a in SCORES:
+        table.add_row(f"{a:+d}", *(str(result.table.get((a, b), 0)) for b in SCORES))
+    console.print(table)
+    console.print(f"agree {result.agree:.1%} · Cohen's kappa {result.kappa:.2f} · "
+                  f"judged only in {left_ns}: {result.only_left} · only in {right_ns}: {result.only_right}")
+
+
+def compare(left: str = typer.Argument(..., help="namespace of one reward stream"),
+            right: str = typer.Argument(..., help="namespace of the other")) -> None:
+    """Agreement between the reward streams of two namespaces (e.g. live vs a judge replay)."""
+    print_agreement(load_settings(), left, right)
 
 
 def bench_pipeline(turns: int = typer.Option(300, help="sessions × turns to push through"),
@@ -115,4 +147,5 @@ def bench_pipeline(turns: int = typer.Option(300, help="sessions × turns to pus
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     app.command("process")(process)
     app.command("replay")(replay)
+    app.command("compare")(compare)
     bench_app.command("pipeline")(bench_pipeline)
