@@ -75,9 +75,11 @@ class RegistrySettings(_Section):
     username: str | None = None
     password: SecretStr | None = None
     compatibility: str = "BACKWARD"
+    # Without a timeout one stalled registry read blocks its caller for ever.
+    timeout_s: float = Field(default=30.0, gt=0)
 
     def client_config(self) -> dict[str, Any]:
-        conf: dict[str, Any] = {"url": self.url}
+        conf: dict[str, Any] = {"url": self.url, "timeout": self.timeout_s}
         if self.username:
             secret = self.password.get_secret_value() if self.password else ""
             conf["basic.auth.user.info"] = f"{self.username}:{secret}"

@@ -24,6 +24,11 @@ from schemas.catalog import EventSchema, schema_for
 from schemas.events import EVENT_TYPES, Event
 
 
+# Subjects are `<topic>-value`, said outright: the client's default ("associated" names)
+# asks the registry about every new topic first, an extra round trip that Apicurio answers 404.
+_TOPIC_SUBJECTS = {"subject.name.strategy.type": "TOPIC"}
+
+
 def registry_client(registry: RegistrySettings) -> SchemaRegistryClient:
     return SchemaRegistryClient(registry.client_config())
 
@@ -63,9 +68,10 @@ class EventSerde:
             self.client,
             schema_str,
             to_dict=lambda obj, ctx: obj if isinstance(obj, dict) else obj.to_avro(),
-            conf={"auto.register.schemas": True},
+            conf={"auto.register.schemas": True, **_TOPIC_SUBJECTS},
         )
-        self._de = AvroDeserializer(self.client, schema_str, from_dict=lambda d, ctx: d)
+        self._de = AvroDeserializer(self.client, schema_str, from_dict=lambda d, ctx: d,
+                                    conf=dict(_TOPIC_SUBJECTS))
         self._ctx = SerializationContext(self.topic, MessageField.VALUE)
 
     def serialize(self, event: Event | dict[str, Any]) -> bytes:
