@@ -74,8 +74,10 @@ def init_distributed(device: torch.device) -> Any:
             store = tempfile.NamedTemporaryFile(prefix="nextstate-pg-", delete=False)
             store.close()
             os.unlink(store.name)
-            deepspeed.init_distributed(dist_backend=backend, init_method=f"file://{store.name}",
-                                       rank=0, world_size=1)
+            # Formed here rather than by DeepSpeed, whose CPU path rendezvouses over env://.
+            torch.distributed.init_process_group(backend, init_method=f"file://{store.name}",
+                                                 rank=0, world_size=1)
+            deepspeed.init_distributed(dist_backend=backend)
         else:
             deepspeed.init_distributed(dist_backend=backend)
     return deepspeed
