@@ -64,6 +64,7 @@ class DemoState:
     phase: str = "starting"
     results: list[SessionResult] = field(default_factory=list)
     probes: list[ProbeResult] = field(default_factory=list)
+    probed_after: list[int] = field(default_factory=list)   # interactions done at each probe
     final: dict[str, ProbeResult] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
 
@@ -118,6 +119,7 @@ async def _drive(cfg: DemoConfig, users: GatewayUsers, state: DemoState, live: L
     state.phase = "probing the base policy"
     live.update(_view(state, cfg))
     state.probes.append(await users.probe(probe_qs, personas, cfg.probe_max_tokens))
+    state.probed_after.append(0)
     state.phase = "users talking to the gateway"
     plan = [(personas[i % len(personas)], train[rng.randrange(len(train))]) for i in range(cfg.sessions)]
     for start in range(0, len(plan), cfg.concurrency):
@@ -126,6 +128,7 @@ async def _drive(cfg: DemoConfig, users: GatewayUsers, state: DemoState, live: L
         version = max(r.first.policy_version for r in state.results[-len(batch):])
         if version > state.probes[-1].policy_version:
             state.probes.append(await users.probe(probe_qs, personas, cfg.probe_max_tokens))
+            state.probed_after.append(len(state.results))
         live.update(_view(state, cfg))
 
 
@@ -227,6 +230,7 @@ async def _session_phase(settings: Settings, cfg: DemoConfig, users: GatewayUser
         result = await users.probe(probe_qs, personas, cfg.probe_max_tokens)
         if result.policy_version > state.probes[-1].policy_version:
             state.probes.append(result)
+            state.probed_after.append(len(state.results))
             live.update(_view(state, cfg))
     finally:
         await users.close()
@@ -264,9 +268,8 @@ def _report(cfg: DemoConfig, state: DemoState, out: Path, console: Console) -> N
     table = Table(title="first-response satisfaction on held-out probes")
     for col in ("policy", "interactions before it", "satisfaction", *cfg.personas):
         table.add_column(col, justify="right" if col != "policy" else "left")
-    for p in state.probes:
-        seen = sum(r.first.policy_version < p.policy_version for r in state.results) if p.policy_version else 0
-        table.add_row(f"combined v{p.policy_version}" if p.policy_version else "base", str(seen),
+    for p, seen in zip(state.probes, state.probed_after):
+        table.add_row(f"{cfg.methods[0]} v{p.policy_version}" if p.policy_version else "base", str(seen),
                       f"{p.satisfaction:.3f}", *(f"{p.per_persona[n]:.2f}" for n in cfg.personas))
     console.print(table)
     if state.final:
@@ -288,6 +291,10 @@ def _report(cfg: DemoConfig, state: DemoState, out: Path, console: Console) -> N
     console.print(f"plot: {out / 'satisfaction.png'}")
 
 
+def cfg_name(state: DemoState) -> str:
+    return next(iter(state.final), "first run") if state.final else "first run"
+
+
 def _plot(state: DemoState, path: Path) -> None:
     import matplotlib
 
@@ -302,15 +309,15 @@ def _plot(state: DemoState, path: Path) -> None:
         xs.append(i + 1)
         ys.append(sum(r.first_satisfied for r in chunk) / len(chunk))
     ax.plot(xs, ys, label=f"training interactions: first answer satisfies (rolling {window})")
-    versions = {}
-    for i, r in enumerate(state.results):
-        versions.setdefault(r.first.policy_version, i + 1)
-    px = [versions.get(p.policy_version, 0) for p in state.probes]
-    ax.plot(px, [p.satisfaction for p in state.probes], "o-", label="held-out probes (greedy)")
+    ax.plot(state.probed_after, [p.satisfaction for p in state.probes], "o-",
+            label=f"held-out probes, served policy ({cfg_name(state)})")
+    for i, (method, p) in enumerate(state.final.items()):
+        ax.plot([len(state.results)], [p.satisfaction], "s", markersize=8,
+                label=f"held-out probes, final {method} v{p.policy_version}: {p.satisfaction:.2f}")
     ax.set_xlabel("interaction")
     ax.set_ylabel("satisfaction")
     ax.set_ylim(0, 1)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", fontsize=8)
     ax.set_title("nextstate demo: satisfaction per interaction")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
