@@ -160,7 +160,10 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> DemoState
         "NEXTSTATE_LEARNER__ADV_NORM": "batch",
         "NEXTSTATE_LEARNER__SEED": str(cfg.seed), "PYTHONUNBUFFERED": "1",
     }
-    parts = Parts(out / "parts", {**os.environ, **env})
+    # Each part is its own process group of one: a launcher's variables must not leak in.
+    inherited = {k: v for k, v in os.environ.items()
+                 if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    parts = Parts(out / "parts", {**inherited, **env})
     child_settings = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"namespace": ns})})
     state = DemoState()
     try:

@@ -60,7 +60,9 @@ def init_distributed(device: torch.device) -> Any:
     """
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    alone = "RANK" not in os.environ
+    # A group of one (run by hand, or a child that inherited a parent's variables) never
+    # rendezvouses over a port; only a launcher's WORLD_SIZE > 1 does.
+    alone = os.environ.get("WORLD_SIZE", "1") == "1"
     if alone:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
