@@ -18,13 +18,13 @@ about engines; it never downloads anything.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import importlib.util
 import logging
 import shutil
 import tempfile
 from pathlib import Path
 
+from infra.checkpoints import sha256_file
 from infra.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -52,14 +52,6 @@ def packaged_smollm2_gguf() -> Path:
                       "holds no .gguf file")
 
 
-def file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def is_hf_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
@@ -82,7 +74,7 @@ def resolve_model(spec: str | Path | None, cache_dir: Path) -> Path:
 
 
 def conversion_dir(gguf: Path, cache_dir: Path) -> Path:
-    key = file_digest(gguf)[:16]
+    key = sha256_file(gguf)[:16]
     return Path(cache_dir) / "models" / f"{gguf.stem}-{key}"
 
 
