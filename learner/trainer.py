@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import fields
 import tempfile
 import shutil
 import socket
@@ -136,8 +137,9 @@ class Trainer:
         bf16 = ls.bf16 if ls.bf16 is not None else self.device.type == "cuda"
         self.advantage = advantage_fn(ls.method)
         normalisation_keys([], [], ls.adv_norm)  # fail at start, not at the first step
-        self.loss_cfg = LossConfig(ls.clip_low, ls.clip_high, ls.opd_clip, ls.w_rl, ls.w_opd,
-                                   ls.kl_coef, ls.entropy_coef, ls.tis_cap)
+        # By name: every LossConfig field the settings section carries (all but eps).
+        self.loss_cfg = LossConfig(**{f.name: getattr(ls, f.name) for f in fields(LossConfig)
+                                      if hasattr(ls, f.name)})
         deepspeed = init_distributed(self.device)
         torch.manual_seed(ls.seed)
         try:

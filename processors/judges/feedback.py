@@ -133,32 +133,31 @@ def _prompt(transition: TransitionFormed, rules: Rules, what: str) -> JudgePromp
                        hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest())
 
 
-class FeedbackJudge:
+class _RuleJudge:
+    """What the reward and hint rule judges share: the rule table and its prompt record."""
+
     name = "feedback"
     model = "rules"
+    what = ""
 
     def __init__(self, rules: Rules) -> None:
         self.rules = rules
         self.version = rules.version
 
     def prompt(self, transition: TransitionFormed) -> JudgePrompt:
-        return _prompt(transition, self.rules, "reward")
+        return _prompt(transition, self.rules, self.what)
+
+
+class FeedbackJudge(_RuleJudge):
+    what = "reward"
 
     async def vote(self, transition: TransitionFormed, prompt: JudgePrompt, index: int) -> JudgeVote:
         score, why = decide(transition, self.rules)
         return JudgeVote(index=index, raw_text=f"{why} -> {score:+d}", score=score)
 
 
-class FeedbackHintJudge:
-    name = "feedback"
-    model = "rules"
-
-    def __init__(self, rules: Rules) -> None:
-        self.rules = rules
-        self.version = rules.version
-
-    def prompt(self, transition: TransitionFormed) -> JudgePrompt:
-        return _prompt(transition, self.rules, "hint")
+class FeedbackHintJudge(_RuleJudge):
+    what = "hint"
 
     async def vote(self, transition: TransitionFormed, prompt: JudgePrompt, index: int) -> HintVote:
         corrections = [t for t in user_texts(transition)
