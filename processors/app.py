@@ -106,6 +106,40 @@ class Wiring:
         return runner
 
 
+class StageApp(faust.App):
+    """A faust app whose stream partitions with no committed offset are re-read from the start.
+
+    faust acks and commits per record, and at every rebalance (and whenever ``getmany`` runs
+    while the flow is stopped) it drops the records it had fetched but not yet delivered, then
+    calls ``seek_to_committed`` so the dropped ones are fetched again. aiokafka's
+    ``seek_to_committed`` only moves partitions whose committed offset is > 0; a partition this
+    group has never committed stays at the position the dropped records had advanced it to, and
+    they are never read. That happens to a worker killed before its first commit: its successor
+    recovers the tables, drops what it fetched during recovery and skips it for good. Here such
+    input partitions are reset to the earliest offset instead (the group's
+    ``auto_offset_reset``), which is what a fresh consumer would read; re-reading is harmless,
+    every output id is derived from its input. Changelog partitions are left to faust.
+    """
+
+    stream_topics: frozenset[str] = frozenset()
+
+    def _new_consumer(self) -> Any:
+        consumer = super()._new_consumer()
+        seek_committed = consumer.seek_to_committed
+
+        async def seek_to_committed() -> Any:
+            committed = await seek_committed()
+            never = [tp for tp, offset in committed.items() if not offset and tp.topic in self.stream_topics]
+            if never:
+                log.info("%s: no committed offset for %s, reading them from the start",
+                         self.conf.id, sorted(f"{tp.topic}[{tp.partition}]" for tp in never))
+                await consumer._thread.seek_to_beginning(*never)
+            return committed
+
+        consumer.seek_to_committed = seek_to_committed
+        return consumer
+
+
 def ensure_control_topic(kafka: KafkaSettings, name: str) -> None:
     """The sessionize timeout-request topic: same partitions as the event topics, short-lived."""
     from confluent_kafka.admin import NewTopic
@@ -194,7 +228,7 @@ def build_app(settings: Settings, namespace: str, stage: str, teacher: Teacher |
     s, k = settings.processors, settings.kafka
     ident = app_id(namespace, stage)
     (s.faust_data_dir / ident).mkdir(parents=True, exist_ok=True)
-    app = faust.App(
+    app = StageApp(
         ident, broker=f"kafka://{k.bootstrap_servers}", store="memory://",
         datadir=str(s.faust_data_dir / ident), web_enabled=False, autodiscover=False,
         producer_acks=-1, consumer_auto_offset_reset="earliest",
@@ -207,6 +241,8 @@ def build_app(settings: Settings, namespace: str, stage: str, teacher: Teacher |
     )
     w = Wiring(app, settings, namespace, Serdes(settings, namespace))
     WIRES[stage](w, teacher)
+    app.stream_topics = frozenset(w.inputs(stage)) | (
+        {timeouts_topic(namespace)} if stage == "sessionize" else frozenset())
     return w
 
 

@@ -45,12 +45,6 @@ def raw_send(settings, topic: str, key: bytes, value: bytes) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "known open bug, about 1 run in 8: when the first worker is killed before its first offset "
-    "commit, faust 0.15.3 can drop the records the restarted worker fetched around recovery, "
-    "and its seek_to_committed leaves partitions with no committed offset where they are, so "
-    "they are never re-read. The changelog side (the pending turn) survives; the inputs after "
-    "the kill may not. Tracked in the closing note; the assertions stay as the goal."))
 def test_sessionize_killed_mid_stream_loses_and_duplicates_nothing(settings, registry, namespace,
                                                                    producer, workers):
     sessions = {sid: conversation(sid, 4) for sid in (f"s{i}-{uuid.uuid4().hex[:6]}" for i in range(6))}
