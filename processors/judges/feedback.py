@@ -34,11 +34,24 @@ from infra.settings import ProcessorSettings
 from processors.judges.prompts import JudgePrompt, next_state_text
 from schemas.events import FeedbackKind, HintVote, JudgeVote, TransitionFormed
 
+# People correct an assistant in a few recurring ways; each group below is one of them.
 CORRECTION_PATTERNS = [
+    # outright rejection
     r"^\s*no\b", r"\bno,", r"\bnope\b", r"that'?s (wrong|not (right|it|what))", r"\bwrong\b",
-    r"\bincorrect\b", r"\bi said\b", r"\bplease don'?t\b", r"\bdon'?t do\b", r"\bstop\b",
-    r"not what i (asked|meant|wanted)", r"\btry again\b", r"\bredo\b", r"\binstead\b",
-    r"\byou forgot\b", r"\bshould (have|be)\b",
+    r"\bincorrect\b", r"not what i (asked|meant|wanted)", r"\btry again\b", r"\bredo\b",
+    # repeating or restating an instruction
+    r"\bi said\b", r"\binstead\b", r"\bshould (have|be)\b", r"\bnext time\b", r"\bfrom now on\b",
+    r"\b(always|never) (end|use|start|include|add|write|answer|ask|give|put|keep|reply)\b",
+    # asking for the opposite of what was done
+    r"\bplease don'?t\b", r"\bdon'?t do\b", r"\bstop\b",
+    r"\bplease (keep|use|make|be|write|answer|avoid|end|start|add|remove|include|only|just|stick)\b",
+    r"\bkeep (it|them|your (answers?|replies|responses))\b",
+    # saying what was wrong with it
+    r"\btoo (long|short|much|many|wordy|verbose|vague|complicated|technical|formal|casual)\b",
+    r"\bfar too\b", r"\byou (forgot|didn'?t|did not|never|missed|ignored)\b",
+    # stating a preference the answer did not meet
+    r"\bi('d| would) (like|prefer|rather)\b",
+    r"\bi (only|don'?t|do not|can'?t|cannot) (use|understand|read|want|like|need)\b",
 ]
 APPROVAL_PATTERNS = [
     r"\bthanks?\b", r"\bthank you\b", r"\bperfect\b", r"\bgreat\b", r"\bexactly\b",

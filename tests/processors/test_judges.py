@@ -39,6 +39,38 @@ def test_feedback_rule_table(fb, user, want, rule):
     assert (score, why.split(":")[0]) == (want, rule)
 
 
+@pytest.mark.parametrize("user,want", [
+    ("This is far too wordy for a quick question.", -1),
+    ("Could you please stick to plain text?", -1),
+    ("You missed the part about the deadline.", -1),
+    ("I'd prefer Celsius.", -1),
+    ("From now on answer in French.", -1),
+    ("Keep it short.", -1),
+    ("I can't read tables on my phone.", -1),
+    ("Tell me more about the second point", 0),
+    ("Can you also cover the budget?", 0),
+    ("I don't know, what do you think?", 0),
+    ("Great, always happy to learn something", 1),
+])
+def test_correction_rules_cover_common_phrasings_without_catching_follow_ups(user, want):
+    assert decide(transition(user), RULES)[0] == want
+
+
+def test_every_simulated_reaction_is_legible_to_the_default_rules():
+    # The demo's personas speak like people; the default rules must read their corrections
+    # as corrections (and their hints as hints), or the demo would train on silence.
+    from producers.simulated.personas import PERSONAS
+
+    hint_judge = build_hint_judge(ProcessorSettings(hint_judge="feedback"))
+    for persona in PERSONAS.values():
+        for text in persona.corrections:
+            t = transition(text)
+            assert decide(t, RULES)[0] == -1, text
+            assert asyncio.run(hint_judge.vote(t, hint_judge.prompt(t), 0)).hint == text
+        for text in persona.thanks:
+            assert decide(transition(text), RULES)[0] == 1, text
+
+
 def test_feedback_judge_ignores_injection():
     async def votes(t):
         return (await judge_transition(t, FeedbackJudge(RULES), 3)).majority
