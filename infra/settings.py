@@ -240,6 +240,7 @@ class LearnerSettings(_Section):
     entropy_coef: float = 0.0
     checkpoint_every_steps: int = Field(default=4, ge=1)
     checkpoint_every_s: float = 300.0
+    checkpoint_idle_s: float = Field(default=5.0, gt=0)   # publish unpublished steps once the feed is this quiet
     work_dir: Path = Field(default_factory=lambda: _state_root() / "learner")
     adv_norm: str = "none"
     tis_cap: float = 2.0

@@ -59,6 +59,7 @@ class LearnerLoop:
         self.metrics: dict[str, float] = {}
         self.steps_since_checkpoint = 0
         self.last_checkpoint = time.monotonic()
+        self.last_step = time.monotonic()
 
     def run(self, until: Until) -> RunState:
         state = self.state
@@ -75,6 +76,7 @@ class LearnerLoop:
                 state.step += 1
                 state.samples_trained += sum(len(b.sample_ids) for b in step.batches)
                 self.steps_since_checkpoint += 1
+                self.last_step = time.monotonic()
                 self._record_metrics()
             for fed in step.handled:
                 key = (fed.topic, fed.partition)
@@ -91,10 +93,17 @@ class LearnerLoop:
         return state
 
     def _checkpoint_due(self, idle: bool) -> bool:
+        """Every N steps, every T seconds, and once the feed has been quiet for a while with
+        trained steps unpublished: a caught-up learner must not sit on its latest weights
+        until the next sample happens to arrive."""
         if self.store is None or not self.pending:
             return False
-        overdue = time.monotonic() - self.last_checkpoint >= self.ls.checkpoint_every_s
-        return overdue or (not idle and self.steps_since_checkpoint >= self.ls.checkpoint_every_steps)
+        now = time.monotonic()
+        if now - self.last_checkpoint >= self.ls.checkpoint_every_s:
+            return True
+        if idle:
+            return self.steps_since_checkpoint > 0 and now - self.last_step >= self.ls.checkpoint_idle_s
+        return self.steps_since_checkpoint >= self.ls.checkpoint_every_steps
 
     def checkpoint(self) -> None:
         if self.store is None:

@@ -79,3 +79,36 @@ def test_invalid_sample_is_dead_lettered_and_a_rerun_from_an_offset_is_separate(
     assert all("/live/" in e.uri for e in live_events)
     assert published(settings, registry, namespace, run="live") == live_events
     assert replay.samples_trained == len([i for line in replay_ledger for i in trained_ids(line)])
+
+
+def test_a_caught_up_learner_publishes_its_last_steps_without_waiting_for_more_samples(
+        settings, registry, namespace, bucket, tiny_model_dir, tmp_path):
+    import threading
+
+    from tests.conftest import wait_for
+
+    samples = [make_sample(i) for i in range(3)]
+    producer = EventProducer(settings.kafka, registry, namespace)
+    for s in samples:
+        producer.send(s, key=s.session_id)
+    producer.flush()
+    ls = settings.learner.model_copy(update={
+        "device": "cpu", "lora": True, "lora_rank": 4, "token_budget": 14, "method": "combined",
+        "checkpoint_every_steps": 100, "checkpoint_every_s": 3600.0, "checkpoint_idle_s": 0.5,
+        "fill_timeout_s": 0.2, "bucket": bucket, "work_dir": tmp_path})
+    s = settings.model_copy(update={"learner": ls})
+    until = Until()
+    runner = threading.Thread(target=learn, args=(s,), daemon=True,
+                              kwargs={"run": "idle", "namespace": namespace, "model": str(tiny_model_dir),
+                                      "until": until})
+    runner.start()
+    try:
+        # Neither 100 steps nor an hour: only the quiet feed can make this checkpoint.
+        wait_for(lambda: published(settings, registry, namespace, run="idle"), 120, interval=1.0,
+                 what="a checkpoint published while the learner keeps running")
+        assert runner.is_alive()
+        event = published(settings, registry, namespace, run="idle")[0]
+        assert event.version == 1 and sum(o.offset for o in event.consumed_offsets) == len(samples)
+    finally:
+        until.stop.set()
+        runner.join(60)
