@@ -184,6 +184,8 @@ def ops(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(30080),
 @app.command()
 def demo(sessions: int = typer.Option(48, help="simulated user sessions (two turns each)"),
          concurrency: int = typer.Option(8, help="sessions talking at once"),
+         round_sessions: int = typer.Option(16, help="sessions per round; the next round waits until "
+                                                     "the served run has learned from this one (0: never wait)"),
          model: Optional[str] = typer.Option(None, help="model; default SmolLM2-135M-Instruct (embedded)"),
          methods: str = typer.Option("combined,rl,opd", help="learner runs, comma-separated; the first is served live"),
          personas: str = typer.Option("brief", help="the simulated population: brief, plain, curious, metric"),
@@ -195,7 +197,8 @@ def demo(sessions: int = typer.Option(48, help="simulated user sessions (two tur
     before/after table and a PNG plot of satisfaction per interaction."""
     from infra.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(model=model, sessions=sessions, concurrency=concurrency, max_tokens=max_tokens,
+    cfg = DemoConfig(model=model, sessions=sessions, concurrency=concurrency, round_sessions=round_sessions,
+                     max_tokens=max_tokens,
                      methods=tuple(m.strip() for m in methods.split(",") if m.strip()), lr=lr,
                      personas=tuple(p.strip() for p in personas.split(",") if p.strip()),
                      seed=seed, port=port)

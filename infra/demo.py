@@ -4,9 +4,15 @@ It starts every part as its own process in a fresh namespace (the gateway hostin
 engine with its reloader and the ops view, the faust processors with the no-LLM `feedback`
 judge, and one learner run per method), lets simulated personas talk to the gateway, and
 measures first-response satisfaction on held-out probe questions before training and after
-each checkpoint the gateway swaps in. The gateway serves the `combined` run; the `rl` and
-`opd` runs train on the same sample log side by side and are probed on their final adapters
-at the end. A before/after table and a PNG plot close the run.
+each round of users. The gateway serves the `combined` run; the `rl` and `opd` runs train on
+the same sample log side by side and are probed on their final adapters once they have
+trained on all of it. A before/after table and a PNG plot close the run.
+
+Users come in rounds (``round_sessions``): before the next round starts, the served run has
+trained on everything the last one produced and the gateway serves that checkpoint. On two
+CPU cores one learner step takes longer than a round of conversations, so without rounds the
+served policy would learn almost only from the base model's answers; with a GPU learner that
+keeps up, ``round_sessions=0`` lets users run free.
 
 The judge is the `feedback` judge on purpose: a 135M model is a weak LLM judge, and the
 personas' reactions (corrections, thanks, thumbs) carry the signal plainly. The checkers
@@ -54,6 +60,13 @@ class DemoConfig:
     token_budget: int = 1024        # ~8 samples a step: more, smaller steps than the default
     checkpoint_every_steps: int = 2
     seed: int = 0
+    # Users come in rounds; before the next round they wait (up to round_wait_s) until the
+    # served policy has trained on everything the last round produced, so each round talks
+    # to a policy at most one round behind. On 2 CPU cores the learner is far slower than the
+    # users; without this the served run trains almost only on the base policy's answers.
+    # 0: no rounds, users never wait (what a GPU deployment that keeps up looks like).
+    round_sessions: int = 16
+    round_wait_s: float = 240.0
     port: int = 30100
     out_dir: Path = Path("out/demo")
     settle_timeout_s: float = 240.0
@@ -112,7 +125,8 @@ def _view(state: DemoState, cfg: DemoConfig) -> Table:
     return table
 
 
-async def _drive(cfg: DemoConfig, users: GatewayUsers, state: DemoState, live: Live) -> None:
+async def _drive(settings: Settings, cfg: DemoConfig, users: GatewayUsers, state: DemoState, live: Live,
+                 parts: Parts) -> None:
     rng = random.Random(cfg.seed)
     train, probe_qs = split_questions()
     personas = [PERSONAS[n] for n in cfg.personas]
@@ -120,16 +134,46 @@ async def _drive(cfg: DemoConfig, users: GatewayUsers, state: DemoState, live: L
     live.update(_view(state, cfg))
     state.probes.append(await users.probe(probe_qs, personas, cfg.probe_max_tokens))
     state.probed_after.append(0)
-    state.phase = "users talking to the gateway"
     plan = [(personas[i % len(personas)], train[rng.randrange(len(train))]) for i in range(cfg.sessions)]
-    for start in range(0, len(plan), cfg.concurrency):
-        batch = plan[start:start + cfg.concurrency]
-        state.results += await asyncio.gather(*(users.session(p, q, rng) for p, q in batch))
-        version = max(r.first.policy_version for r in state.results[-len(batch):])
-        if version > state.probes[-1].policy_version:
-            state.probes.append(await users.probe(probe_qs, personas, cfg.probe_max_tokens))
-            state.probed_after.append(len(state.results))
+    size = cfg.round_sessions or len(plan)
+    for first in range(0, len(plan), size):
+        if first:
+            await _await_policy(settings, cfg, users, state, live, parts)
+        state.phase = "users talking to the gateway"
         live.update(_view(state, cfg))
+        for start in range(first, min(first + size, len(plan)), cfg.concurrency):
+            batch = plan[start:min(start + cfg.concurrency, first + size)]
+            state.results += await asyncio.gather(*(users.session(p, q, rng) for p, q in batch))
+            live.update(_view(state, cfg))
+
+
+async def _probe_now(users: GatewayUsers, cfg: DemoConfig, state: DemoState, live: Live) -> None:
+    """Probe the served policy if it changed since the last probe."""
+    if await users.serving_version() <= state.probes[-1].policy_version:
+        return
+    _, probe_qs = split_questions()
+    result = await users.probe(probe_qs, [PERSONAS[n] for n in cfg.personas], cfg.probe_max_tokens)
+    if result.policy_version > state.probes[-1].policy_version:
+        state.probes.append(result)
+        state.probed_after.append(len(state.results))
+    live.update(_view(state, cfg))
+
+
+async def _await_policy(settings: Settings, cfg: DemoConfig, users: GatewayUsers, state: DemoState,
+                        live: Live, parts: Parts, timeout_s: float | None = None) -> None:
+    """Wait until the served run has trained on every sample so far and the gateway serves
+    that checkpoint (or the timeout passes), then probe it."""
+    state.phase = f"waiting for {cfg.methods[0]} to learn from {len(state.results)} interactions"
+    live.update(_view(state, cfg))
+    deadline = time.monotonic() + (cfg.round_wait_s if timeout_s is None else timeout_s)
+    version = None
+    while time.monotonic() < deadline:
+        parts.check()
+        version = version or await asyncio.to_thread(_caught_up, settings, f"demo-{cfg.methods[0]}")
+        if version and await users.serving_version() >= version:
+            break
+        await asyncio.sleep(2)
+    await _probe_now(users, cfg, state, live)
 
 
 def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> DemoState:
@@ -155,6 +199,7 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> DemoState
         "NEXTSTATE_PROCESSORS__FAUST_DATA_DIR": str(out / "faust"),
         "NEXTSTATE_LEARNER__WORK_DIR": str(out / "learner"), "NEXTSTATE_LEARNER__LR": str(cfg.lr),
         "NEXTSTATE_LEARNER__CHECKPOINT_EVERY_STEPS": str(cfg.checkpoint_every_steps),
+        "NEXTSTATE_LEARNER__CHECKPOINT_IDLE_S": "2", "NEXTSTATE_LEARNER__CPU_THREADS": "1",
         "NEXTSTATE_LEARNER__TOKEN_BUDGET": str(cfg.token_budget),
         # A mean/std baseline over each step (measured: RL on raw ±1 learns far slower).
         "NEXTSTATE_LEARNER__ADV_NORM": "batch",
@@ -177,19 +222,31 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> DemoState
                              temperature=cfg.temperature)
         with Live(_view(state, cfg), console=console, refresh_per_second=2) as live:
             asyncio.run(_session_phase(child_settings, cfg, users, state, live, parts))
-            # The other runs trained on the same log; serve each in turn and probe it.
+            # The other runs trained on the same log: each gets a gateway of its own (they load
+            # while the runs finish the log), then all are probed side by side. The served
+            # run's gateway swaps in its last checkpoint by itself.
+            ports = {m: cfg.port + i for i, m in enumerate(cfg.methods)}
+            for method in cfg.methods[1:]:
+                parts.start(f"gateway-{method}", ["gateway"], {
+                    "NEXTSTATE_SERVING__CHECKPOINT_RUN": f"demo-{method}",
+                    "NEXTSTATE_GATEWAY__PORT": str(ports[method]),
+                    "NEXTSTATE_GATEWAY__SPOOL_DIR": str(out / f"spool-{method}")})
+            state.phase = "waiting for the other runs to train on every sample"
+            live.update(_view(state, cfg))
+            others = [f"demo-{m}" for m in cfg.methods[1:]]
+            deadline = time.monotonic() + cfg.settle_timeout_s
+            while others and time.monotonic() < deadline:
+                parts.check()
+                others = [r for r in others if not _caught_up(child_settings, r)]
+                time.sleep(2)
             learners = [f"learner-{m}" for m in cfg.methods]
             parts.stop([n for n in learners if n in parts.records])  # SIGTERM: each finishes its step and publishes a last checkpoint
-            for method in cfg.methods:
-                state.phase = f"probing the final {method} policy"
-                live.update(_view(state, cfg))
-                if "gateway" in parts.records:
-                    parts.stop(["gateway"], grace_s=30)
-                parts.start("gateway", ["gateway"], {"NEXTSTATE_SERVING__CHECKPOINT_RUN": f"demo-{method}"})
-                _wait_healthy(f"http://127.0.0.1:{cfg.port}", parts)
-                users = GatewayUsers(f"http://127.0.0.1:{cfg.port}", key, max_tokens=cfg.max_tokens)
-                state.final[method] = asyncio.run(_probe_loaded(users, cfg))
-                live.update(_view(state, cfg))
+            state.phase = "probing each run's final policy"
+            live.update(_view(state, cfg))
+            for port in ports.values():
+                _wait_healthy(f"http://127.0.0.1:{port}", parts)
+            state.final = asyncio.run(_probe_finals(cfg, key, ports, _final_versions(child_settings, cfg), state))
+            live.update(_view(state, cfg))
         state.phase = "done"
     finally:
         parts.stop()
@@ -197,61 +254,79 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> DemoState
     return state
 
 
-def _caught_up(settings: Settings, run: str, quiet_s: float = 15.0) -> bool:
-    """True when no sample arrived for `quiet_s` and the run's latest checkpoint consumed all."""
+def _caught_up(settings: Settings, run: str, quiet_s: float = 2.0) -> int | None:
+    """The version of `run` that has trained on everything the users said so far, or None.
+
+    Everything: every main turn has become a transition with its reward and hint decisions,
+    no sample arrived for `quiet_s` (the assembler has had its moment), and the run's latest
+    checkpoint consumed every sample offset in the log."""
     from infra.audit import read_log
-    from schemas.events import CheckpointPublished, SampleReady
+    from schemas.events import (CheckpointPublished, HintJudged, RewardJudged, SampleReady, TransitionFormed,
+                                TurnRecorded, TurnType)
 
     log = read_log(settings, timeout=5.0)
+    events = [i.event for i in log]
+    turns = {e.event_id for e in events if isinstance(e, TurnRecorded) and e.turn_type is TurnType.MAIN}
+    transitions = {e.turn.event_id: e.event_id for e in events if isinstance(e, TransitionFormed)}
+    decided = ({e.transition_id for e in events if isinstance(e, RewardJudged)}
+               & {e.transition_id for e in events if isinstance(e, HintJudged)})
+    if not turns <= transitions.keys() or not set(transitions.values()) <= decided:
+        return None
     samples = [i for i in log if isinstance(i.event, SampleReady)]
-    if not samples:
-        return False
-    newest = max(i.event.occurred_at for i in samples).timestamp()
+    if not samples or time.time() - max(i.event.occurred_at for i in samples).timestamp() < quiet_s:
+        return None
     ends: dict[tuple[str, int], int] = {}
     for i in samples:
         ends[(i.topic, i.partition)] = max(ends.get((i.topic, i.partition), 0), i.offset + 1)
-    checkpoints = [i.event for i in log if isinstance(i.event, CheckpointPublished) and i.event.run == run]
-    if not checkpoints or time.time() - newest < quiet_s:
-        return False
+    checkpoints = [e for e in events if isinstance(e, CheckpointPublished) and e.run == run]
+    if not checkpoints:
+        return None
     latest = max(checkpoints, key=lambda c: c.version)
     consumed = {(o.topic, o.partition): o.offset for o in latest.consumed_offsets}
-    return all(consumed.get(k, 0) >= v for k, v in ends.items())
+    return latest.version if all(consumed.get(k, 0) >= v for k, v in ends.items()) else None
 
 
 async def _session_phase(settings: Settings, cfg: DemoConfig, users: GatewayUsers, state: DemoState,
                          live: Live, parts: Parts) -> None:
     try:
-        await _drive(cfg, users, state, live)
-        state.phase = "waiting for the learners to catch up"
-        live.update(_view(state, cfg))
-        deadline = time.monotonic() + cfg.settle_timeout_s
-        _, probe_qs = split_questions()
-        personas = [PERSONAS[n] for n in cfg.personas]
-        while time.monotonic() < deadline and not _caught_up(settings, f"demo-{cfg.methods[0]}"):
-            parts.check()
-            await asyncio.sleep(3)
-        result = await users.probe(probe_qs, personas, cfg.probe_max_tokens)
-        if result.policy_version > state.probes[-1].policy_version:
-            state.probes.append(result)
-            state.probed_after.append(len(state.results))
-            live.update(_view(state, cfg))
+        await _drive(settings, cfg, users, state, live, parts)
+        await _await_policy(settings, cfg, users, state, live, parts, timeout_s=cfg.settle_timeout_s)
     finally:
         await users.close()
 
 
-async def _probe_loaded(users: GatewayUsers, cfg: DemoConfig, timeout_s: float = 120.0) -> ProbeResult:
-    """Probe once the restarted gateway's reloader has swapped in a checkpoint."""
+def _final_versions(settings: Settings, cfg: DemoConfig) -> dict[str, int]:
+    """The last checkpoint version each run published."""
+    from infra.audit import read_log
+    from schemas.events import CheckpointPublished
+
+    latest: dict[str, int] = {}
+    for item in read_log(settings, timeout=5.0):
+        if isinstance(item.event, CheckpointPublished):
+            latest[item.event.run] = max(latest.get(item.event.run, 0), item.event.version)
+    return {m: latest.get(f"demo-{m}", 0) for m in cfg.methods}
+
+
+async def _probe_finals(cfg: DemoConfig, key: str, ports: dict[str, int], versions: dict[str, int],
+                        state: DemoState, timeout_s: float = 120.0) -> dict[str, ProbeResult]:
+    """Probe each run's last checkpoint once its gateway serves it (all gateways at once)."""
     _, probe_qs = split_questions()
     personas = [PERSONAS[n] for n in cfg.personas]
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            result = await users.probe(probe_qs, personas, cfg.probe_max_tokens)
-            if result.policy_version > 0 or time.monotonic() > deadline:
-                return result
-            await asyncio.sleep(2)
-    finally:
-        await users.close()
+
+    async def final(method: str) -> ProbeResult:
+        if method == cfg.methods[0] and state.probes[-1].policy_version == versions[method]:
+            return state.probes[-1]   # the served run's last checkpoint was probed already
+        users = GatewayUsers(f"http://127.0.0.1:{ports[method]}", key, max_tokens=cfg.max_tokens)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while await users.serving_version() < versions[method] and time.monotonic() < deadline:
+                await asyncio.sleep(1)
+            return await users.probe(probe_qs, personas, cfg.probe_max_tokens)
+        finally:
+            await users.close()
+
+    results = await asyncio.gather(*(final(m) for m in cfg.methods))
+    return dict(zip(cfg.methods, results))
 
 
 def _wait_healthy(url: str, parts: Parts, timeout_s: float = 300.0) -> None:

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 
 def test_the_loop_closes(settings, stack, tiny_model_dir, tmp_path):
-    cfg = DemoConfig(model=str(tiny_model_dir), sessions=8, concurrency=4, max_tokens=12,
+    cfg = DemoConfig(model=str(tiny_model_dir), sessions=8, concurrency=4, round_sessions=4, max_tokens=12,
                      methods=("combined", "rl"), lr=1e-3, checkpoint_every_steps=1, port=30187,
                      out_dir=tmp_path, settle_timeout_s=180)
     console = Console(record=True, width=160)
@@ -35,6 +35,9 @@ def test_the_loop_closes(settings, stack, tiny_model_dir, tmp_path):
     assert len(state.results) == 8
     assert state.probes[0].policy_version == 0
     assert state.probes[-1].policy_version >= 1, "the gateway never swapped in a checkpoint"
+    # Two rounds of four: the second round talked to a policy trained on the first.
+    assert 4 in state.probed_after
+    assert all(r.first.policy_version >= 1 for r in state.results[4:])
     assert {m: p.policy_version >= 1 for m, p in state.final.items()} == {"combined": True, "rl": True}
     [out] = list(tmp_path.iterdir())
     assert (out / "satisfaction.png").stat().st_size > 5_000

@@ -77,6 +77,12 @@ class GatewayUsers:
             return [{"role": "system", "content": self.system_prompt}, *messages]
         return messages
 
+    async def serving_version(self) -> int:
+        """The policy version the gateway serves now."""
+        r = await self.client.get("/healthz")
+        r.raise_for_status()
+        return int(r.json().get("policy_version", 0))
+
     async def feedback(self, session_id: str, **fields) -> None:
         r = await self.client.post("/v1/feedback", json={"session_id": session_id, **fields})
         r.raise_for_status()
