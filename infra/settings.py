@@ -221,6 +221,10 @@ class LearnerSettings(_Section):
     method: str = "combined"
     lora: bool | None = None
     device: str = "auto"
+    # torch threads on CPU; None: torch's default (one per core). Several processes sharing the
+    # cores (the demo's three learners beside the engine) go faster with 1 each: OpenMP
+    # threads spin-wait when their cores are taken (see ServingSettings.cpu_threads).
+    cpu_threads: int | None = Field(default=None, ge=1)
     bf16: bool | None = None
     model: str | None = None
     lora_rank: int = 16

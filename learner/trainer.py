@@ -133,6 +133,8 @@ class Trainer:
         self.settings = ls
         self.model_path = Path(model_path)
         self.device = resolve_device(ls.device)
+        if self.device.type == "cpu" and ls.cpu_threads is not None:
+            torch.set_num_threads(ls.cpu_threads)   # process-wide, like the serving engine's
         self.lora = ls.lora if ls.lora is not None else self.device.type == "cpu"
         bf16 = ls.bf16 if ls.bf16 is not None else self.device.type == "cuda"
         self.advantage = advantage_fn(ls.method)
