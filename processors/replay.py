@@ -13,15 +13,16 @@
    the source record's partition. ``--copy-inputs`` also copies the slice into the target's
    input topics, so later stages can run there on their own.
 
-Replay is a bounded batch: the slice is read into memory first (choose --from/--to to fit),
-the idle-timeout scan does not run, and turns still pending at the end are reported, not
-closed. Output ids are derived from their parents, so replaying twice gives the same ids.
+Replay is a bounded batch streamed through memory (``SliceReader``: a few hundred records per
+partition at a time), the idle-timeout scan does not run, and turns still pending at the end
+are reported, not closed. Output ids are derived from their parents, so replaying twice gives the same ids.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -75,44 +76,82 @@ def _bound(consumer: Consumer, tp: TopicPartition, spec: str | None, default_hig
     return high if found.offset < 0 else found.offset
 
 
-def read_slice(settings: Settings, topics: list[str], start: str | None, end: str | None,
-               ranges: dict[str, tuple[int, int]]) -> list:
-    """Every record of `topics` in [start, end), ordered by (timestamp, topic order, offset)."""
-    consumer = Consumer({**settings.kafka.client_config(), "group.id": f"replay-{uuid.uuid4().hex}",
-                         "enable.auto.commit": False, "enable.partition.eof": True,
-                         "fetch.message.max.bytes": settings.kafka.max_message_bytes})
-    try:
-        meta = consumer.list_topics(timeout=10).topics
-        assign, remaining = [], {}
-        for topic in topics:
-            if topic not in meta:
-                raise ValueError(f"source topic {topic!r} does not exist")
-            for p in meta[topic].partitions:
-                tp = TopicPartition(topic, p)
-                lo, hi = _bound(consumer, tp, start, False), _bound(consumer, tp, end, True)
-                ranges[f"{topic}[{p}]"] = (lo, hi)
-                if hi > lo:
-                    assign.append(TopicPartition(topic, p, lo))
-                    remaining[(topic, p)] = hi
-        consumer.assign(assign)
-        out = []
-        while remaining:
-            msg = consumer.poll(1.0)
-            if msg is None or (msg.error() and msg.error().code() == -191):  # partition EOF
-                continue
-            if msg.error():
-                raise ValueError(f"reading {msg.topic()}[{msg.partition()}]: {msg.error()}")
-            tp = (msg.topic(), msg.partition())
-            if tp not in remaining or msg.offset() >= remaining[tp]:
-                continue
-            out.append(msg)
-            if msg.offset() + 1 >= remaining[tp]:
-                del remaining[tp]
-        order = {t: i for i, t in enumerate(topics)}
-        out.sort(key=lambda m: (m.timestamp()[1], order[m.topic()], m.offset()))
-        return out
-    finally:
-        consumer.close()
+class SliceReader:
+    """Every record of `topics` in [start, end), merged by (timestamp, topic order, offset),
+    streamed: per partition the log's order is kept, and a record is handed out only once
+    every partition still open has one buffered, so the merge never guesses. A partition whose
+    buffer holds `buffer_records` is paused until it drains: memory is bounded by the number
+    of partitions, not by the length of the slice."""
+
+    def __init__(self, settings: Settings, topics: list[str], start: str | None, end: str | None,
+                 buffer_records: int = 500) -> None:
+        self.topics, self.buffer_records = topics, buffer_records
+        self.consumer = Consumer({**settings.kafka.client_config(), "group.id": f"replay-{uuid.uuid4().hex}",
+                                  "enable.auto.commit": False, "enable.partition.eof": True,
+                                  "fetch.message.max.bytes": settings.kafka.max_message_bytes})
+        self.ranges: dict[str, tuple[int, int]] = {}
+        self.remaining: dict[tuple[str, int], int] = {}   # open partitions → end offset
+        try:
+            meta = self.consumer.list_topics(timeout=10).topics
+            assign = []
+            for topic in topics:
+                if topic not in meta:
+                    raise ValueError(f"source topic {topic!r} does not exist")
+                for p in meta[topic].partitions:
+                    tp = TopicPartition(topic, p)
+                    lo, hi = _bound(self.consumer, tp, start, False), _bound(self.consumer, tp, end, True)
+                    self.ranges[f"{topic}[{p}]"] = (lo, hi)
+                    if hi > lo:
+                        assign.append(TopicPartition(topic, p, lo))
+                        self.remaining[(topic, p)] = hi
+            self.consumer.assign(assign)
+        except BaseException:
+            self.consumer.close()
+            raise
+        self.total = sum(hi - lo for lo, hi in self.ranges.values())
+
+    def __iter__(self):
+        order = {t: i for i, t in enumerate(self.topics)}
+        buffers: dict[tuple[str, int], deque] = {tp: deque() for tp in self.remaining}
+        paused: set[tuple[str, int]] = set()
+        try:
+            while buffers:
+                if any(not buf for buf in buffers.values()):
+                    self._fill(buffers, paused)
+                    continue
+                tp = min(buffers, key=lambda k: (buffers[k][0].timestamp()[1], order[k[0]],
+                                                 buffers[k][0].offset()))
+                msg = buffers[tp].popleft()
+                if not buffers[tp] and tp not in self.remaining:
+                    del buffers[tp]   # read to its end and handed out
+                elif tp in paused and len(buffers[tp]) < self.buffer_records // 2:
+                    self.consumer.resume([TopicPartition(*tp)])
+                    paused.discard(tp)
+                yield msg
+        finally:
+            self.consumer.close()
+
+    def _fill(self, buffers: dict, paused: set) -> None:
+        msg = self.consumer.poll(1.0)
+        if msg is None:
+            return
+        tp = (msg.topic(), msg.partition())
+        if msg.error() and msg.error().code() == -191:  # partition EOF: nothing left before the end
+            if tp in self.remaining:
+                del self.remaining[tp]
+                if not buffers.get(tp, True):
+                    del buffers[tp]
+            return
+        if msg.error():
+            raise ValueError(f"reading {msg.topic()}[{msg.partition()}]: {msg.error()}")
+        if tp not in self.remaining or msg.offset() >= self.remaining[tp]:
+            return
+        buffers[tp].append(msg)
+        if msg.offset() + 1 >= self.remaining[tp]:
+            del self.remaining[tp]
+        elif len(buffers[tp]) >= self.buffer_records and tp not in paused:
+            self.consumer.pause([TopicPartition(*tp)])
+            paused.add(tp)
 
 
 def run_replay(settings: Settings, stage: str, source: str, target: str, start: str | None = None,
@@ -127,7 +166,8 @@ def run_replay(settings: Settings, stage: str, source: str, target: str, start: 
     src, dst = Serdes(settings, source), Serdes(settings, target)
     inputs = [src.topics[e] for e in TOPOLOGY[stage].inputs]
     report = ReplayReport(stage, source, target)
-    records = read_slice(settings, inputs, start, end, report.ranges)
+    records = SliceReader(settings, inputs, start, end)
+    report.ranges = records.ranges
     producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True, "acks": "all",
                          "linger.ms": 5, "message.max.bytes": settings.kafka.max_message_bytes})
     errors: list[str] = []
@@ -161,17 +201,17 @@ def run_replay(settings: Settings, stage: str, source: str, target: str, start: 
                 produce(dst.topics[src.event_of[m.topic()]], m.key(), m.value(), m.partition())
                 report.copied += 1
             producer.poll(0)
+            report.read += 1
             progress.advance(task)
 
     with Progress(TextColumn(f"replay {stage}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=console or Console(stderr=True)) as progress:
-        task = progress.add_task(stage, total=len(records))
+        task = progress.add_task(stage, total=records.total)
         asyncio.run(go(progress, task))
     if producer.flush(60):
         errors.append("records still undelivered after 60s")
     if errors:
         raise DeliveryError(f"replay of {stage} into {target!r}: " + "; ".join(errors[:5]))
-    report.read = len(records)
     report.counts = dict(runner.counts)
     report.pending = sum(1 for v in state.values() if not (isinstance(v, dict) and v.get("done")))
     return report

@@ -99,3 +99,23 @@ def test_replay_sessionize_by_offsets_with_copied_inputs(settings, registry, nam
     with pytest.raises(ValueError, match="must differ"):
         run_replay(settings, "sessionize", namespace, namespace)
     out.close()
+
+
+def test_slice_reader_streams_a_timestamp_merge_with_small_buffers(settings, namespace):
+    from processors.replay import SliceReader
+
+    topics = [f"{namespace}turns", f"{namespace}feedback"]
+    raw = Producer(settings.kafka.client_config())
+    base = 1_700_000_000_000
+    sent = []
+    for i in range(60):   # rising within each partition, interleaved across topics and partitions
+        topic, partition, ts = topics[i % 2], i % 3, base + 3 * i + (i % 6) * 5 % 13
+        raw.produce(topic, value=f"{i}".encode(), partition=partition, timestamp=ts)
+        sent.append((ts, i % 2, f"{i}"))
+    assert raw.flush(30) == 0
+    reader = SliceReader(settings, topics, None, None, buffer_records=2)   # pauses partitions all the time
+    assert reader.total == 60
+    got = [(m.timestamp()[1], topics.index(m.topic()), m.value().decode()) for m in reader]
+    assert sorted(v for _, _, v in got) == sorted(v for _, _, v in sent)
+    keys = [(ts, t) for ts, t, _ in got]
+    assert keys == sorted(keys)
