@@ -169,7 +169,7 @@ async def _await_policy(settings: Settings, cfg: DemoConfig, users: GatewayUsers
     version = None
     while time.monotonic() < deadline:
         parts.check()
-        version = version or await asyncio.to_thread(_caught_up, settings, f"demo-{cfg.methods[0]}")
+        version = version or await asyncio.to_thread(_caught_up, settings, cfg.methods[0])
         if version and await users.serving_version() >= version:
             break
         await asyncio.sleep(2)
@@ -233,11 +233,11 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> DemoState
                     "NEXTSTATE_GATEWAY__SPOOL_DIR": str(out / f"spool-{method}")})
             state.phase = "waiting for the other runs to train on every sample"
             live.update(_view(state, cfg))
-            others = [f"demo-{m}" for m in cfg.methods[1:]]
+            others = list(cfg.methods[1:])
             deadline = time.monotonic() + cfg.settle_timeout_s
             while others and time.monotonic() < deadline:
                 parts.check()
-                others = [r for r in others if not _caught_up(child_settings, r)]
+                others = [m for m in others if not _caught_up(child_settings, m)]
                 time.sleep(2)
             learners = [f"learner-{m}" for m in cfg.methods]
             parts.stop([n for n in learners if n in parts.records])  # SIGTERM: each finishes its step and publishes a last checkpoint
@@ -254,13 +254,17 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> DemoState
     return state
 
 
-def _caught_up(settings: Settings, run: str, quiet_s: float = 2.0) -> int | None:
-    """The version of `run` that has trained on everything the users said so far, or None.
+def _caught_up(settings: Settings, method: str, quiet_s: float = 2.0) -> int | None:
+    """The version of the method's run that has trained on everything the users said so
+    far, or None.
 
     Everything: every main turn has become a transition with its reward and hint decisions,
     no sample arrived for `quiet_s` (the assembler has had its moment), and the run's latest
-    checkpoint consumed every sample offset in the log."""
+    checkpoint consumed every sample offset in the log that its method trains on (an `opd`
+    run skips samples without teacher logprobs and publishes nothing for them)."""
     from infra.audit import read_log
+    from learner.batching import has_signal
+    from learner.losses import NEEDS_TEACHER
     from schemas.events import (CheckpointPublished, HintJudged, RewardJudged, SampleReady, TransitionFormed,
                                 TurnRecorded, TurnType)
 
@@ -277,8 +281,9 @@ def _caught_up(settings: Settings, run: str, quiet_s: float = 2.0) -> int | None
         return None
     ends: dict[tuple[str, int], int] = {}
     for i in samples:
-        ends[(i.topic, i.partition)] = max(ends.get((i.topic, i.partition), 0), i.offset + 1)
-    checkpoints = [e for e in events if isinstance(e, CheckpointPublished) and e.run == run]
+        if has_signal(i.event, method in NEEDS_TEACHER):
+            ends[(i.topic, i.partition)] = max(ends.get((i.topic, i.partition), 0), i.offset + 1)
+    checkpoints = [e for e in events if isinstance(e, CheckpointPublished) and e.run == f"demo-{method}"]
     if not checkpoints:
         return None
     latest = max(checkpoints, key=lambda c: c.version)
