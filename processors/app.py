@@ -65,7 +65,7 @@ def timeouts_topic(namespace: str) -> str:
 
 @dataclass
 class Wiring:
-    app: faust.App
+    app: StageApp
     settings: Settings
     namespace: str
     serdes: Serdes
@@ -87,6 +87,7 @@ class Wiring:
             await fut  # delivered (acks=all) before this record is acked; see processors.runtime
 
         runner = StageRunner(stage, handler, self.serdes, send, raw_topics=raw_topics)
+        self.app.stream_topics |= frozenset(channel.topics)
 
         async def body(stream: Any) -> None:
             async for event in stream.events():
@@ -121,7 +122,7 @@ class StageApp(faust.App):
     every output id is derived from its input. Changelog partitions are left to faust.
     """
 
-    stream_topics: frozenset[str] = frozenset()
+    stream_topics: frozenset[str] = frozenset()   # what the stage's agents read (Wiring.agent adds them)
 
     def _new_consumer(self) -> Any:
         consumer = super()._new_consumer()
@@ -241,8 +242,6 @@ def build_app(settings: Settings, namespace: str, stage: str, teacher: Teacher |
     )
     w = Wiring(app, settings, namespace, Serdes(settings, namespace))
     WIRES[stage](w, teacher)
-    app.stream_topics = frozenset(w.inputs(stage)) | (
-        {timeouts_topic(namespace)} if stage == "sessionize" else frozenset())
     return w
 
 
