@@ -203,9 +203,11 @@ def demo(sessions: int = typer.Option(48, help="simulated user sessions (two tur
                      personas=tuple(p.strip() for p in personas.split(",") if p.strip()),
                      seed=seed, port=port)
     try:
-        run_demo(load_settings(), cfg, console)
+        state = run_demo(load_settings(), cfg, console)
     except NextstateError as exc:
         fail(exc)
+    if state.failure:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ class DemoState:
     probed_after: list[int] = field(default_factory=list)   # interactions done at each probe
     final: dict[str, ProbeResult] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
+    failure: str | None = None    # what failed, in which phase, and where its logs are
 
 
 class Parts:
@@ -248,10 +249,27 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> DemoState
             state.final = asyncio.run(_probe_finals(cfg, key, ports, _final_versions(child_settings, cfg), state))
             live.update(_view(state, cfg))
         state.phase = "done"
+    except Exception as exc:  # say what failed and keep what was measured (below)
+        state.failure = _describe_failure(exc, state.phase, parts.directory)
     finally:
         parts.stop()
     _report(cfg, state, out, console)
+    if state.failure:
+        console.print(f"[bold red]demo failed[/bold red] {state.failure}", markup=True, highlight=False)
+        console.print(f"what was measured before it is in {out}")
     return state
+
+
+def _describe_failure(exc: Exception, phase: str, logs: Path) -> str:
+    """One paragraph for a person: the error, the phase it struck in, and the parts' logs."""
+    import traceback
+
+    root = str(Path(__file__).resolve().parents[1])
+    ours = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename.startswith(root)]
+    frame = ours[-1] if ours else None   # the last line of our code it passed through
+    at = f" at {Path(frame.filename).relative_to(root)}:{frame.lineno} ({frame.name})" if frame else ""
+    return (f"while {phase}: {type(exc).__name__}: {exc}{at}. "
+            f"Each part's log is in {logs}/<part>.log")
 
 
 def _caught_up(settings: Settings, method: str, quiet_s: float = 2.0) -> int | None:

@@ -175,6 +175,14 @@ class GatewaySettings(_Section):
     # None: detected from the template.
     tool_parser: str | None = None
     default_max_tokens: int = Field(default=256, ge=1)
+    # Seconds an idle keep-alive connection stays open. Kept above what client pools keep an
+    # idle connection (httpx 5 s, Node 4-5 s), so the client gives it up first and never sends
+    # a request into a socket the server is closing. uvicorn's own default, 5 s, equals httpx's:
+    # the race that reset the demo's users.
+    keep_alive_timeout_s: float = Field(default=75.0, gt=0)
+    # Answered request ids remembered per gateway, so a client's retry with the same
+    # X-Request-Id (or Idempotency-Key) gets the first answer and records nothing; 0: off.
+    replay_window: int = Field(default=10_000, ge=0)
 
 
 class ProcessorSettings(_Section):

@@ -16,6 +16,7 @@ import httpx
 import orjson
 
 from infra.errors import ContextLengthError, ServingError
+from infra.http import async_client
 from infra.settings import ServingSettings
 from schemas.events import SamplingParams
 from serving.engine import EngineInfo, Generation, Scores, TokenDelta, WeightsKind, register_engine
@@ -73,8 +74,10 @@ class RemoteEngine:
         loop = id(asyncio.get_running_loop())
         client = self._clients.get(loop)
         if client is None:
-            client = httpx.AsyncClient(base_url=self.url, headers=self._headers(), transport=self._transport,
-                                       timeout=httpx.Timeout(self.settings.request_timeout_s, connect=10.0))
+            # /generate records nothing, so a request lost to a closing idle connection is
+            # safely sent again (infra.http).
+            client = async_client(self.url, headers=self._headers(), transport=self._transport,
+                                  timeout=httpx.Timeout(self.settings.request_timeout_s, connect=10.0))
             self._clients[loop] = client
         return client
 

@@ -127,9 +127,11 @@ def build_app(engine: Engine, settings: ServingSettings) -> FastAPI:
     return app
 
 
-async def serve_http(app: FastAPI, host: str, port: int, stop: "asyncio.Event") -> None:
+async def serve_http(app: FastAPI, host: str, port: int, stop: "asyncio.Event",
+                     keep_alive_timeout_s: float = 75.0) -> None:
     """Serve `app` until `stop` is set. The caller owns SIGINT/SIGTERM (uvicorn's own handling
-    re-raises the signal after shutdown, which would kill the process before it cleans up)."""
+    re-raises the signal after shutdown, which would kill the process before it cleans up).
+    Idle connections stay open longer than our clients keep them (infra.http)."""
     import asyncio
     import contextlib
 
@@ -140,7 +142,8 @@ async def serve_http(app: FastAPI, host: str, port: int, stop: "asyncio.Event") 
         def capture_signals(self):
             yield
 
-    server = Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level="info",
+                                   timeout_keep_alive=keep_alive_timeout_s))
 
     async def watch() -> None:
         await stop.wait()

@@ -37,6 +37,7 @@ from typing import Any
 import httpx
 
 from infra.errors import ContextLengthError, ServingError
+from infra.http import async_client
 from infra.settings import ServingSettings
 from schemas.events import SamplingParams
 from serving.engine import EngineInfo, Generation, Scores, TokenDelta, WeightsKind, register_engine
@@ -140,7 +141,7 @@ class SGLangEngine:
         client = self._clients.get(loop)
         if client is None:
             timeout = httpx.Timeout(self.settings.request_timeout_s, connect=10.0)
-            client = httpx.AsyncClient(base_url=self.url, timeout=timeout, transport=self._transport)
+            client = async_client(self.url, timeout=timeout, transport=self._transport)
             self._clients[loop] = client
         return client
 

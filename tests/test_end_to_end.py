@@ -32,6 +32,7 @@ def test_the_loop_closes(settings, stack, tiny_model_dir, tmp_path):
     console = Console(record=True, width=160)
     state = run_demo(settings, cfg, console)
 
+    assert state.failure is None, state.failure
     assert len(state.results) == 8
     assert state.probes[0].policy_version == 0
     assert state.probes[-1].policy_version >= 1, "the gateway never swapped in a checkpoint"

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from infra.http import async_client
 from infra.settings import ProcessorSettings
 from processors.judges.prompts import JudgePrompt, hint_prompt, reward_prompt
 from processors.voting import parse_final_answer, parse_hint
@@ -49,8 +50,7 @@ class ChatClient:
         # Created lazily inside the running loop (faust and tests each own theirs).
         if self._http is None:
             headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-            self._http = httpx.AsyncClient(base_url=self.url.rstrip("/"), headers=headers,
-                                           timeout=self.timeout_s, transport=self.transport)
+            self._http = async_client(self.url, headers=headers, timeout=self.timeout_s, transport=self.transport)
             self._sem = asyncio.Semaphore(self.concurrency)
         return self._http
 

@@ -8,6 +8,9 @@ Only this module turns errors into status codes: malformed JSON 400, invalid fie
 (the message names each field), bodies over `max_body_bytes` 413 (Content-Length or the
 bytes actually received), a prompt longer than the context 400 `context_length_exceeded`,
 a broken engine 502. Responses carry `X-Policy-Version`, `X-Session-Id`, `X-Request-Id`.
+
+The POST routes take a client's `X-Request-Id` (or `Idempotency-Key`): a retry with the same
+id gets the first answer (`X-Replayed: true`) and records nothing (producers.gateway.replies).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pydantic import ValidationError
 from infra.errors import ContextLengthError, GatewayError, NextstateError, ServingError
 from producers.gateway.auth import bearer
 from producers.gateway.chat import ChatError
+from producers.gateway.replies import ReplayConflict, Reply, client_request_id
 from producers.gateway.service import Gateway, Outcome, Turn
 from producers.gateway.streaming import ClosingStreamingResponse, sse_stream
 from producers.gateway.wire import ChatCompletionRequest, FeedbackRequest, describe, error_body
@@ -177,10 +181,30 @@ def create_app(gw: Gateway, settings: Any = None, namespace: str | None = None,
                                             "owned_by": "nextstate", "max_model_len": info.max_context,
                                             "policy_version": info.policy_version}]}
 
+    async def once(request: Request, tenant: str, produce: Any, streamed: bool = False) -> Response:
+        """Answer a request the client may retry: the same `X-Request-Id` gets the first answer
+        (producers.gateway.replies), and nothing is recorded twice."""
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        try:
+            rid = client_request_id(headers)
+            digest = gw.replies.digest(request.url.path, await request.body())
+            reply, replayed = await gw.replies.once(tenant, rid, digest, produce, streamed=streamed)
+        except ReplayConflict as exc:
+            raise ApiError(exc.status, str(exc), code="request_id_reused") from None
+        except GatewayError as exc:
+            raise ApiError(400, str(exc)) from None
+        if isinstance(reply.body, Response):
+            return reply.body
+        extra = {"X-Replayed": "true"} if replayed else {}
+        return JSONResponse(reply.body, reply.status, headers={**reply.headers, **extra})
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         tenant = tenant_of(request)
         req: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
+        return await once(request, tenant, lambda: _chat(request, tenant, req), streamed=bool(req.stream))
+
+    async def _chat(request: Request, tenant: str, req: ChatCompletionRequest) -> Reply:
         try:
             turn = gw.prepare(req, tenant, {k.lower(): v for k, v in request.headers.items()})
         except ContextLengthError as exc:
@@ -193,8 +217,9 @@ def create_app(gw: Gateway, settings: Any = None, namespace: str | None = None,
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             headers["X-Policy-Version"] = str(gw.engine.info().policy_version)
-            return ClosingStreamingResponse(sse_stream(gw, turn, include_usage), media_type="text/event-stream",
-                                     headers={**headers, "Cache-Control": "no-cache"})
+            return Reply(200, ClosingStreamingResponse(sse_stream(gw, turn, include_usage),
+                                                       media_type="text/event-stream",
+                                                       headers={**headers, "Cache-Control": "no-cache"}), headers)
         try:
             outcome = await gw.complete(turn)
         except ContextLengthError as exc:
@@ -204,23 +229,32 @@ def create_app(gw: Gateway, settings: Any = None, namespace: str | None = None,
             raise ApiError(502 if isinstance(exc, ServingError) else 500, f"engine failed: {exc}",
                            "server_error") from None
         headers["X-Policy-Version"] = str(outcome.policy_version)
-        return JSONResponse(completion_body(gw, turn, outcome), headers=headers)
+        return Reply(200, completion_body(gw, turn, outcome), headers)
 
     @app.post("/v1/feedback")
-    async def feedback(request: Request) -> dict[str, Any]:
+    async def feedback(request: Request) -> Response:
         tenant = tenant_of(request)
         fb: FeedbackRequest = await parse(request, FeedbackRequest)
-        event = await gw.feedback(tenant, fb)
-        return {"event_id": event.event_id, "session_id": event.session_id, "kind": event.kind.value}
+
+        async def record() -> Reply:
+            event = await gw.feedback(tenant, fb)
+            return Reply(200, {"event_id": event.event_id, "session_id": event.session_id,
+                               "kind": event.kind.value}, {})
+
+        return await once(request, tenant, record)
 
     @app.post("/v1/sessions/{session_id}/end")
-    async def end_session(session_id: str, request: Request) -> dict[str, Any]:
+    async def end_session(session_id: str, request: Request) -> Response:
         tenant = tenant_of(request)
         if not re.fullmatch(r"[^\x00-\x1f]{1,256}", session_id):
             raise ApiError(400, f"session id {session_id[:40]!r} is empty, too long or has control characters")
-        event, session = await gw.end_session(tenant, session_id)
-        return {"event_id": event.event_id, "session_id": session_id, "known": session is not None,
-                "turns": session.turns if session else None}
+
+        async def record() -> Reply:
+            event, session = await gw.end_session(tenant, session_id)
+            return Reply(200, {"event_id": event.event_id, "session_id": session_id,
+                               "known": session is not None, "turns": session.turns if session else None}, {})
+
+        return await once(request, tenant, record)
 
     return Edge(app, gw)  # type: ignore[return-value]
 

@@ -80,7 +80,8 @@ def run_gateway(gw: Gateway, host: str, port: int, log_level: str = "info", sett
                 namespace: str | None = None, reload: bool = False, ops: bool = False) -> None:
     try:
         app = create_app(gw, settings, namespace, reload=reload, ops=ops)
-        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
+                    timeout_keep_alive=gw.settings.keep_alive_timeout_s)
     finally:
         gw.spool.close()
 
@@ -91,7 +92,8 @@ class ServerThread:
     def __init__(self, gw: Gateway, host: str = "127.0.0.1", port: int | None = None) -> None:
         self.gw, self.host, self.port = gw, host, port or free_port(host)
         config = uvicorn.Config(create_app(gw), host=self.host, port=self.port, log_level="warning",
-                                access_log=False, lifespan="on")
+                                access_log=False, lifespan="on",
+                                timeout_keep_alive=gw.settings.keep_alive_timeout_s)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, name="gateway-server", daemon=True)
         self.loop: asyncio.AbstractEventLoop | None = None

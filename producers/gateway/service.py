@@ -31,6 +31,7 @@ from producers.gateway.auth import KeyRing
 from producers.gateway.chat import ToolCallParser, normalize_messages, parser_for, render_prompt
 from producers.gateway.decode import Final, TextAssembler
 from producers.gateway.metrics import GatewayMetrics
+from producers.gateway.replies import Replies, client_request_id
 from producers.gateway.sessions import Session, SessionRef, SessionTracker
 from producers.gateway.spool import Spool, SpoolDrainer
 from producers.gateway.wire import ChatCompletionRequest, FeedbackRequest
@@ -92,6 +93,7 @@ class Gateway:
         self.model_name = model_name or settings.served_model_name or Path(engine.info().model).name
         self.parser = parser_for(tokenizer, settings.tool_parser)
         self.sessions = SessionTracker(settings.session_idle_timeout_s)
+        self.replies = Replies(settings.replay_window)
         self.metrics = GatewayMetrics()
         self.metrics.bind(lambda: len(self.sessions), lambda: self.spool.depth,
                           lambda: drainer.delivered if drainer else 0,
@@ -145,7 +147,7 @@ class Gateway:
         session_id, source = _explicit_session(req, headers)
         ref = self.sessions.assign(tenant, messages, session_id, source)
         done = headers.get("x-session-done", "").strip().lower() in ("1", "true", "yes")
-        return Turn(uuid.uuid4().hex, tenant, ref, TurnType(kind), messages, tools, prompt_ids,
+        return Turn(client_request_id(headers) or uuid.uuid4().hex, tenant, ref, TurnType(kind), messages, tools, prompt_ids,
                     params, self.parser if tools else None, done, time.perf_counter())
 
     async def complete(self, turn: Turn) -> Outcome:

@@ -16,8 +16,7 @@ import random
 import uuid
 from dataclasses import dataclass, field
 
-import httpx
-
+from infra.http import async_client
 from producers.simulated.personas import Persona, satisfaction
 
 
@@ -48,8 +47,10 @@ class ProbeResult:
 class GatewayUsers:
     def __init__(self, base_url: str, api_key: str, *, max_tokens: int = 64, temperature: float = 1.0,
                  system_prompt: str | None = None, timeout_s: float = 300.0) -> None:
-        self.client = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout_s,
-                                         headers={"Authorization": f"Bearer {api_key}"})
+        # Pooled connections expire before the gateway closes them, and a request that died
+        # on a connection the server was closing is sent once more with the same request id:
+        # the gateway answers a repeated id with its first answer and records it once.
+        self.client = async_client(base_url, timeout=timeout_s, headers={"Authorization": f"Bearer {api_key}"})
         self.max_tokens, self.temperature, self.system_prompt = max_tokens, temperature, system_prompt
 
     async def close(self) -> None:
@@ -58,7 +59,7 @@ class GatewayUsers:
     async def chat(self, messages: list[dict], session_id: str, *, turn_type: str = "main",
                    temperature: float | None = None, seed: int | None = None, done: bool = False,
                    max_tokens: int | None = None) -> Answer:
-        headers = {"X-Session-Id": session_id, "X-Turn-Type": turn_type}
+        headers = {"X-Session-Id": session_id, "X-Turn-Type": turn_type, "X-Request-Id": uuid.uuid4().hex}
         if done:
             headers["X-Session-Done"] = "1"
         body = {"model": "policy", "messages": self._with_system(messages),
@@ -84,7 +85,8 @@ class GatewayUsers:
         return int(r.json().get("policy_version", 0))
 
     async def feedback(self, session_id: str, **fields) -> None:
-        r = await self.client.post("/v1/feedback", json={"session_id": session_id, **fields})
+        r = await self.client.post("/v1/feedback", json={"session_id": session_id, **fields},
+                                   headers={"X-Request-Id": uuid.uuid4().hex})
         r.raise_for_status()
 
     async def session(self, persona: Persona, question: str, rng: random.Random) -> SessionResult:
@@ -99,7 +101,8 @@ class GatewayUsers:
         closing = persona.react(second.text, rng)
         await self.feedback(sid, kind="thumbs", thumbs=closing.thumbs, text=closing.text,
                             source=f"simulated:{persona.name}")
-        await self.client.post(f"/v1/sessions/{sid}/end")
+        r = await self.client.post(f"/v1/sessions/{sid}/end", headers={"X-Request-Id": uuid.uuid4().hex})
+        r.raise_for_status()
         return SessionResult(persona.name, question, first, reaction.satisfied, closing.satisfied)
 
     async def probe(self, questions: list[str], personas: list[Persona],

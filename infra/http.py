@@ -1,0 +1,74 @@
+"""HTTP clients of our own that survive a server closing an idle keep-alive connection.
+
+A pooled connection that sat idle can be closed by the server at the very moment a client
+sends a request on it; the client then sees a reset (`httpx.ReadError`), "Server
+disconnected without sending a response" (`RemoteProtocolError`) or a failed write, although
+the server never started on the request. Two things keep that race away from our clients:
+
+- the pool forgets idle connections after `KEEPALIVE_EXPIRY_S`, below the keep-alive timeout
+  of the servers we talk to (ours default to 75 s; uvicorn's own default is 5 s), so the
+  client gives a connection up before the server does;
+- `RetryOnFreshConnection` sends a request that failed that way once more, on a connection
+  opened for that one retry (the pool may hold more connections the server just closed).
+
+Retrying is safe where a repeat does no harm twice: the engine's /generate records nothing,
+and the gateway answers a repeated request id (`X-Request-Id`) with the first answer instead
+of recording a second turn. Errors after the response began (a stream cut mid-way) are not
+retried: the server did act on the request.
+
+Knows nothing about any route or payload.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+# Below every server keep-alive we expect (uvicorn 5 s, Node 5 s, nginx 75 s).
+KEEPALIVE_EXPIRY_S = 2.0
+# What a request that never reached a live server looks like from the client.
+NOT_DELIVERED = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+
+class RetryOnFreshConnection(httpx.AsyncBaseTransport):
+    """A pooled transport that sends a request again, once, on a new connection when the
+    first attempt died before any response arrived."""
+
+    def __init__(self, limits: httpx.Limits | None = None, retries: int = 1) -> None:
+        self.limits = limits or httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S)
+        self.pool = httpx.AsyncHTTPTransport(limits=self.limits)
+        self.retries = retries
+        self.retried = 0   # how many requests needed a fresh connection (tests and metrics read it)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await self.pool.handle_async_request(request)
+        except NOT_DELIVERED as first:
+            error: Exception = first
+        for _ in range(self.retries):
+            self.retried += 1
+            fresh = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_keepalive_connections=0))
+            try:
+                # No keep-alive: the connection closes once the response has been read.
+                return await fresh.handle_async_request(request)
+            except NOT_DELIVERED as again:
+                await fresh.aclose()
+                error = again
+        raise error
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
+
+
+def async_client(base_url: str, *, headers: dict[str, str] | None = None, timeout: Any = 60.0,
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 max_connections: int | None = 100) -> httpx.AsyncClient:
+    """An AsyncClient with the expiry and the one retry above; a given `transport` (an ASGI
+    app in tests) is used as it is."""
+    if transport is None:
+        transport = RetryOnFreshConnection(httpx.Limits(max_connections=max_connections,
+                                                        max_keepalive_connections=max_connections,
+                                                        keepalive_expiry=KEEPALIVE_EXPIRY_S))
+    return httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout,
+                             transport=transport)
