@@ -45,6 +45,10 @@ class GatewayError(NextstateError):
     """The recording gateway, SDK or spool refused a request or could not record an event."""
 
 
+class ChatError(NextstateError):
+    """Messages or tools that cannot be rendered into a prompt (serving.chat)."""
+
+
 class ServingError(NextstateError):
     """A serving engine could not load, sample or score as asked."""
 

@@ -1,8 +1,8 @@
 """Teacher: logprobs of the *exact* response tokens under the hint-enhanced context.
 
-The hint is appended to the last user message as ``"\\n\\n[user's hint / instruction]\\n{hint}"``
-(a user message is added if the conversation has none), the prompt is re-rendered with the
-model's chat template (the turn's tools included) into new prompt ids, and the engine scores
+The turn's recorded messages and tools are rendered by serving.chat, the renderer the gateway
+used for the student's prompt, with the hint appended to the last user message (serving.chat's
+``with_hint``), so the teacher's context differs from the student's by the hint alone; the engine scores
 the turn's recorded ``response_token_ids`` as the continuation: the response is never
 re-tokenized. Which policy teaches is configurable and recorded: ``base`` (the frozen base
 weights, ``score(base=True)``) or ``current`` (the policy the engine serves now).
@@ -14,44 +14,19 @@ and the served model's tokenizer; knows nothing about Kafka.
 
 from __future__ import annotations
 
-import copy
-import json
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from infra.errors import ProcessorError
 from schemas.events import TurnRecorded
+from serving.chat import render_turn
 from serving.engine import Engine, Scores
-
-HINT_SUFFIX = "\n\n[user's hint / instruction]\n{hint}"
 
 
 class TeacherPolicy(StrEnum):
     BASE = "base"
     CURRENT = "current"
-
-
-def enhanced_messages(messages: list[dict[str, Any]], hint: str) -> list[dict[str, Any]]:
-    """A copy of `messages` with the hint appended to the last user message."""
-    out = copy.deepcopy(messages)
-    suffix = HINT_SUFFIX.format(hint=hint)
-    for m in reversed(out):
-        if m.get("role") != "user":
-            continue
-        content = m.get("content")
-        if isinstance(content, list):
-            m["content"] = [*content, {"type": "text", "text": suffix}]
-        else:
-            m["content"] = (content or "") + suffix
-        return out
-    out.append({"role": "user", "content": suffix.lstrip()})
-    return out
-
-
-def render_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], tools: list | None) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 @dataclass
@@ -61,9 +36,8 @@ class Teacher:
     policy: TeacherPolicy = TeacherPolicy.BASE
 
     def prompt_ids(self, turn: TurnRecorded, hint: str) -> list[int]:
-        messages = json.loads(turn.messages_json)
-        tools = json.loads(turn.tools_json) if turn.tools_json else None
-        return render_prompt_ids(self.tokenizer, enhanced_messages(messages, hint), tools)
+        """The student's prompt rendered by the same renderer, with the hint added."""
+        return render_turn(self.tokenizer, turn.messages_json, turn.tools_json, hint)
 
     async def score(self, turn: TurnRecorded, hint: str, top_k: int = 0) -> Scores:
         """The teacher's logprob of each recorded response token (and its top-k if asked)."""

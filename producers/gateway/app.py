@@ -26,9 +26,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from infra.errors import ContextLengthError, GatewayError, NextstateError, ServingError
+from infra.errors import ChatError, ContextLengthError, GatewayError, NextstateError, ServingError
 from producers.gateway.auth import bearer
-from producers.gateway.chat import ChatError
 from producers.gateway.replies import ReplayConflict, Reply, client_request_id
 from producers.gateway.service import Gateway, Outcome, Turn
 from producers.gateway.streaming import ClosingStreamingResponse, sse_stream

@@ -1,14 +1,8 @@
-"""Chat messages in, prompt token ids out; model text in, OpenAI `tool_calls` out.
-
-The prompt is rendered ONCE with the tokenizer's own chat template (tools included) and the
-resulting ids are what the engine gets and what a turn records. Message `content` may be a
-string or an array of `{"type": "text"}` parts; parts are joined with "\\n" before rendering
-because most templates only handle strings. `developer` messages render as `system`.
+"""Model text in, OpenAI `tool_calls` out (rendering a conversation is serving.chat's).
 
 Tool calls come back in the syntax of the model family's template. A parser per syntax lives
 in `TOOL_PARSERS` (name -> parser); `parser_for` picks one from the template text unless the
-settings name one. A template that never mentions `tools` gets them described in a system
-message in the hermes syntax, so tools are never silently dropped.
+settings name one.
 
 This module knows no HTTP, engines or Kafka.
 """
@@ -21,105 +15,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from infra.errors import GatewayError
+from infra.errors import ChatError
 
-ROLE_ALIASES = {"developer": "system"}
-ROLES = {"system", "user", "assistant", "tool"}
-
-
-class ChatError(GatewayError):
-    """Messages or tools that cannot be rendered into a prompt."""
-
-
-def text_of(content: Any) -> str:
-    """The text of a message `content`: a string, or the text parts of an array joined."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for i, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind != "text" or not isinstance(part.get("text"), str):
-                raise ChatError(f"content part {i} has type {kind!r}; only "
-                                "{'type': 'text', 'text': ...} parts are supported")
-            texts.append(part["text"])
-        return "\n".join(texts)
-    raise ChatError(f"content must be a string or an array of text parts, not {type(content).__name__}")
-
-
-def _template_arguments(arguments: Any) -> Any:
-    # Templates (Qwen, Llama) expect a mapping and serialise it themselves; OpenAI sends a
-    # JSON string. A string that is not JSON is passed through as the client sent it.
-    if isinstance(arguments, str):
-        try:
-            parsed = json.loads(arguments)
-        except ValueError:
-            return arguments
-        return parsed if isinstance(parsed, dict) else arguments
-    return arguments
-
-
-def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """OpenAI messages -> the plain dicts chat templates expect."""
-    out = []
-    for i, m in enumerate(messages):
-        role = ROLE_ALIASES.get(m.get("role"), m.get("role"))
-        if role not in ROLES:
-            raise ChatError(f"message {i} has role {m.get('role')!r}; expected one of "
-                            f"{sorted(ROLES | set(ROLE_ALIASES))}")
-        msg: dict[str, Any] = {"role": role, "content": text_of(m.get("content"))}
-        if role == "assistant" and m.get("tool_calls"):
-            msg["tool_calls"] = [
-                {"id": c.get("id"), "type": "function",
-                 "function": {"name": c["function"]["name"],
-                              "arguments": _template_arguments(c["function"].get("arguments"))}}
-                for c in m["tool_calls"]
-            ]
-        if role == "tool" and m.get("tool_call_id"):
-            msg["tool_call_id"] = m["tool_call_id"]
-        if m.get("name"):
-            msg["name"] = m["name"]
-        out.append(msg)
-    return out
-
-
-def render_prompt(tokenizer: Any, messages: list[dict[str, Any]],
-                  tools: list[dict[str, Any]] | None) -> list[int]:
-    """Token ids of the prompt: the chat template applied once, with the generation prompt."""
-    if tools and not template_mentions_tools(tokenizer):
-        messages = _with_tools_described(messages, tools)
-        tools = None
-    try:
-        ids = tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
-                                            tokenize=True, return_dict=False)
-    except Exception as exc:  # jinja2 errors raised by the template itself (role order, ...)
-        raise ChatError(f"the model's chat template refused these messages: {exc}") from exc
-    if ids and isinstance(ids[0], list):  # some tokenizers return a batch of one
-        ids = ids[0]
-    return [int(t) for t in ids]
-
-
-def template_mentions_tools(tokenizer: Any) -> bool:
-    template = tokenizer.chat_template
-    if isinstance(template, dict):
-        template = " ".join(template.values())
-    return bool(template) and "tools" in template
-
-
-def _with_tools_described(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    listing = "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in tools)
-    block = ("You can call these functions. To call one, answer with "
-             '<tool_call>{"name": <function name>, "arguments": <arguments object>}</tool_call>.\n'
-             f"<tools>\n{listing}\n</tools>")
-    if messages and messages[0]["role"] == "system":
-        first = dict(messages[0], content=f"{messages[0]['content']}\n\n{block}")
-        return [first, *messages[1:]]
-    return [{"role": "system", "content": block}, *messages]
-
-
-# -- tool-call parsing ----------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class ToolCall:

@@ -28,7 +28,7 @@ import orjson
 from infra.errors import ContextLengthError, GatewayError
 from infra.settings import GatewaySettings
 from producers.gateway.auth import KeyRing
-from producers.gateway.chat import ToolCallParser, normalize_messages, parser_for, render_prompt
+from producers.gateway.chat import ToolCallParser, parser_for
 from producers.gateway.decode import Final, TextAssembler
 from producers.gateway.metrics import GatewayMetrics
 from producers.gateway.replies import Replies, client_request_id
@@ -37,6 +37,7 @@ from producers.gateway.spool import Spool, SpoolDrainer
 from producers.gateway.wire import ChatCompletionRequest, FeedbackRequest
 from schemas.events import (FeedbackKind, FeedbackReceived, SamplingParams, SessionSource, TurnRecorded,
                             TurnType)
+from serving.chat import normalize_messages, render_prompt
 from serving.engine import Engine
 
 log = logging.getLogger(__name__)

@@ -8,8 +8,9 @@ from infra.settings import ProcessorSettings, ServingSettings
 from processors.hint import candidates, judge_hints, overlaps, pick_sequence, pick_tokens
 from processors.judges import build_hint_judge
 from processors.judges.prompts import JudgePrompt
-from processors.teacher import HINT_SUFFIX, Teacher, TeacherPolicy, enhanced_messages
+from processors.teacher import Teacher, TeacherPolicy
 from schemas.events import HintSelection, HintVote
+from serving.chat import HINT_SUFFIX, normalize_messages, with_hint
 from tests.processors.helpers import transition
 
 
@@ -33,13 +34,14 @@ def test_overlap_math():
         overlaps(student, [[1]])
 
 
-def test_enhanced_messages_append_to_the_last_user_message():
-    msgs = [{"role": "user", "content": "first"}, {"role": "assistant", "content": "a"},
-            {"role": "user", "content": [{"type": "text", "text": "second"}]}, {"role": "tool", "content": "t"}]
-    out = enhanced_messages(msgs, "use pathlib")
-    assert out[0] == msgs[0] and out[2]["content"][-1]["text"] == HINT_SUFFIX.format(hint="use pathlib")
-    assert msgs[2]["content"] == [{"type": "text", "text": "second"}]  # input untouched
-    assert enhanced_messages([{"role": "system", "content": "s"}], "h")[-1]["role"] == "user"
+def test_the_hint_is_appended_to_the_last_user_message():
+    msgs = normalize_messages([{"role": "user", "content": "first"}, {"role": "assistant", "content": "a"},
+                               {"role": "user", "content": [{"type": "text", "text": "second"}]},
+                               {"role": "tool", "content": "t"}])
+    out = with_hint(msgs, "use pathlib")
+    assert out[0] == msgs[0] and out[2]["content"] == "second" + HINT_SUFFIX.format(hint="use pathlib")
+    assert msgs[2]["content"] == "second"  # input untouched
+    assert with_hint([{"role": "system", "content": "s"}], "h")[-1]["role"] == "user"
 
 
 def test_feedback_hint_path_without_teacher():

@@ -10,9 +10,9 @@ import httpx
 import openai
 import pytest
 
-from producers.gateway.chat import normalize_messages, render_prompt
 from producers.gateway.server import ServerThread
 from schemas.events import SamplingParams, SessionSource, TurnRecorded, TurnType
+from serving.chat import normalize_messages, render_prompt
 from tests.producers.gateway_fixtures import (engine, keyring, long_engine, long_model_dir,  # noqa: F401
                                               make_gateway, tokenizer)
 from tests.producers.helpers import KEYS, ScriptedEngine

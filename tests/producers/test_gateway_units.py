@@ -9,14 +9,14 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from infra.errors import ConfigError
+from infra.errors import ChatError, ConfigError
 from producers.gateway.auth import KeyRing, bearer, dev_key, hash_key
-from producers.gateway.chat import (TOOL_PARSERS, ChatError, normalize_messages, parser_for,
-                                    render_prompt, text_of)
+from producers.gateway.chat import TOOL_PARSERS, parser_for
 from producers.gateway.decode import TextAssembler
 from producers.gateway.sessions import SessionTracker
 from producers.gateway.wire import ChatCompletionRequest, FeedbackRequest, describe
 from schemas.events import SessionSource
+from serving.chat import normalize_messages, render_prompt, text_of
 
 from tests.producers.gateway_fixtures import tokenizer  # noqa: F401  (fixture)
 from tests.producers.openclaw_shapes import openclaw_request, openclaw_tools
