@@ -64,10 +64,12 @@ def provision(namespace: Optional[str] = typer.Option(None, help="topic prefix; 
               bucket: Optional[str] = typer.Option(None, help="checkpoint bucket; default from settings")) -> None:
     """Create every topic, register every schema, and create the checkpoint bucket."""
     from infra.provision import provision as run
+    from processors.topology import control_topics
 
     try:
         s = load_settings()
-        result = run(s.kafka, s.registry, s.storage, namespace, bucket)
+        ns = s.kafka.namespace if namespace is None else namespace
+        result = run(s.kafka, s.registry, s.storage, ns, bucket, control=control_topics(ns))
     except NextstateError as exc:
         fail(exc)
     for topic, state in result["topics"].items():
@@ -114,6 +116,7 @@ def audit(some_id: str = typer.Argument(..., help="a sample, turn, transition, j
 def up_all(stack: bool = typer.Option(True, help="start the local stack too (off when Kafka etc. run elsewhere)")) -> None:
     """Start every part (stack, engine + gateway, processors, learner) as supervised processes."""
     from infra.provision import provision as run_provision
+    from processors.topology import control_topics
     from infra.stack import up as stack_up
     from infra.supervisor import parts_dir, start_supervisor
 
@@ -121,7 +124,7 @@ def up_all(stack: bool = typer.Option(True, help="start the local stack too (off
         s = load_settings()
         if stack:
             stack_up(s.stack, s.storage)
-        run_provision(s.kafka, s.registry, s.storage)
+        run_provision(s.kafka, s.registry, s.storage, control=control_topics(s.kafka.namespace))
     except NextstateError as exc:
         fail(exc)
     pid = start_supervisor(s)

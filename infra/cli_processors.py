@@ -18,7 +18,6 @@ from infra.errors import NextstateError
 from infra.settings import load_settings
 
 console = Console()
-STAGES = ("sessionize", "judge", "hint", "assemble")
 
 
 def _fail(exc: Exception) -> None:
@@ -26,7 +25,13 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(1)
 
 
-def process(stage: str = typer.Argument(..., help="sessionize | judge | hint | assemble | all"),
+def _stage_names() -> list[str]:
+    from processors.topology import BY_NAME
+
+    return list(BY_NAME)
+
+
+def process(stage: str = typer.Argument(..., help="a stage of `nextstate topology`, or all"),
             namespace: Optional[str] = typer.Option(None, help="topic prefix; default from settings"),
             loglevel: str = typer.Option("warning", help="faust/worker log level")) -> None:
     """Run one stream processor stage as a faust worker, or every stage (one process each)."""
@@ -34,13 +39,17 @@ def process(stage: str = typer.Argument(..., help="sessionize | judge | hint | a
     ns = settings.kafka.namespace if namespace is None else namespace
     if stage == "all":
         raise typer.Exit(_run_all(ns, loglevel))
-    if stage not in STAGES:
-        _fail(ValueError(f"no stage named {stage!r}; known: {', '.join(STAGES)} or all"))
+    from processors.topology import stage as stage_spec
+
+    try:
+        spec = stage_spec(stage)
+    except ValueError as exc:
+        _fail(ValueError(f"{exc} or all"))
     from processors.app import run_worker
     from processors.teacher import build_teacher
 
     try:
-        teacher = build_teacher(settings) if stage == "hint" else None
+        teacher = build_teacher(settings) if spec.teacher else None
         run_worker(settings, ns, stage, teacher, loglevel)
     except NextstateError as exc:
         _fail(exc)
@@ -50,7 +59,7 @@ def _run_all(namespace: str, loglevel: str) -> int:
     """One worker process per stage; stop them all when one exits or on SIGINT/SIGTERM."""
     procs = [subprocess.Popen([sys.executable, "-m", "infra.cli", "process", stage,
                                "--namespace", namespace, "--loglevel", loglevel])
-             for stage in STAGES]
+             for stage in _stage_names()]
 
     def stop(*_: object) -> None:
         for p in procs:
@@ -77,7 +86,21 @@ def _run_all(namespace: str, loglevel: str) -> int:
     return code
 
 
-def replay(stage: str = typer.Argument(..., help="sessionize | judge | hint | assemble"),
+def topology() -> None:
+    """The processors' stages: what each reads, writes and keeps (processors.topology)."""
+    from rich.table import Table
+
+    from processors.topology import describe
+
+    table = Table(title="processor stages (each its own consumer group)")
+    for col in ("stage", "reads", "writes", "notes"):
+        table.add_column(col)
+    for row in describe():
+        table.add_row(*row)
+    console.print(table)
+
+
+def replay(stage: str = typer.Argument(..., help="a stage of `nextstate topology`"),
            namespace: str = typer.Option(..., help="the replay namespace to write into (provisioned)"),
            source: Optional[str] = typer.Option(None, "--source", help="live namespace to read; default from settings"),
            start: Optional[str] = typer.Option(None, "--from", help="offset (int) or time (ISO 8601); default: the beginning"),
@@ -146,6 +169,7 @@ def bench_pipeline(turns: int = typer.Option(300, help="sessions × turns to pus
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     app.command("process")(process)
+    app.command("topology")(topology)
     app.command("replay")(replay)
     app.command("compare")(compare)
     bench_app.command("pipeline")(bench_pipeline)

@@ -47,12 +47,14 @@ def up(provision: bool = typer.Option(True, help="create topics, schemas and the
     """Install (once per machine) and start Kafka, the schema registry and MinIO; wait until
     healthy; then provision the default namespace."""
     from infra.provision import provision as run_provision
+    from processors.topology import control_topics
     from infra.stack import up as stack_up
 
     try:
         s = load_settings()
         statuses = stack_up(s.stack, s.storage, progress=lambda line: err_console.print(f"[dim]{line}[/dim]"))
-        provisioned = run_provision(s.kafka, s.registry, s.storage) if provision else None
+        provisioned = (run_provision(s.kafka, s.registry, s.storage, control=control_topics(s.kafka.namespace))
+                       if provision else None)
     except NextstateError as exc:
         _fail(exc)
     print_status(statuses)

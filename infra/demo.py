@@ -179,6 +179,7 @@ async def _await_policy(settings: Settings, cfg: DemoConfig, users: GatewayUsers
 
 def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> DemoState:
     from infra.provision import provision
+    from processors.topology import control_topics
     from infra.stack import up
     from serving.models import resolve_model
 
@@ -187,7 +188,7 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> DemoState
     out.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]nextstate demo[/bold] · namespace {ns} · output in {out}")
     up(settings.stack, settings.storage)
-    provision(settings.kafka, settings.registry, settings.storage, ns)
+    provision(settings.kafka, settings.registry, settings.storage, ns, control=control_topics(ns))
     model = str(resolve_model(cfg.model, settings.serving.cache_dir))
     key = "demo-" + secrets.token_urlsafe(16)
     env = {

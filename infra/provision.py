@@ -1,6 +1,8 @@
 """Provisioning: every topic of the event log, the schemas, and the checkpoint bucket.
 
 The event topics are the event store, so by default nothing is deleted by time or size.
+Control topics (raw timer requests of the stages, named by the caller from
+processors.topology) are kept a day.
 Provisioning is idempotent: existing topics are checked (partitions grown if asked for,
 configs brought in line), existing subjects get the same schema back under BACKWARD
 compatibility. A namespace other than the default provisions a separate set for replays.
@@ -8,6 +10,7 @@ compatibility. A namespace other than the default provisions a separate set for 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from confluent_kafka.admin import (
@@ -51,15 +54,25 @@ def topic_plan(kafka: KafkaSettings, namespace: str | None = None) -> list[Topic
     ]
 
 
+def control_plans(kafka: KafkaSettings, names: Sequence[str]) -> list[TopicPlan]:
+    """Raw control topics (a stage's timer requests, processors.topology): never replayed, kept a day."""
+    return [TopicPlan(name, kafka.partitions, {"retention.ms": str(24 * 3600 * 1000)}) for name in names]
+
+
 def admin_client(kafka: KafkaSettings) -> AdminClient:
     return AdminClient(kafka.client_config())
 
 
-def provision_topics(kafka: KafkaSettings, namespace: str | None = None,
+def provision_topics(kafka: KafkaSettings, namespace: str | None = None, control: Sequence[str] = (),
                      timeout: float = 30.0) -> dict[str, str]:
-    """Create or reconcile every topic; returns topic -> 'created' | 'exists'."""
+    """Create or reconcile every event topic and the given control topics (full names);
+    returns topic -> 'created' | 'exists'."""
+    return ensure_topics(kafka, topic_plan(kafka, namespace) + control_plans(kafka, control), timeout)
+
+
+def ensure_topics(kafka: KafkaSettings, plans: list[TopicPlan], timeout: float = 30.0) -> dict[str, str]:
+    """Create the planned topics that are missing; grow and reconcile the ones that exist."""
     admin = admin_client(kafka)
-    plans = topic_plan(kafka, namespace)
     try:
         existing = admin.list_topics(timeout=timeout).topics
     except Exception as exc:
@@ -110,8 +123,9 @@ def provision_schemas(kafka: KafkaSettings, registry: RegistrySettings,
 
 
 def provision(kafka: KafkaSettings, registry: RegistrySettings, storage: StorageSettings,
-              namespace: str | None = None, bucket: str | None = None) -> dict[str, object]:
-    topics = provision_topics(kafka, namespace)
+              namespace: str | None = None, bucket: str | None = None,
+              control: Sequence[str] = ()) -> dict[str, object]:
+    topics = provision_topics(kafka, namespace, control)
     schema_ids = provision_schemas(kafka, registry, namespace)
     created = ensure_bucket(storage, bucket)
     return {"topics": topics, "schemas": schema_ids,

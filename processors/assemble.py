@@ -20,7 +20,7 @@ that do not match raise ``InvalidRecord`` (→ dead-letters), nothing is padded.
 The join waits for the sides its method needs (rl: transition + judgement; opd: transition +
 hint; combined: all three) in a state keyed by transition id; once the sample is decided the
 entry keeps only a ``done`` mark, so late duplicates change nothing. Pure: ``on_side`` and
-``assemble``; the faust table is in processors.app.
+``assemble``; ``handler`` keeps the join in the stage's table and ``STAGE`` declares it.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from processors.dead_letters import validate_sample
+from processors.stage import Context, Handler, Result, Stage
 from schemas.events import HintJudged, Method, RewardJudged, SampleReady, TransitionFormed, derived_id
 
 
@@ -136,3 +137,31 @@ def on_side(join: Join | None, side: Side, event: TransitionFormed | RewardJudge
         return Step(join)
     outcome = assemble(join.transition, join.judgement, join.hint, method)
     return Step(Join(done=True), [outcome.sample] if outcome.sample else [], outcome.reason)
+
+
+SIDES = {TransitionFormed: Side.TRANSITION, RewardJudged: Side.JUDGEMENT, HintJudged: Side.HINT}
+
+
+def handler(ctx: Context) -> Handler:
+    method = Method(ctx.settings.processors.method.upper())
+    joins = ctx.state
+
+    async def handle(event: Any, key: bytes | None, partition: int, offset: int = -1) -> Result:
+        side = SIDES[type(event)]
+        k = event.event_id if side is Side.TRANSITION else event.transition_id
+        before = Join.from_table(joins.get(k))
+        step = on_side(before, side, event, method)
+
+        def keep() -> None:
+            if step.state is None:
+                joins.pop(k, None)
+            else:
+                joins[k] = step.state.to_table()
+
+        return Result(step.outputs, keep if step.state is not before else None, step.note)
+
+    return handle
+
+
+STAGE = Stage("assemble", ("TransitionFormed", "RewardJudged", "HintJudged"), ("SampleReady",), handler,
+              "judgements and hints joined per transition into samples, by method", table="joins")

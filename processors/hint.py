@@ -26,7 +26,8 @@ import time
 from collections import Counter
 
 from processors.dead_letters import validate_transition
-from processors.judges import HintJudge, raise_if_unreachable
+from processors.judges import HintJudge, build_hint_judge, raise_if_unreachable
+from processors.stage import Context, Handler, Result, Stage
 from processors.teacher import Teacher
 from schemas.events import HintCandidate, HintJudged, HintSelection, HintVote, TransitionFormed, derived_id
 
@@ -113,3 +114,19 @@ async def judge_hints(transition: TransitionFormed, judge: HintJudge, votes: int
     return HintJudged(**fields, candidates=cands, selection=selection, accepted_hint=accepted,
                       teacher_policy=teacher.policy.value, teacher_policy_version=scored[0].policy_version,
                       teacher_logprobs=teacher_lp)
+
+
+def handler(ctx: Context) -> Handler:
+    s = ctx.settings.processors
+    judge = build_hint_judge(s)
+    selection = HintSelection(s.hint_selection.upper())
+
+    async def handle(event: TransitionFormed, key: bytes | None, partition: int, offset: int = -1) -> Result:
+        return Result([await judge_hints(event, judge, s.hint_votes, s.hint_min_chars, selection,
+                                         ctx.teacher, s.overlap_top_k)])
+
+    return handle
+
+
+STAGE = Stage("hint", ("TransitionFormed",), ("HintJudged",), handler,
+              "hindsight hint votes, selection and the teacher's logprobs", concurrent=True, teacher=True)

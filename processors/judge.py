@@ -18,7 +18,8 @@ import asyncio
 import time
 
 from processors.dead_letters import validate_transition
-from processors.judges import RewardJudge, raise_if_unreachable
+from processors.judges import RewardJudge, build_reward_judge, raise_if_unreachable
+from processors.stage import Context, Handler, Result, Stage
 from processors.voting import majority
 from schemas.events import RewardJudged, TransitionFormed, derived_id
 
@@ -43,3 +44,17 @@ async def judge_transition(transition: TransitionFormed, judge: RewardJudge, vot
         majority=majority(v.score for v in cast),
         latency_ms=(time.perf_counter() - start) * 1000,
     )
+
+
+def handler(ctx: Context) -> Handler:
+    s = ctx.settings.processors
+    judge = build_reward_judge(s)
+
+    async def handle(event: TransitionFormed, key: bytes | None, partition: int, offset: int = -1) -> Result:
+        return Result([await judge_transition(event, judge, s.judge_votes)])
+
+    return handle
+
+
+STAGE = Stage("judge", ("TransitionFormed",), ("RewardJudged",), handler,
+              "m reward votes on each transition, majority", concurrent=True)

@@ -3,12 +3,12 @@
     nextstate replay judge --namespace rejudge-2026w47. --from 2026-11-14T00:00 --to 2026-11-21T00:00
 
 1. The target namespace is provisioned (topics and schemas, ``infra.provision``).
-2. For each input topic of the stage (processors.app.TOPOLOGY) in the *source* namespace,
+2. For each input topic of the stage (processors.topology) in the *source* namespace,
    every partition is read from ``--from`` to ``--to`` (an offset, or an ISO-8601 time resolved
    with ``offsets_for_times``; default: the beginning and the current end) by a consumer that
    is assigned partitions and never commits, so the live topics and groups are untouched.
 3. Records are merged in timestamp order (per partition the order is the log's order) and fed
-   to the *same* handler the faust agent uses (``processors.app.make_handler``), with state in a
+   to the *same* handler the faust agent uses (the stage spec's ``handler``), with state in a
    dict instead of a changelog table; outputs and dead letters go to the target namespace, to
    the source record's partition. ``--copy-inputs`` also copies the slice into the target's
    input topics, so later stages can run there on their own.
@@ -33,9 +33,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from infra.errors import DeliveryError
 from infra.provision import provision_schemas, provision_topics
 from infra.settings import Settings
-from processors.app import TOPOLOGY
-from processors.handlers import make_handler
 from processors.runtime import Serdes, StageRunner
+from processors.stage import Context
+from processors.topology import stage as stage_spec
 
 
 @dataclass
@@ -157,14 +157,13 @@ class SliceReader:
 def run_replay(settings: Settings, stage: str, source: str, target: str, start: str | None = None,
                end: str | None = None, copy_inputs: bool = False, console: Console | None = None,
                teacher=None) -> ReplayReport:
-    if stage not in TOPOLOGY:
-        raise ValueError(f"no stage named {stage!r}; known: {sorted(TOPOLOGY)}")
+    spec = stage_spec(stage)
     if source == target:
         raise ValueError(f"replay target namespace {target!r} must differ from the source")
     provision_topics(settings.kafka, target)
     provision_schemas(settings.kafka, settings.registry, target)
     src, dst = Serdes(settings, source), Serdes(settings, target)
-    inputs = [src.topics[e] for e in TOPOLOGY[stage].inputs]
+    inputs = [src.topics[e] for e in spec.inputs]
     report = ReplayReport(stage, source, target)
     records = SliceReader(settings, inputs, start, end)
     report.ranges = records.ranges
@@ -190,7 +189,7 @@ def run_replay(settings: Settings, stage: str, source: str, target: str, start: 
 
     state: dict = {}
     # Decode with the source's serdes (the records' subjects), encode into the target's topics.
-    runner = StageRunner(stage, make_handler(settings, stage, state, teacher), src, send)
+    runner = StageRunner(stage, spec.handler(Context(settings, state, teacher)), src, send)
     runner.serdes = _Crossed(src, dst)
 
     async def go(progress: Progress, task) -> None:

@@ -39,21 +39,12 @@ from infra.kafka import topic_names
 from infra.settings import Settings
 from processors.dead_letters import dead_lettered
 from processors.judges import JudgeUnavailable
+from processors.stage import Handler, Result
 from schemas.catalog import TOPICS
 from schemas.events import Event
 from schemas.serde import EventSerde, registry_client
 
 log = logging.getLogger("nextstate.processors")
-
-
-@dataclass
-class Result:
-    outputs: list[Event] = field(default_factory=list)
-    keep: Callable[[], None] | None = None
-    note: str | None = None
-
-
-Handler = Callable[[Any, bytes | None, int, int], Awaitable[Result]]  # event, key, partition, offset
 
 
 class Serdes:

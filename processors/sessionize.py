@@ -29,23 +29,33 @@ the same id and downstream drops the duplicate. Idle time is processing time
 (``Pending.updated_at``), so a replay of old history does not time out everything at once.
 
 Pure: ``on_turn``, ``on_feedback``, ``on_check`` take the pending state and return the new
-state and the transitions to send. The faust table holding the state lives in processors.app.
+state and the transitions to send. ``handler`` runs them over the stage's table (a faust table
+live, a dict in replays) and ``STAGE`` declares the stage (processors.stage); the periodic
+``scan`` asks the handler to check idle turns through the stage's control topic.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from infra.settings import Settings
 from processors.dead_letters import validate_turn
+from processors.stage import Context, ControlSend, Handler, InputOffsets, Result, Stage, Timer
 from schemas.events import (FeedbackKind, FeedbackReceived, NextStateKind, TransitionFormed,
                             TurnRecorded, TurnType, derived_id)
 
 VERDICTS = {FeedbackKind.THUMBS, FeedbackKind.OUTCOME_REWARD, FeedbackKind.TEST_RESULT}
 CLOSERS = VERDICTS | {FeedbackKind.SESSION_END}
+
+log = logging.getLogger("nextstate.processors")
 
 
 class Pending(BaseModel):
@@ -213,3 +223,120 @@ def idle(pending: Pending, now: float, timeout_s: float) -> bool:
 
 def needs_check(pending: Pending, now: float, timeout_s: float) -> bool:
     return bool(closing(pending)) or idle(pending, now, timeout_s)
+
+
+# -- the stage: the steps above over a table -------------------------------------------------
+
+class TurnsClock:
+    """How far the turns topic has been processed, per partition: a closing verdict waits
+    until every turn that occurred before it has been read (see processors.sessionize).
+
+    ``offsets`` (the live consumer's, processors.stage.InputOffsets) gives a partition's end
+    offset of the turns topic (cached, or asked of the broker when ``fresh``) and the fetch
+    position; a replay has none: its records arrive in timestamp order already."""
+
+    def __init__(self, offsets: InputOffsets | None = None) -> None:
+        self.offsets = offsets
+        self.last_offset: dict[int, int] = {}
+        self.max_time: dict[int, datetime] = {}
+
+    def saw(self, partition: int, offset: int, turn: TurnRecorded) -> None:
+        self.last_offset[partition] = max(offset, self.last_offset.get(partition, -1))
+        t = self.max_time.get(partition)
+        self.max_time[partition] = turn.occurred_at if t is None else max(t, turn.occurred_at)
+
+    async def caught_up(self, partition: int, when: datetime, periodic: bool) -> bool:
+        seen = self.max_time.get(partition)
+        if seen is not None and seen > when:  # equal times may still have a turn to come
+            return True
+        if self.offsets is None:
+            return True  # replay: records arrive in timestamp order already
+        end = await self.offsets.highwater("TurnRecorded", partition, False)
+        log.debug("turns[%d]: end %s, last processed %s, position wanted %s", partition, end,
+                  self.last_offset.get(partition), periodic)
+        if partition in self.last_offset:
+            if self.last_offset[partition] + 1 < end:
+                return False
+            # The cached end offset may be stale (low): confirm a "yes" with the broker, so a
+            # verdict never closes a turn while a later turn of its session is still unread.
+            return self.last_offset[partition] + 1 >= await self.offsets.highwater("TurnRecorded", partition, True)
+        # No turn of this partition processed since start: trust the fetch position only on a
+        # periodic check, when anything fetched earlier has long left the stream buffer.
+        pos = await self.offsets.position("TurnRecorded", partition) if periodic else None
+        return end <= 0 or (pos is not None and pos >= end)
+
+
+def handler(ctx: Context) -> Handler:
+    """Sessionize over any mapping of session id -> Pending (a faust table, or a dict in replays)."""
+    timeout_s = ctx.settings.processors.transition_timeout_s
+    pending = ctx.state
+    clock = TurnsClock(ctx.offsets)
+
+    async def caught_up(p: Pending | None, partition: int, periodic: bool) -> bool:
+        held = closing(p) if p is not None else []
+        if not held:
+            return False
+        return await clock.caught_up(partition, max(f.occurred_at for f in held), periodic)
+
+    async def handle(event: Any, key: bytes | None, partition: int, offset: int = -1) -> Result:
+        now = time.time()
+        if isinstance(event, bytes):  # a check request from the periodic scan
+            req = json.loads(event)
+            k = req["session_id"]
+            before = Pending.from_table(pending.get(k))
+            step = on_check(before, req["turn_id"], now, timeout_s,
+                                await caught_up(before, partition, periodic=True))
+        elif isinstance(event, TurnRecorded):
+            k = event.session_id
+            before = Pending.from_table(pending.get(k))
+            if offset >= 0:
+                clock.saw(partition, offset, event)
+            step = on_turn(before, event, partition, now)
+            if step.state is not None and await caught_up(step.state, partition, periodic=False):
+                # the new pending turn already holds a verdict read early from the feedback topic
+                step = on_turn(before, event, partition, now, caught_up=True)
+        elif isinstance(event, FeedbackReceived):
+            k = event.session_id
+            before = Pending.from_table(pending.get(k))
+            waits = before is None or before.turn is None or event.kind in CLOSERS
+            ready = waits and await clock.caught_up(partition, event.occurred_at, periodic=False)
+            step = on_feedback(before, event, partition, now, ready)
+        else:
+            raise TypeError(f"sessionize got a {type(event).__name__}")
+
+        def keep() -> None:
+            if step.state is None:
+                pending.pop(k, None)
+            else:
+                pending[k] = step.state.to_table()
+
+        log.debug("sessionize %s %s[%d]@%d: %s -> %s, %s", k, type(event).__name__, partition, offset,
+                  _brief(before), _brief(step.state), [t.next_state_kind.value for t in step.outputs])
+        return Result(step.outputs, keep if step.state is not before else None, step.note)
+
+    return handle
+
+
+def _brief(p: Pending | None) -> str:
+    if p is None:
+        return "none"
+    turn = "-" if p.turn is None else str(p.turn.turn_index)
+    return f"turn {turn} + {[f.kind.value for f in p.feedback]}"
+
+
+async def scan(settings: Settings, pending: Mapping[str, Any], send: ControlSend) -> None:
+    """The periodic check: tables change only while a record is processed, so ask the handler
+    (through the control topic, on the session's partition) to look at idle turns and at turns
+    holding a verdict that waits for the turns stream to catch up."""
+    now = time.time()
+    for k, value in list(pending.items()):
+        p = Pending.from_table(value)
+        if p is not None and needs_check(p, now, settings.processors.transition_timeout_s):
+            req = json.dumps({"session_id": k, "turn_id": pending_id(p)})
+            await send(k.encode(), req.encode(), p.partition)
+
+
+STAGE = Stage(
+    "sessionize", ("TurnRecorded", "FeedbackReceived"), ("TransitionFormed",), handler,
+    "each main turn joined with the next state that followed it", table="pending",
+    timer=Timer(lambda s: s.processors.timeout_scan_s, scan))
