@@ -283,9 +283,9 @@ def _caught_up(settings: Settings, method: str, quiet_s: float = 2.0) -> int | N
     run skips samples without teacher logprobs and publishes nothing for them)."""
     from infra.audit import read_log
     from learner.batching import has_signal
-    from learner.losses import NEEDS_TEACHER
     from schemas.events import (CheckpointPublished, HintJudged, RewardJudged, SampleReady, TransitionFormed,
                                 TurnRecorded, TurnType)
+    from schemas.methods import rule
 
     log = read_log(settings, timeout=5.0)
     events = [i.event for i in log]
@@ -300,7 +300,7 @@ def _caught_up(settings: Settings, method: str, quiet_s: float = 2.0) -> int | N
         return None
     ends: dict[tuple[str, int], int] = {}
     for i in samples:
-        if has_signal(i.event, method in NEEDS_TEACHER):
+        if has_signal(i.event, rule(method)):
             ends[(i.topic, i.partition)] = max(ends.get((i.topic, i.partition), 0), i.offset + 1)
     checkpoints = [e for e in events if isinstance(e, CheckpointPublished) and e.run == f"demo-{method}"]
     if not checkpoints:

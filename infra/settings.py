@@ -14,12 +14,33 @@ from __future__ import annotations
 import os
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from infra.errors import ConfigError
+from schemas.events import HintSelection, Method, TeacherPolicy
+
+
+def _upper(value: Any) -> Any:
+    return value.strip().upper() if isinstance(value, str) else value
+
+
+def _lower(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+# Closed choices: an enum or a Literal, so a wrong value is refused with the allowed ones listed.
+# Names that registries in code own (engines, judges, staleness policies, lr schedules) are
+# listed here too; tests/infra/test_settings.py holds each list against its registry.
+MethodName = Annotated[Method, BeforeValidator(_upper)]               # rl | opd | combined, any case
+EngineName = Literal["local", "remote", "sglang"]                     # serving.engine.ENGINES
+JudgeName = Literal["feedback", "llm"]                                # processors.judges
+Dtype = Literal["float32", "bfloat16", "float16"]
+StalenessPolicy = Literal["drop", "correct"]                          # learner.staleness.POLICIES
+AdvNorm = Literal["none", "group", "step", "batch"]                   # learner.losses.normalisation_keys
+LrSchedule = Literal["constant", "cosine", "linear"]                  # learner.trainer.LR_SCHEDULES
 
 
 def _cache_root() -> Path:
@@ -117,10 +138,10 @@ class StackSettings(_Section):
 
 
 class ServingSettings(_Section):
-    engine: str = "local"
+    engine: Annotated[EngineName, BeforeValidator(_lower)] = "local"
     model: str | None = None
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: Annotated[Dtype, BeforeValidator(_lower)] = "float32"
     max_batch_size: int = Field(default=8, ge=1)
     max_new_tokens: int = Field(default=256, ge=1)
     sglang_python: Path | None = None
@@ -186,7 +207,7 @@ class GatewaySettings(_Section):
 
 
 class ProcessorSettings(_Section):
-    judge: str = "feedback"
+    judge: Annotated[JudgeName, BeforeValidator(_lower)] = "feedback"
     judge_votes: int = Field(default=3, ge=1)
     judge_url: str | None = None
     judge_api_key: SecretStr | None = None
@@ -194,7 +215,7 @@ class ProcessorSettings(_Section):
     judge_timeout_s: float = 60.0
     judge_concurrency: int = Field(default=8, ge=1)
     hint_votes: int = Field(default=1, ge=1)
-    method: str = "combined"
+    method: MethodName = Method.COMBINED   # what assemble emits (schemas.methods)
     transition_timeout_s: float = 600.0
     faust_data_dir: Path = Field(default_factory=lambda: _state_root() / "faust")
     # LLM judge client: attempts per call (with exponential backoff) and sampling.
@@ -202,14 +223,14 @@ class ProcessorSettings(_Section):
     judge_temperature: float = 0.6
     judge_max_tokens: int = Field(default=1024, ge=1)
     # Hint judge: "llm" or "feedback" (rule-based: the user's correction becomes the hint).
-    hint_judge: str = "feedback"
+    hint_judge: Annotated[JudgeName, BeforeValidator(_lower)] = "feedback"
     # Hint selection: LONGEST, OVERLAP_SEQUENCE or OVERLAP_TOKEN (the last two need an engine).
-    hint_selection: str = "LONGEST"
+    hint_selection: Annotated[HintSelection, BeforeValidator(_upper)] = HintSelection.LONGEST
     hint_min_chars: int = Field(default=11, ge=1)
     overlap_top_k: int = Field(default=8, ge=1)
     # Teacher: "base" (frozen base weights + hint) or "current" (the serving policy + hint),
     # and the model the hint stage loads an engine on (None: no teacher, hints without logprobs).
-    teacher_policy: str = "base"
+    teacher_policy: Annotated[TeacherPolicy, BeforeValidator(_lower)] = TeacherPolicy.BASE
     teacher_model: str | None = None
     # Feedback judge rule table overrides (regexes over the user's text in the next state).
     correction_patterns: list[str] | None = None
@@ -221,12 +242,26 @@ class ProcessorSettings(_Section):
     session_timeout_s: float = Field(default=10.0, gt=0)
 
 
+class LossSettings(_Section):
+    """The loss's knobs, taken as they are by learner.losses (its docstring says what each does)."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    opd_clip: float = 2.0
+    w_rl: float = 1.0
+    w_opd: float = 1.0
+    kl_coef: float = Field(default=0.0, ge=0)
+    entropy_coef: float = 0.0
+    tis_cap: float = 2.0
+    eps: float = 1e-6
+
+
 class LearnerSettings(_Section):
-    """The learner. `method` is the loss rule applied to every sample (rl | opd | combined);
-    `lora=None` means LoRA on CPU and full-weight training on GPU."""
+    """The learner. `method` is the loss rule applied to every sample (rl | opd | combined,
+    schemas.methods); `lora=None` means LoRA on CPU and full-weight training on GPU."""
 
     run: str = "main"
-    method: str = "combined"
+    method: MethodName = Method.COMBINED
     lora: bool | None = None
     device: str = "auto"
     # torch threads on CPU; None: torch's default (one per core). Several processes sharing the
@@ -242,21 +277,14 @@ class LearnerSettings(_Section):
     token_budget: int = Field(default=2048, ge=1)
     grad_accum: int = Field(default=1, ge=1)
     max_staleness: int = Field(default=4, ge=0)
-    staleness_policy: str = "correct"
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    opd_clip: float = 2.0
-    w_rl: float = 1.0
-    w_opd: float = 1.0
-    kl_coef: float = 0.0
-    entropy_coef: float = 0.0
+    staleness_policy: Annotated[StalenessPolicy, BeforeValidator(_lower)] = "correct"
+    loss: LossSettings = LossSettings()
     checkpoint_every_steps: int = Field(default=4, ge=1)
     checkpoint_every_s: float = 300.0
     checkpoint_idle_s: float = Field(default=5.0, gt=0)   # publish unpublished steps once the feed is this quiet
     work_dir: Path = Field(default_factory=lambda: _state_root() / "learner")
-    adv_norm: str = "none"
-    tis_cap: float = 2.0
-    lr_schedule: str = "constant"
+    adv_norm: Annotated[AdvNorm, BeforeValidator(_lower)] = "none"
+    lr_schedule: Annotated[LrSchedule, BeforeValidator(_lower)] = "constant"
     warmup_steps: int = Field(default=0, ge=0)
     total_steps: int = Field(default=10_000, ge=1)
     weight_decay: float = 0.0
@@ -340,8 +368,10 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ConfigError:
         raise
-    except Exception as exc:  # pydantic's ValidationError, with every bad field named
-        raise ConfigError(f"invalid settings: {exc}") from exc
+    except ValidationError as exc:   # every bad field named, with the value it got
+        problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
+                    for e in exc.errors(include_url=False)]
+        raise ConfigError("invalid settings: " + "; ".join(problems)) from exc
 
 
 def masked(settings: Settings) -> dict[str, Any]:

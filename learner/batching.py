@@ -19,6 +19,7 @@ import torch
 
 from infra.errors import LearnerError
 from schemas.events import SampleReady
+from schemas.methods import MethodRule
 
 
 class InvalidSample(LearnerError):
@@ -44,9 +45,9 @@ def validate(sample: SampleReady) -> None:
         raise InvalidSample(f"sample {sid} has loss_mask values other than 0/1")
 
 
-def has_signal(sample: SampleReady, needs_teacher: bool) -> bool:
+def has_signal(sample: SampleReady, method: MethodRule) -> bool:
     """False for a sample without teacher logprobs in a run whose method needs them."""
-    return not needs_teacher or sample.teacher_logprobs is not None
+    return not method.needs_teacher_logprobs or sample.teacher_logprobs is not None
 
 
 def seq_len(sample: SampleReady) -> int:

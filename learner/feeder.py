@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 from infra.settings import LearnerSettings
 from learner.batching import Batch, InvalidSample, StepCollector, collate, has_signal, validate
-from learner.losses import NEEDS_TEACHER
 from learner.sources import Fed, SampleSource
-from learner.staleness import StalenessCounter, Verdict, lag, policy
+from learner.staleness import StalenessCounter, Verdict, decide, policy
+from schemas.methods import rule
 
 
 @dataclass
@@ -49,7 +49,7 @@ class StepFeeder:
         # offsets advance and checkpoints stay due.
         self.max_handled = max_handled
         self.rule = policy(ls.staleness_policy)
-        self.needs_teacher = ls.method.lower() in NEEDS_TEACHER
+        self.method = rule(ls.method)
         self.staleness = StalenessCounter()
         self._carry: Fed | None = None
 
@@ -72,11 +72,10 @@ class StepFeeder:
                 self.on_invalid(fed, exc)
                 step.note(fed, "invalid")
                 continue
-            if not has_signal(fed.sample, self.needs_teacher):
+            if not has_signal(fed.sample, self.method):
                 step.note(fed, "no_signal")   # valid, just nothing for this method: skip, count
                 continue
-            d = lag(current_version, fed.sample.policy_version)
-            verdict = self.rule(d, self.ls.max_staleness)
+            verdict, d = decide(self.rule, current_version, fed.sample.policy_version, self.ls.max_staleness)
             if verdict is not Verdict.DROP and not collector.add(fed.sample):
                 self._carry = fed   # judged again when it opens the next step
                 break

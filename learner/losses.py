@@ -1,18 +1,18 @@
 """Loss and advantage math of the learner: Binary RL, OPD, Combined, KL, entropy, stale-data IS.
 
-Pure torch and the standard library: no Kafka, DeepSpeed, model or file I/O here, so every
+Pure torch, the standard library and the method table: no Kafka, DeepSpeed, model or file I/O here, so every
 rule is tested on hand-computed tensors. Per-token tensors are ``[B, T]``, aligned to the
 *target* tokens (position t holds the logprob of token t+1 of the sequence), and ``mask`` is 1
 where a response token is trained on.
 
 Conventions (documented once, here):
 
-- **Advantages.** Binary RL uses the sample's reward as the advantage of every response token.
-  OPD uses ``clip(teacher_lp − student_lp, ±opd_clip)`` per token, where ``student_lp`` is the
-  *behaviour* logprob recorded by the serving engine at sampling time (the policy that actually
-  produced the tokens), not a logprob recomputed here. Combined is
-  ``w_rl·r + w_opd·clip(teacher − behaviour)``; a sample without teacher logprobs gets no OPD
-  term (never ``0 − behaviour``).
+- **Advantages.** Each method (schemas.methods) turns on a reward term, ``w_rl·r`` on every
+  response token, and/or a teacher term, ``w_opd·clip(teacher_lp − student_lp, ±opd_clip)`` per
+  token, where ``student_lp`` is the *behaviour* logprob recorded by the serving engine at
+  sampling time (the policy that actually produced the tokens), not a logprob recomputed here.
+  RL is the first, OPD the second, Combined both; a sample without teacher logprobs gets no
+  teacher term (never ``0 − behaviour``).
 - **Surrogate.** PPO clipped, asymmetric: ``max(−ρA, −clip(ρ, 1−ε_low, 1+ε_high)·A)`` with
   ``ρ = π_θ / π_behaviour``.
 - **Stale samples** (older than the allowed lag, under the ``correct`` policy) use the decoupled
@@ -26,27 +26,31 @@ Conventions (documented once, here):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+
+from schemas.methods import MethodRule
 
 # exp() of a log-ratio beyond this overflows float32 and turns gradients into NaN; real
 # ratios never get near it, padded or wildly stale positions can.
 _LOG_RATIO_LIMIT = 20.0
 
 
-@dataclass(frozen=True)
-class LossConfig:
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    opd_clip: float = 2.0
-    w_rl: float = 1.0
-    w_opd: float = 1.0
-    kl_coef: float = 0.0
-    entropy_coef: float = 0.0
-    tis_cap: float = 2.0
-    eps: float = 1e-6
+class LossParams(Protocol):
+    """The loss's knobs: infra.settings.LossSettings (`learner.loss`), taken as it is."""
+
+    clip_low: float
+    clip_high: float
+    opd_clip: float
+    w_rl: float
+    w_opd: float
+    kl_coef: float
+    entropy_coef: float
+    tis_cap: float
+    eps: float
 
 
 # -- advantages ---------------------------------------------------------------------------
@@ -56,40 +60,16 @@ def opd_term(teacher: torch.Tensor, behaviour: torch.Tensor, clip: float) -> tor
     return torch.clamp(teacher - behaviour, -clip, clip)
 
 
-AdvantageFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LossConfig],
-                       torch.Tensor]
-
-
-def rl_advantage(rewards, teacher, behaviour, has_teacher, cfg):
-    return rewards[:, None].expand_as(behaviour).clone()
-
-
-def opd_advantage(rewards, teacher, behaviour, has_teacher, cfg):
-    return opd_term(teacher, behaviour, cfg.opd_clip) * has_teacher[:, None]
-
-
-def combined_advantage(rewards, teacher, behaviour, has_teacher, cfg):
-    return (cfg.w_rl * rl_advantage(rewards, teacher, behaviour, has_teacher, cfg)
-            + cfg.w_opd * opd_advantage(rewards, teacher, behaviour, has_teacher, cfg))
-
-
-# The training method is a config value; each one names the rule that turns a sample into
-# token advantages.
-ADVANTAGES: dict[str, AdvantageFn] = {
-    "rl": rl_advantage,
-    "opd": opd_advantage,
-    "combined": combined_advantage,
-}
-
-# Which methods cannot train a sample that has no teacher logprobs.
-NEEDS_TEACHER = {"opd"}
-
-
-def advantage_fn(method: str) -> AdvantageFn:
-    try:
-        return ADVANTAGES[method.lower()]
-    except KeyError:
-        raise ValueError(f"unknown training method {method!r}; known: {sorted(ADVANTAGES)}") from None
+def advantages(rule: MethodRule, rewards: torch.Tensor, teacher: torch.Tensor, behaviour: torch.Tensor,
+               has_teacher: torch.Tensor, cfg: LossParams) -> torch.Tensor:
+    """Token advantages [B, T] by the method's terms (schemas.methods): ``w_rl·r`` broadcast over
+    the response, plus ``w_opd·clip(teacher − behaviour)`` where the sample has teacher logprobs."""
+    adv = torch.zeros_like(behaviour)
+    if rule.reward_term:
+        adv = adv + cfg.w_rl * rewards[:, None]
+    if rule.teacher_term:
+        adv = adv + cfg.w_opd * opd_term(teacher, behaviour, cfg.opd_clip) * has_teacher[:, None]
+    return adv
 
 
 # -- reward normalisation -----------------------------------------------------------------
@@ -164,7 +144,7 @@ class PolicyTerms:
 
 
 def policy_terms(logp: torch.Tensor, behaviour: torch.Tensor, adv: torch.Tensor,
-                 mask: torch.Tensor, stale: torch.Tensor, cfg: LossConfig) -> PolicyTerms:
+                 mask: torch.Tensor, stale: torch.Tensor, cfg: LossParams) -> PolicyTerms:
     """PPO clipped surrogate per token, decoupled with truncated IS for stale samples."""
     stale_tok = stale[:, None].expand_as(logp)
     proximal = torch.where(stale_tok, logp.detach(), behaviour)
@@ -192,7 +172,7 @@ class MicroLoss:
 
 
 def micro_batch_loss(logp: torch.Tensor, behaviour: torch.Tensor, adv: torch.Tensor,
-                     mask: torch.Tensor, stale: torch.Tensor, step_tokens: int, cfg: LossConfig,
+                     mask: torch.Tensor, stale: torch.Tensor, step_tokens: int, cfg: LossParams,
                      ref_logp: torch.Tensor | None = None,
                      entropy: torch.Tensor | None = None) -> MicroLoss:
     """policy + kl_coef·KL − entropy_coef·H, summed over mask tokens, / the step's mask tokens."""

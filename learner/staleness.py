@@ -49,6 +49,12 @@ def lag(current_version: int, sample_version: int) -> int:
     return max(0, current_version - sample_version)
 
 
+def decide(rule: StalePolicy, current_version: int, sample_version: int, max_staleness: int) -> tuple[Verdict, int]:
+    """The verdict on a sample and its lag (count it with StalenessCounter.count once it is used)."""
+    d = lag(current_version, sample_version)
+    return rule(d, max_staleness), d
+
+
 @dataclass
 class StalenessCounter:
     """Counts per verdict and a histogram of lags, for metrics and the checkpoint event."""
@@ -58,8 +64,7 @@ class StalenessCounter:
 
     def judge(self, rule: StalePolicy, current_version: int, sample_version: int,
               max_staleness: int) -> Verdict:
-        d = lag(current_version, sample_version)
-        verdict = rule(d, max_staleness)
+        verdict, d = decide(rule, current_version, sample_version, max_staleness)
         self.count(verdict, d)
         return verdict
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import fields
 import tempfile
 import shutil
 import socket
@@ -33,8 +32,9 @@ import torch
 from infra.errors import LearnerError
 from infra.settings import LearnerSettings
 from learner.batching import Batch
-from learner.losses import (LossConfig, advantage_fn, entropy_from_logits, micro_batch_loss,
-                            normalisation_keys, normalise_rewards)
+from learner.losses import (advantages, entropy_from_logits, micro_batch_loss, normalisation_keys,
+                            normalise_rewards)
+from schemas.methods import rule
 
 DS_TAG = "ds"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -128,8 +128,6 @@ class Trainer:
         if ls.zero_stage == 3:
             raise LearnerError("zero_stage 3 is not supported: weights are saved with "
                                "save_pretrained, which needs unpartitioned parameters (use 0-2)")
-        if ls.lr_schedule not in LR_SCHEDULES:
-            raise LearnerError(f"unknown lr_schedule {ls.lr_schedule!r}; known: {sorted(LR_SCHEDULES)}")
         self.settings = ls
         self.model_path = Path(model_path)
         self.device = resolve_device(ls.device)
@@ -137,11 +135,9 @@ class Trainer:
             torch.set_num_threads(ls.cpu_threads)   # process-wide, like the serving engine's
         self.lora = ls.lora if ls.lora is not None else self.device.type == "cpu"
         bf16 = ls.bf16 if ls.bf16 is not None else self.device.type == "cuda"
-        self.advantage = advantage_fn(ls.method)
+        self.rule = rule(ls.method)
         normalisation_keys([], [], ls.adv_norm)  # fail at start, not at the first step
-        # By name: every LossConfig field the settings section carries (all but eps).
-        self.loss_cfg = LossConfig(**{f.name: getattr(ls, f.name) for f in fields(LossConfig)
-                                      if hasattr(ls, f.name)})
+        self.loss_cfg = ls.loss
         deepspeed = init_distributed(self.device)
         torch.manual_seed(ls.seed)
         try:
@@ -155,16 +151,16 @@ class Trainer:
 
             model = get_peft_model(model, LoraConfig(r=ls.lora_rank, lora_alpha=ls.lora_alpha,
                                                      target_modules="all-linear", lora_dropout=0.0))
-        elif ls.kl_coef > 0:
+        elif ls.loss.kl_coef > 0:
             # Full fine-tuning needs its own frozen copy of the base for the KL reference;
             # with LoRA the reference is the same model with the adapter switched off.
             self.ref_model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
             self.ref_model.requires_grad_(False).eval().to(self.device)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=ls.lr, weight_decay=ls.weight_decay)
-        rule = LR_SCHEDULES[ls.lr_schedule]
+        schedule = LR_SCHEDULES[ls.lr_schedule]
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: rule(step, ls.warmup_steps, ls.total_steps))
+            optimizer, lambda step: schedule(step, ls.warmup_steps, ls.total_steps))
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(ls, bf16))
         self.trainable_params = sum(p.numel() for p in params)
@@ -209,7 +205,7 @@ class Trainer:
             self.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
             logits = self._logits(self.engine, batch)
             logp = self._token_logprobs(logits, batch)
-            adv = self.advantage(r, batch.teacher, batch.behaviour, batch.has_teacher, cfg)
+            adv = advantages(self.rule, r, batch.teacher, batch.behaviour, batch.has_teacher, cfg)
             ref = self._reference_logprobs(batch) if cfg.kl_coef > 0 else None
             ent = entropy_from_logits(logits) if cfg.entropy_coef > 0 else None
             part = micro_batch_loss(logp, batch.behaviour, adv, batch.mask, batch.stale,

@@ -17,8 +17,8 @@ Token ids and behaviour logprobs come from the transition's turn exactly as reco
 that do not match raise ``InvalidRecord`` (→ dead-letters), nothing is padded. The sample id is
 ``derived_id("assemble", transition id, method)``, so a re-run never duplicates a sample.
 
-The join waits for the sides its method needs (rl: transition + judgement; opd: transition +
-hint; combined: all three) in a state keyed by transition id; once the sample is decided the
+The join waits for the sides its method needs (the transition and what schemas.methods lists:
+rl a judgement, opd a hint, combined both) in a state keyed by transition id; once the sample is decided the
 entry keeps only a ``done`` mark, so late duplicates change nothing. Pure: ``on_side`` and
 ``assemble``; ``handler`` keeps the join in the stage's table and ``STAGE`` declares it.
 """
@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict
 from processors.dead_letters import validate_sample
 from processors.stage import Context, Handler, Result, Stage
 from schemas.events import HintJudged, Method, RewardJudged, SampleReady, TransitionFormed, derived_id
+from schemas.methods import METHODS, method as parse_method
 
 
 class Side(StrEnum):
@@ -42,11 +43,9 @@ class Side(StrEnum):
     HINT = "hint"
 
 
-NEEDS: dict[Method, frozenset[Side]] = {
-    Method.RL: frozenset({Side.TRANSITION, Side.JUDGEMENT}),
-    Method.OPD: frozenset({Side.TRANSITION, Side.HINT}),
-    Method.COMBINED: frozenset({Side.TRANSITION, Side.JUDGEMENT, Side.HINT}),
-}
+def needs(m: Method) -> frozenset[Side]:
+    """The sides the join waits for: the transition and what the method table says."""
+    return frozenset({Side.TRANSITION, *(Side(signal.value) for signal in METHODS[m].needs)})
 
 
 class Join(BaseModel):
@@ -130,10 +129,11 @@ def on_side(join: Join | None, side: Side, event: TransitionFormed | RewardJudge
     join = join or Join()
     if join.done:
         return Step(join, note=f"{side.value} after the sample was decided")
-    if side not in NEEDS[method]:
+    wanted = needs(method)
+    if side not in wanted:
         return Step(join if join.has() else None, note=f"{side.value} not used by method {method.value}")
     join = join.model_copy(update={side.value: event})
-    if not NEEDS[method] <= join.has():
+    if not wanted <= join.has():
         return Step(join)
     outcome = assemble(join.transition, join.judgement, join.hint, method)
     return Step(Join(done=True), [outcome.sample] if outcome.sample else [], outcome.reason)
@@ -143,7 +143,7 @@ SIDES = {TransitionFormed: Side.TRANSITION, RewardJudged: Side.JUDGEMENT, HintJu
 
 
 def handler(ctx: Context) -> Handler:
-    method = Method(ctx.settings.processors.method.upper())
+    method = parse_method(ctx.settings.processors.method)
     joins = ctx.state
 
     async def handle(event: Any, key: bytes | None, partition: int, offset: int = -1) -> Result:

@@ -119,7 +119,7 @@ async def judge_hints(transition: TransitionFormed, judge: HintJudge, votes: int
 def handler(ctx: Context) -> Handler:
     s = ctx.settings.processors
     judge = build_hint_judge(s)
-    selection = HintSelection(s.hint_selection.upper())
+    selection = HintSelection(s.hint_selection)
 
     async def handle(event: TransitionFormed, key: bytes | None, partition: int, offset: int = -1) -> Result:
         return Result([await judge_hints(event, judge, s.hint_votes, s.hint_min_chars, selection,

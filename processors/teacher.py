@@ -15,18 +15,12 @@ and the served model's tokenizer; knows nothing about Kafka.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 from infra.errors import ProcessorError
-from schemas.events import TurnRecorded
+from schemas.events import TeacherPolicy, TurnRecorded
 from serving.chat import render_turn
 from serving.engine import Engine, Scores
-
-
-class TeacherPolicy(StrEnum):
-    BASE = "base"
-    CURRENT = "current"
 
 
 @dataclass
@@ -61,19 +55,9 @@ def build_teacher(settings: Any) -> Teacher | None:
     if not p.teacher_model:
         return None
     serving = settings.serving.model_copy(update={"model": p.teacher_model})
-    try:
-        from serving import create_engine
+    from serving import create_engine
 
-        engine = create_engine(serving)
-    except ModuleNotFoundError:
-        # An engine module the registry lists is not installed here: build the configured
-        # engine from its own module (each engine module registers itself).
-        import importlib
-
-        from serving.engine import ENGINES
-
-        importlib.import_module(f"serving.{serving.engine}")
-        engine = ENGINES[serving.engine](serving)
+    engine = create_engine(serving)
     tokenizer = getattr(engine, "tokenizer", None)
     if tokenizer is None:
         from transformers import AutoTokenizer

@@ -228,6 +228,13 @@ class HintJudged(Event):
 
 # -- samples ----------------------------------------------------------------------------
 
+class TeacherPolicy(StrEnum):
+    """Which weights teach: the frozen base, or the policy served now (recorded on HintJudged)."""
+
+    BASE = "base"
+    CURRENT = "current"
+
+
 class Method(StrEnum):
     RL = "RL"
     OPD = "OPD"

@@ -1,5 +1,6 @@
-"""Build the configured engine: import every engine module (each registers itself in
-`serving.engine.ENGINES`) and pick the one named by ``settings.engine``. Knows no engine's
+"""Build the configured engine: import the module of the engine named by ``settings.engine``
+(it registers itself in `serving.engine.ENGINES`) and construct it. Only that module is
+imported, so a local engine never loads the SGLang or HTTP clients. Knows no engine's
 internals."""
 
 from __future__ import annotations
@@ -11,15 +12,15 @@ from infra.errors import ConfigError
 from infra.settings import ServingSettings
 from serving.engine import ENGINES, Engine
 
-ENGINE_MODULES = ("serving.local", "serving.sglang", "serving.remote")
+# engine name -> the module that registers it (infra.settings.EngineName lists the same names)
+ENGINE_MODULES = {"local": "serving.local", "sglang": "serving.sglang", "remote": "serving.remote"}
 
 
 def create_engine(settings: ServingSettings, **kwargs: Any) -> Engine:
     """The engine named by `settings.engine`, constructed from the serving settings."""
-    for module in ENGINE_MODULES:
-        importlib.import_module(module)
-    factory = ENGINES.get(settings.engine)
-    if factory is None:
-        raise ConfigError(f"serving engine {settings.engine!r} is not one of {sorted(ENGINES)} "
+    module = ENGINE_MODULES.get(settings.engine)
+    if module is None:
+        raise ConfigError(f"serving engine {settings.engine!r} is not one of {sorted(ENGINE_MODULES)} "
                           "(NEXTSTATE_SERVING__ENGINE)")
-    return factory(settings, **kwargs)
+    importlib.import_module(module)
+    return ENGINES[settings.engine](settings, **kwargs)

@@ -79,3 +79,49 @@ def test_client_addresses_follow_the_local_stack_ports(monkeypatch):
     # An address given explicitly wins over the derived one.
     monkeypatch.setenv("NEXTSTATE_KAFKA__BOOTSTRAP_SERVERS", "broker.internal:9092")
     assert load_settings().kafka.bootstrap_servers == "broker.internal:9092"
+
+
+@pytest.mark.parametrize("env,value,allowed", [
+    ("NEXTSTATE_SERVING__ENGINE", "vllm", ["local", "remote", "sglang"]),
+    ("NEXTSTATE_PROCESSORS__JUDGE", "gpt", ["feedback", "llm"]),
+    ("NEXTSTATE_PROCESSORS__HINT_SELECTION", "shortest", ["LONGEST", "OVERLAP_SEQUENCE", "OVERLAP_TOKEN"]),
+    ("NEXTSTATE_PROCESSORS__TEACHER_POLICY", "latest", ["base", "current"]),
+    ("NEXTSTATE_LEARNER__METHOD", "ppo", ["RL", "OPD", "COMBINED"]),
+    ("NEXTSTATE_LEARNER__STALENESS_POLICY", "ignore", ["drop", "correct"]),
+    ("NEXTSTATE_LEARNER__ADV_NORM", "global", ["none", "group", "step", "batch"]),
+    ("NEXTSTATE_LEARNER__LR_SCHEDULE", "step", ["constant", "cosine", "linear"]),
+])
+def test_config_show_refuses_a_closed_choice_outside_its_values_and_lists_them(monkeypatch, env, value, allowed):
+    from infra.cli import app
+
+    monkeypatch.setenv(env, value)
+    result = CliRunner().invoke(app, ["config", "show"])
+    assert result.exit_code == 1
+    out = " ".join(result.output.split())
+    assert value.lower() in out.lower() and all(a in out for a in allowed), out
+
+
+def test_closed_choices_are_case_insensitive_and_loss_settings_are_one_section(monkeypatch):
+    from schemas.events import HintSelection, Method
+
+    monkeypatch.setenv("NEXTSTATE_LEARNER__METHOD", "opd")
+    monkeypatch.setenv("NEXTSTATE_PROCESSORS__HINT_SELECTION", "overlap_token")
+    monkeypatch.setenv("NEXTSTATE_LEARNER__LOSS__W_OPD", "0.5")
+    s = load_settings()
+    assert s.learner.method is Method.OPD and s.processors.hint_selection is HintSelection.OVERLAP_TOKEN
+    assert s.learner.loss.w_opd == 0.5 and s.learner.loss.clip_low == 0.2
+
+
+def test_the_settings_choices_match_the_registries_that_own_them():
+    from typing import get_args
+
+    from infra import settings as st
+    from learner.staleness import POLICIES
+    from learner.trainer import LR_SCHEDULES
+    from processors.judges import HINT_JUDGES, REWARD_JUDGES
+    from serving.registry import ENGINE_MODULES
+
+    assert set(get_args(st.EngineName)) == set(ENGINE_MODULES)
+    assert set(get_args(st.JudgeName)) == set(REWARD_JUDGES) == set(HINT_JUDGES)
+    assert set(get_args(st.StalenessPolicy)) == set(POLICIES)
+    assert set(get_args(st.LrSchedule)) == set(LR_SCHEDULES)

@@ -6,6 +6,7 @@ import pytest
 
 from learner.batching import InvalidSample, StepCollector, collate, has_signal, pack, validate
 from learner.staleness import StalenessCounter, Verdict, lag, policy
+from schemas.methods import rule
 from schemas.events import Method
 from tests.learner.samples import make_sample
 
@@ -17,8 +18,8 @@ def test_validate_names_the_mismatch():
     with pytest.raises(InvalidSample, match="has 3 response tokens but 1 behaviour_logprobs"):
         validate(bad)
     # no teacher logprobs is well formed: an opd run skips it, it is not a bad record
-    assert good.teacher_logprobs is None and not has_signal(good, needs_teacher=True)
-    assert has_signal(good, needs_teacher=False)
+    assert good.teacher_logprobs is None and not has_signal(good, rule("opd"))
+    assert has_signal(good, rule("combined")) and has_signal(good, rule("rl"))
     with pytest.raises(InvalidSample, match="empty prompt"):
         validate(good.model_copy(update={"prompt_token_ids": []}))
 

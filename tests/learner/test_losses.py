@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
+from infra.settings import LossSettings
 from learner.losses import (
-    LossConfig,
-    advantage_fn,
+    advantages,
     entropy_from_logits,
     k3_kl,
     micro_batch_loss,
@@ -19,8 +19,9 @@ from learner.losses import (
     opd_term,
     policy_terms,
 )
+from schemas.methods import METHODS, Signal, method, rule
 
-CFG = LossConfig()  # clip 0.2 / 0.28, opd clip 2.0, tis cap 2.0
+CFG = LossSettings()  # clip 0.2 / 0.28, opd clip 2.0, tis cap 2.0
 
 
 def one_token(ratio: float, adv: float, stale: bool = False, behaviour: float = -1.0):
@@ -109,18 +110,25 @@ def test_opd_clip():
 
 
 def test_combined_weights_and_no_opd_term_without_teacher():
-    cfg = LossConfig(w_rl=0.5, w_opd=2.0)
+    cfg = LossSettings(w_rl=0.5, w_opd=2.0)
     rewards = torch.tensor([1.0, 1.0])
     teacher = torch.tensor([[-0.75], [0.0]])
     behaviour = torch.tensor([[-1.0], [-1.0]])
     has_teacher = torch.tensor([1.0, 0.0])
-    adv = advantage_fn("combined")(rewards, teacher, behaviour, has_teacher, cfg)
+    adv = advantages(rule("combined"), rewards, teacher, behaviour, has_teacher, cfg)
     # 0.5·1 + 2·(−0.75 − (−1)) = 1.0; the second has no teacher: 0.5·1 only.
     assert adv.tolist() == [[1.0], [0.5]]
-    assert advantage_fn("rl")(rewards, teacher, behaviour, has_teacher, cfg).tolist() == [[1.0], [1.0]]
-    assert advantage_fn("OPD")(rewards, teacher, behaviour, has_teacher, cfg).tolist() == [[0.25], [0.0]]
+    assert advantages(rule("rl"), rewards, teacher, behaviour, has_teacher, cfg).tolist() == [[0.5], [0.5]]
+    assert advantages(rule("OPD"), rewards, teacher, behaviour, has_teacher, cfg).tolist() == [[0.5], [0.0]]
     with pytest.raises(ValueError, match="unknown training method 'ppo'"):
-        advantage_fn("ppo")
+        rule("ppo")
+
+
+def test_one_method_table_says_what_each_method_waits_for_and_trains():
+    assert {m.value: r.needs for m, r in METHODS.items()} == {
+        "RL": {Signal.JUDGEMENT}, "OPD": {Signal.HINT}, "COMBINED": {Signal.JUDGEMENT, Signal.HINT}}
+    assert [m.value for m, r in METHODS.items() if r.needs_teacher_logprobs] == ["OPD"]
+    assert method(" combined ").value == "COMBINED"
 
 
 def test_k3_kl_by_hand_and_zero_off_mask():
@@ -133,7 +141,7 @@ def test_k3_kl_by_hand_and_zero_off_mask():
 
 
 def test_kl_and_entropy_enter_the_loss_with_their_coefficients():
-    cfg = LossConfig(kl_coef=0.1, entropy_coef=0.01)
+    cfg = LossSettings(kl_coef=0.1, entropy_coef=0.01)
     logp = torch.tensor([[math.log(0.5)]])
     ref = torch.tensor([[math.log(0.25)]])
     ent = torch.tensor([[math.log(4.0)]])

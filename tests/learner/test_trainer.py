@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from infra.settings import LearnerSettings
+from infra.settings import LearnerSettings, LossSettings
 from learner.batching import collate
 from learner.trainer import Trainer
 from tests.learner.samples import make_sample
@@ -68,7 +68,7 @@ def _trainable(trainer: Trainer) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("lora,zero", [(True, 0), (True, 2), (False, 2)])
 def test_save_restore_resumes_exactly(tiny_model_dir, tmp_path, lora, zero):
     ls = settings(lora=lora, zero_stage=zero, lr=1e-2, lr_schedule="cosine", warmup_steps=2,
-                  total_steps=10, kl_coef=0.1, entropy_coef=0.01)
+                  total_steps=10, loss=LossSettings(kl_coef=0.1, entropy_coef=0.01))
     first = Trainer(ls, tiny_model_dir)
     _train(first, [1, 2])
     first.save(tmp_path / "ckpt", {"step": 2})

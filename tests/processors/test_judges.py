@@ -189,7 +189,9 @@ def test_llm_hint_judge_reads_hint_outside_quotes():
 
 def test_registry():
     assert build_reward_judge(ProcessorSettings(judge="feedback")).name == "feedback"
+    with pytest.raises(Exception, match="Input should be 'feedback' or 'llm'"):
+        ProcessorSettings(judge="nope")   # refused by the settings, before any registry
     with pytest.raises(Exception, match="no reward judge named 'nope'"):
-        build_reward_judge(ProcessorSettings(judge="nope"))
+        build_reward_judge(ProcessorSettings(), "nope")
     with pytest.raises(ValueError, match="judge_url"):
         build_reward_judge(ProcessorSettings(judge="llm"))
