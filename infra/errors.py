@@ -1,11 +1,9 @@
-"""The one root of nextstate's errors, with a subclass per layer.
+"""The one root of nextstate's errors (schemas.errors), with a subclass per layer.
 
 Messages name the values they saw. Only the HTTP edge turns these into status codes.
 """
 
-
-class NextstateError(Exception):
-    """Root of every error nextstate raises on purpose."""
+from schemas.errors import DecodeError, NextstateError, SchemaError  # noqa: F401  (the root lives at the bottom)
 
 
 class ConfigError(NextstateError):
@@ -14,23 +12,6 @@ class ConfigError(NextstateError):
 
 class StackError(NextstateError):
     """The local stack (Kafka, registry, MinIO) could not be installed, started or reached."""
-
-
-class SchemaError(NextstateError):
-    """An event that does not match its schema, or a schema the registry refused."""
-
-
-class DecodeError(SchemaError):
-    """A record read from Kafka that could not be decoded; names topic, partition and offset."""
-
-    def __init__(self, topic: str, partition: int, offset: int, cause: str) -> None:
-        super().__init__(
-            f"cannot decode record at {topic}[{partition}]@{offset}: {cause}"
-        )
-        self.topic = topic
-        self.partition = partition
-        self.offset = offset
-        self.cause = cause
 
 
 class DeliveryError(NextstateError):

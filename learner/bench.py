@@ -20,7 +20,7 @@ from typing import Any
 from infra.settings import LearnerSettings, Settings
 from learner.checkpointing import CheckpointStore, RunState
 from learner.feeder import StepFeeder
-from learner.loop import Ledger, LearnerLoop, Until
+from learner.loop import LearnerLoop, Ledger, Until
 from learner.metrics import MetricsSink, read_metrics
 from learner.sources import MemorySampleSource
 from schemas.events import Method, SampleReady

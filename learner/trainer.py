@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,8 +32,7 @@ import torch
 from infra.errors import LearnerError
 from infra.settings import LearnerSettings
 from learner.batching import Batch
-from learner.losses import (advantages, entropy_from_logits, micro_batch_loss, normalisation_keys,
-                            normalise_rewards)
+from learner.losses import advantages, entropy_from_logits, micro_batch_loss, normalisation_keys, normalise_rewards
 from schemas.methods import rule
 
 DS_TAG = "ds"

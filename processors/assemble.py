@@ -34,7 +34,8 @@ from pydantic import BaseModel, ConfigDict
 from processors.dead_letters import validate_sample
 from processors.stage import Context, Handler, Result, Stage
 from schemas.events import HintJudged, Method, RewardJudged, SampleReady, TransitionFormed, derived_id
-from schemas.methods import METHODS, method as parse_method
+from schemas.methods import METHODS
+from schemas.methods import method as parse_method
 
 
 class Side(StrEnum):

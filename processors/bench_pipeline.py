@@ -34,8 +34,15 @@ from rich.table import Table
 from infra.kafka import EventProducer
 from infra.provision import admin_client, provision_schemas, provision_topics
 from infra.settings import Settings
-from schemas.events import (FeedbackKind, FeedbackReceived, NextStateKind, SamplingParams,
-                            TransitionFormed, TurnRecorded, TurnType)
+from schemas.events import (
+    FeedbackKind,
+    FeedbackReceived,
+    NextStateKind,
+    SamplingParams,
+    TransitionFormed,
+    TurnRecorded,
+    TurnType,
+)
 from schemas.serde import EventSerde, registry_client
 
 REPO = Path(__file__).resolve().parents[1]

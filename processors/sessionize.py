@@ -49,8 +49,15 @@ from pydantic import BaseModel, ConfigDict
 from infra.settings import Settings
 from processors.dead_letters import validate_turn
 from processors.stage import Context, ControlSend, Handler, InputOffsets, Result, Stage, Timer
-from schemas.events import (FeedbackKind, FeedbackReceived, NextStateKind, TransitionFormed,
-                            TurnRecorded, TurnType, derived_id)
+from schemas.events import (
+    FeedbackKind,
+    FeedbackReceived,
+    NextStateKind,
+    TransitionFormed,
+    TurnRecorded,
+    TurnType,
+    derived_id,
+)
 
 VERDICTS = {FeedbackKind.THUMBS, FeedbackKind.OUTCOME_REWARD, FeedbackKind.TEST_RESULT}
 CLOSERS = VERDICTS | {FeedbackKind.SESSION_END}

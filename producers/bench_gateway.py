@@ -75,10 +75,10 @@ def _client_process(url: str, key: str, body: dict[str, Any], clients: int, requ
 def run_gateway_bench(settings: Any, model: str | None, levels: list[int], max_tokens: int,
                       rounds: int, kafka: bool, console: Any) -> list[dict[str, float]]:
     from producers.gateway.auth import KeyRing, hash_key
-    from serving.chat import normalize_messages, render_prompt
     from producers.gateway.server import ServerThread, build_gateway, load_tokenizer
     from schemas.events import SamplingParams
     from serving import create_engine
+    from serving.chat import normalize_messages, render_prompt
     from serving.tiny import build_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="nextstate-bench-gw-"))

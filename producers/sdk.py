@@ -28,8 +28,7 @@ import orjson
 from infra.errors import GatewayError
 from infra.settings import Settings
 from producers.gateway.wire import FeedbackRequest
-from schemas.events import (Event, FeedbackReceived, SamplingParams, SessionSource, TurnRecorded,
-                            TurnType)
+from schemas.events import Event, FeedbackReceived, SamplingParams, SessionSource, TurnRecorded, TurnType
 
 
 class Recorder:

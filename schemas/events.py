@@ -11,9 +11,9 @@ reprocesses the same input produces the same ids and downstream can drop duplica
 from __future__ import annotations
 
 import uuid
+from array import array
 from datetime import datetime, timezone
 from enum import StrEnum
-from array import array
 from typing import Annotated, Any, ClassVar
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field

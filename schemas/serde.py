@@ -12,24 +12,28 @@ This module knows nothing about producing or consuming.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
-from infra.errors import DecodeError, SchemaError
-from infra.settings import RegistrySettings
 from schemas.catalog import EventSchema, schema_for
+from schemas.errors import DecodeError, SchemaError
 from schemas.events import EVENT_TYPES, Event
-
 
 # Subjects are `<topic>-value`, said outright: the client's default ("associated" names)
 # asks the registry about every new topic first, an extra round trip that Apicurio answers 404.
 _TOPIC_SUBJECTS = {"subject.name.strategy.type": "TOPIC"}
 
 
-def registry_client(registry: RegistrySettings) -> SchemaRegistryClient:
+class RegistryConfig(Protocol):
+    """What a registry client needs (infra.settings.RegistrySettings is one)."""
+
+    def client_config(self) -> dict[str, Any]: ...
+
+
+def registry_client(registry: RegistryConfig) -> SchemaRegistryClient:
     return SchemaRegistryClient(registry.client_config())
 
 

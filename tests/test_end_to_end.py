@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 from rich.console import Console
 
-from infra.audit import lineage, read_log, resolve
-from infra.demo import DemoConfig, run_demo
+from infra.cli.audit import lineage, resolve
+from infra.cli.demo import DemoConfig, run_demo
+from infra.eventlog import read_log
 from infra.provision import admin_client
 from schemas.events import (
     CheckpointPublished,

@@ -75,26 +75,41 @@ def _reap(pid: int) -> None:
         pass
 
 
-def spawn(argv: Sequence[str], *, log_path: Path, cwd: Path, env: Mapping[str, str] | None = None) -> int:
-    """Start a detached process (own session) whose stdout and stderr append to log_path."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    if log_path.exists() and log_path.stat().st_size > LOG_ROTATE_BYTES:
-        log_path.replace(log_path.with_suffix(log_path.suffix + ".1"))
-    with open(log_path, "ab") as log:
+def spawn(argv: Sequence[str], *, log_path: Path | None, cwd: Path, env: Mapping[str, str] | None = None,
+          own_session: bool = True) -> int:
+    """Start a detached process (own session) whose stdout and stderr append to log_path
+    (None: they go where this process's own output goes). With `own_session` False it stays
+    in our process group, so a signal to the group (ours stopped or killed) reaches it too."""
+    log = None
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        if log_path.exists() and log_path.stat().st_size > LOG_ROTATE_BYTES:
+            log_path.replace(log_path.with_suffix(log_path.suffix + ".1"))
+        log = open(log_path, "ab")
         log.write(f"\n=== nextstate stack: starting {' '.join(argv[:1])} at {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())
         log.flush()
+    try:
         proc = subprocess.Popen(
             list(argv),
             cwd=cwd,
             env={**os.environ, **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            stderr=subprocess.STDOUT if log is not None else None,
+            start_new_session=own_session,
             close_fds=True,
         )
+    finally:
+        if log is not None:
+            log.close()
     _spawned.append(proc)
     return proc.pid
+
+
+def terminate(record: PidRecord) -> None:
+    """SIGTERM the process group we started, without waiting (stop() waits)."""
+    if is_alive(record):
+        _signal_group(record.pid, signal.SIGTERM)
 
 
 def stop(record: PidRecord, *, grace_s: float = 30.0) -> None:

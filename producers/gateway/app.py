@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 import re
 import time
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import orjson
@@ -106,11 +107,12 @@ async def _send_error(send: Any, status: int, message: str) -> None:
 
 
 def create_app(gw: Gateway, settings: Any = None, namespace: str | None = None,
-               reload: bool = False, ops: bool = False) -> FastAPI:
+               reload: bool = False, mount: Callable[[FastAPI], AbstractContextManager] | None = None) -> FastAPI:
     """The gateway app. With the full `settings`, `reload` follows `checkpoints` and hot-swaps
-    the in-process engine (serving.reloader), and `ops` serves the ops view under /ops."""
-    if (reload or ops) and settings is None:
-        raise ValueError("reload and ops need the full settings object")
+    the in-process engine (serving.reloader). `mount(app)` adds routes of the caller's (the
+    command line mounts the ops view) and returns what runs beside them while the app serves."""
+    if reload and settings is None:
+        raise ValueError("reload needs the full settings object")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -120,11 +122,8 @@ def create_app(gw: Gateway, settings: Any = None, namespace: str | None = None,
                 from serving.reloader import following
 
                 await stack.enter_async_context(following(gw.engine, settings, namespace))
-            if ops:
-                from infra.ops import OpsIndex
-
-                app.state.ops_index = OpsIndex(settings, namespace).start()
-                stack.callback(app.state.ops_index.stop)
+            if mounted is not None:
+                stack.enter_context(mounted)
             try:
                 yield
             finally:
@@ -133,11 +132,7 @@ def create_app(gw: Gateway, settings: Any = None, namespace: str | None = None,
     app = FastAPI(title="nextstate gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.gateway = gw
-    if ops:
-        from infra.ops import ops_router
-
-        app.state.ops_keyring = gw.keys
-        app.include_router(ops_router())
+    mounted = mount(app) if mount is not None else None
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:

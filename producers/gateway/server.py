@@ -77,9 +77,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def run_gateway(gw: Gateway, host: str, port: int, log_level: str = "info", settings: Settings | None = None,
-                namespace: str | None = None, reload: bool = False, ops: bool = False) -> None:
+                namespace: str | None = None, reload: bool = False, mount: Callable[..., Any] | None = None) -> None:
     try:
-        app = create_app(gw, settings, namespace, reload=reload, ops=ops)
+        app = create_app(gw, settings, namespace, reload=reload, mount=mount)
         uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
                     timeout_keep_alive=gw.settings.keep_alive_timeout_s)
     finally:

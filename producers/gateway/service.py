@@ -35,8 +35,7 @@ from producers.gateway.replies import Replies, client_request_id
 from producers.gateway.sessions import Session, SessionRef, SessionTracker
 from producers.gateway.spool import Spool, SpoolDrainer
 from producers.gateway.wire import ChatCompletionRequest, FeedbackRequest
-from schemas.events import (FeedbackKind, FeedbackReceived, SamplingParams, SessionSource, TurnRecorded,
-                            TurnType)
+from schemas.events import FeedbackKind, FeedbackReceived, SamplingParams, SessionSource, TurnRecorded, TurnType
 from serving.chat import normalize_messages, render_prompt
 from serving.engine import Engine
 

@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-
 from starlette.responses import StreamingResponse
 
 from producers.gateway.decode import TextAssembler

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from rich.console import Console
 
-from infra.audit import Logged, lineage, read_log, render, resolve
+from infra.cli.audit import lineage, render, resolve
+from infra.eventlog import Logged, read_log
 from infra.kafka import EventProducer
 from schemas.events import PartitionOffset
 from tests.schemas.examples import examples

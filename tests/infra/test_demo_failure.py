@@ -8,7 +8,7 @@ import socket
 import pytest
 from rich.console import Console
 
-from infra.demo import DemoConfig, run_demo
+from infra.cli.demo import DemoConfig, run_demo
 
 pytestmark = [pytest.mark.stack]
 

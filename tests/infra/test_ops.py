@@ -12,8 +12,8 @@ import httpx
 import pytest
 import uvicorn
 
+from infra.cli.ops import ops_app
 from infra.kafka import EventProducer
-from infra.ops import ops_app
 from infra.settings import load_settings
 from tests.conftest import wait_for
 from tests.schemas.examples import examples

@@ -33,7 +33,7 @@ def test_restarts_gives_up_and_stops(tmp_path):
     }
     script = textwrap.dedent(f"""
         from infra.settings import load_settings
-        from infra.supervisor import supervise
+        from infra.cli.supervisor import supervise
         supervise(load_settings(), {parts!r}, backoff_start_s=0.05, give_up_after=3)
     """)
     env = {**os.environ, "NEXTSTATE_STACK__STATE_DIR": str(tmp_path)}

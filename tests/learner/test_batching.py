@@ -6,8 +6,8 @@ import pytest
 
 from learner.batching import InvalidSample, StepCollector, collate, has_signal, pack, validate
 from learner.staleness import StalenessCounter, Verdict, lag, policy
-from schemas.methods import rule
 from schemas.events import Method
+from schemas.methods import rule
 from tests.learner.samples import make_sample
 
 

@@ -9,8 +9,15 @@ import sys
 import uuid
 from pathlib import Path
 
-from schemas.events import (FeedbackKind, FeedbackReceived, NextStateKind, SamplingParams,
-                            TransitionFormed, TurnRecorded, TurnType)
+from schemas.events import (
+    FeedbackKind,
+    FeedbackReceived,
+    NextStateKind,
+    SamplingParams,
+    TransitionFormed,
+    TurnRecorded,
+    TurnType,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,8 +9,7 @@ import pytest
 from confluent_kafka import Producer
 
 from infra.kafka import EventProducer
-from schemas.events import (DeadLettered, FeedbackKind, HintJudged, Method, RewardJudged, SampleReady,
-                            TransitionFormed)
+from schemas.events import DeadLettered, FeedbackKind, HintJudged, Method, RewardJudged, SampleReady, TransitionFormed
 from tests.conftest import wait_for
 from tests.processors.helpers import Collector, StageProcess, conversation, feedback, transition, turn
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from infra.settings import Settings, ServingSettings
+from infra.settings import ServingSettings, Settings
 from producers.gateway.auth import KeyRing, hash_key
 from producers.gateway.server import build_gateway
 from tests.producers.helpers import KEYS

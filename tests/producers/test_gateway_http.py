@@ -13,8 +13,7 @@ import pytest
 from producers.gateway.server import ServerThread
 from schemas.events import SamplingParams, SessionSource, TurnRecorded, TurnType
 from serving.chat import normalize_messages, render_prompt
-from tests.producers.gateway_fixtures import (engine, keyring, long_engine, long_model_dir,  # noqa: F401
-                                              make_gateway, tokenizer)
+from tests.producers.gateway_fixtures import engine, keyring, long_engine, long_model_dir, make_gateway, tokenizer  # noqa: F401
 from tests.producers.helpers import KEYS, ScriptedEngine
 from tests.producers.openclaw_shapes import OpenClawConversation, openclaw_request, openclaw_tools, system_prompt
 

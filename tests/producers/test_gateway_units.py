@@ -17,7 +17,6 @@ from producers.gateway.sessions import SessionTracker
 from producers.gateway.wire import ChatCompletionRequest, FeedbackRequest, describe
 from schemas.events import SessionSource
 from serving.chat import normalize_messages, render_prompt, text_of
-
 from tests.producers.gateway_fixtures import tokenizer  # noqa: F401  (fixture)
 from tests.producers.openclaw_shapes import openclaw_request, openclaw_tools
 

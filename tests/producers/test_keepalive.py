@@ -18,7 +18,6 @@ import time
 import uuid
 
 import httpx
-import pytest
 
 from infra.http import RetryOnFreshConnection, async_client
 from producers.gateway.server import ServerThread

@@ -9,12 +9,11 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
-from rich.console import Console
 
+from infra.cli.common import console, fail
 from infra.errors import NextstateError
 
 gateway_app = typer.Typer(help="The OpenAI-compatible recording gateway.")
-console = Console()
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
@@ -23,9 +22,6 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     bench_app.command("gateway")(bench_gateway)
 
 
-def _fail(exc: NextstateError) -> None:
-    console.print(f"[red]error:[/red] {exc}")
-    raise typer.Exit(1)
 
 
 @gateway_app.callback(invoke_without_command=True)
@@ -53,7 +49,7 @@ def serve(ctx: typer.Context,
         engine = create_engine(serving)
         gw = build_gateway(settings, engine, load_tokenizer(engine, serving), namespace=namespace)
     except NextstateError as exc:
-        _fail(exc)
+        fail(exc)
     g = settings.gateway
     if not g.api_keys:
         console.print(f"local profile, no gateway.api_keys: tenant [bold]{g.tenant}[/bold] uses the "
@@ -63,8 +59,10 @@ def serve(ctx: typer.Context,
                   f"engine {info.name} v{info.policy_version} | context {info.max_context} | "
                   f"spool {g.spool_dir} ({gw.spool.depth} pending)")
     try:
+        from infra.cli.ops import mount
+
         run_gateway(gw, host or g.host, port or g.port, settings=settings, namespace=namespace,
-                    reload=reload, ops=ops)
+                    reload=reload, mount=mount(settings, namespace) if ops else None)
     finally:
         asyncio.run(engine.close())
 
@@ -91,4 +89,4 @@ def bench_gateway(model: Optional[str] = typer.Option(None, help="model spec; de
         levels = [int(c) for c in clients.split(",") if c.strip()]
         run_gateway_bench(load_settings(), model, levels, max_tokens, rounds, kafka, console)
     except NextstateError as exc:
-        _fail(exc)
+        fail(exc)

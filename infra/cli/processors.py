@@ -7,22 +7,13 @@ the engines are imported inside the commands, so `nextstate --help` stays fast.
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 from typing import Optional
 
 import typer
-from rich.console import Console
 
+from infra.cli.common import console, fail
 from infra.errors import NextstateError
 from infra.settings import load_settings
-
-console = Console()
-
-
-def _fail(exc: Exception) -> None:
-    console.print(f"[red]error:[/red] {exc}")
-    raise typer.Exit(1)
 
 
 def _stage_names() -> list[str]:
@@ -38,13 +29,13 @@ def process(stage: str = typer.Argument(..., help="a stage of `nextstate topolog
     settings = load_settings()
     ns = settings.kafka.namespace if namespace is None else namespace
     if stage == "all":
-        raise typer.Exit(_run_all(ns, loglevel))
+        raise typer.Exit(_run_all(settings, ns, loglevel))
     from processors.topology import stage as stage_spec
 
     try:
         spec = stage_spec(stage)
     except ValueError as exc:
-        _fail(ValueError(f"{exc} or all"))
+        fail(ValueError(f"{exc} or all"))
     from processors.app import run_worker
     from processors.teacher import build_teacher
 
@@ -52,38 +43,34 @@ def process(stage: str = typer.Argument(..., help="a stage of `nextstate topolog
         teacher = build_teacher(settings) if spec.teacher else None
         run_worker(settings, ns, stage, teacher, loglevel)
     except NextstateError as exc:
-        _fail(exc)
+        fail(exc)
 
 
-def _run_all(namespace: str, loglevel: str) -> int:
-    """One worker process per stage; stop them all when one exits or on SIGINT/SIGTERM."""
-    procs = [subprocess.Popen([sys.executable, "-m", "infra.cli", "process", stage,
-                               "--namespace", namespace, "--loglevel", loglevel])
-             for stage in _stage_names()]
+def _run_all(settings, namespace: str, loglevel: str) -> int:
+    """One worker process per stage, failing fast: when one exits, or on SIGINT/SIGTERM, all
+    stop. They share this process's output and group (a kill of the group reaches them)."""
+    from infra.cli.supervisor import PartFailed, Supervisor, nextstate_argv
+
+    stopping = False
 
     def stop(*_: object) -> None:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
+        nonlocal stopping
+        stopping = True
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    code = 0
+    sup = Supervisor(settings.stack.state_dir / "parts" / f"processors-{namespace.rstrip('.') or 'default'}",
+                     restart=False, logs=False, own_groups=False)
     try:
-        while all(p.poll() is None for p in procs):
-            try:
-                procs[0].wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                pass
-        code = next(p.returncode for p in procs if p.returncode is not None)
+        for stage in _stage_names():
+            sup.start(stage, nextstate_argv(["process", stage, "--namespace", namespace, "--loglevel", loglevel]))
+        sup.run(lambda: stopping)
+        return 0
+    except PartFailed as exc:
+        console.print(f"processors: stage {exc.name!r} exited; stopping the others", markup=False)
+        return 1
     finally:
-        stop()
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-    return code
+        sup.stop()
 
 
 def topology() -> None:
@@ -118,7 +105,7 @@ def replay(stage: str = typer.Argument(..., help="a stage of `nextstate topology
         report = run_replay(settings, stage, settings.kafka.namespace if source is None else source,
                             namespace, start, end, copy_inputs=copy_inputs, console=console)
     except (NextstateError, ValueError) as exc:
-        _fail(exc)
+        fail(exc)
     console.print(report.summary())
     if stage == "judge":
         print_agreement(settings, settings.kafka.namespace if source is None else source, namespace)
@@ -128,7 +115,7 @@ def print_agreement(settings, left_ns: str, right_ns: str) -> None:
     """The table of agreement between two namespaces' reward streams."""
     from rich.table import Table
 
-    from infra.audit import read_log
+    from infra.eventlog import read_log
     from processors.compare import SCORES, agreement
     from schemas.events import RewardJudged
 
@@ -164,7 +151,7 @@ def bench_pipeline(turns: int = typer.Option(300, help="sessions × turns to pus
     try:
         run_pipeline_bench(load_settings(), turns, response_tokens, llm_calls, model, console)
     except NextstateError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:

@@ -9,11 +9,9 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
-from rich.console import Console
 
+from infra.cli.common import console, fail
 from infra.errors import NextstateError
-
-console = Console()
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
@@ -23,9 +21,6 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     bench_app.command("engine")(bench_engine)
 
 
-def _fail(exc: NextstateError) -> None:
-    console.print(f"[red]error:[/red] {exc}")
-    raise typer.Exit(1)
 
 
 def serve(model: Optional[str] = typer.Option(None, help="model spec; default: settings serving.model"),
@@ -80,7 +75,7 @@ def serve(model: Optional[str] = typer.Option(None, help="model spec; default: s
     try:
         asyncio.run(main())
     except NextstateError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 def bench_swap(model: Optional[str] = typer.Option(None, help="model spec; default: a tiny random model"),
@@ -97,7 +92,7 @@ def bench_swap(model: Optional[str] = typer.Option(None, help="model spec; defau
     try:
         results = asyncio.run(run_swap_bench(load_settings(), model, concurrency, idle_s, max_tokens, console))
     except NextstateError as exc:
-        _fail(exc)
+        fail(exc)
     if results.get("refused_or_failed"):
         raise typer.Exit(1)
 
@@ -132,4 +127,4 @@ def bench_engine(model: Optional[str] = typer.Option(None, help="model spec; def
     try:
         asyncio.run(main())
     except NextstateError as exc:
-        _fail(exc)
+        fail(exc)

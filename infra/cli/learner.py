@@ -2,7 +2,7 @@
 
 Heavy imports (torch, DeepSpeed, transformers) happen inside the commands. SIGTERM and SIGINT
 ask the loop to stop after its current step; it then publishes a last checkpoint. Mounted by
-infra/cli.py through `register`.
+infra/cli/__init__.py through `register`.
 """
 
 from __future__ import annotations
@@ -12,18 +12,10 @@ import signal
 from typing import Optional
 
 import typer
-from rich.console import Console
 
+from infra.cli.common import console, fail
 from infra.errors import NextstateError
 from infra.settings import load_settings
-
-console = Console()
-
-
-def _fail(exc: NextstateError) -> None:
-    console.print("error:", style="red", end=" ")
-    console.print(str(exc), markup=False, highlight=False)
-    raise typer.Exit(1)
 
 
 def learn(
@@ -38,7 +30,8 @@ def learn(
     max_steps: Optional[int] = typer.Option(None, help="stop after this many optimizer steps"),
 ) -> None:
     """Consume samples, train the policy with DeepSpeed, publish checkpoints; resume where the run left off."""
-    from learner.loop import Until, learn as run_learner
+    from learner.loop import Until
+    from learner.loop import learn as run_learner
 
     if start is not None and run is None:
         console.print("error: --from starts a separate run on history; name it with --run NAME "
@@ -53,7 +46,7 @@ def learn(
         state = run_learner(load_settings(), run=run, namespace=namespace,
                             start=start or "beginning", model=model, until=until)
     except NextstateError as exc:
-        _fail(exc)
+        fail(exc)
     console.print(f"stopped at step {state.step}, version {state.version}, "
                   f"{state.samples_trained} samples trained")
 
@@ -74,7 +67,7 @@ def bench_learner(
         run_learner_bench(load_settings(), samples, prompt_tokens, response_tokens, model,
                           smollm2, full_steps, console)
     except NextstateError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:

@@ -26,7 +26,6 @@ import json
 import os
 import random
 import secrets
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +35,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from infra.cli.supervisor import Supervisor, nextstate_argv
 from infra.settings import Settings
-from infra.stack import procs
 from producers.simulated.harness import GatewayUsers, ProbeResult, SessionResult
 from producers.simulated.personas import PERSONAS, split_questions
 
@@ -83,29 +82,17 @@ class DemoState:
     failure: str | None = None    # what failed, in which phase, and where its logs are
 
 
-class Parts:
-    """The demo's processes, started with one environment and stopped by pid."""
+class Parts(Supervisor):
+    """The demo's processes: `nextstate` subcommands under one fail-fast supervisor, so a part
+    that exits stops the demo with its name and the end of its log."""
 
     def __init__(self, directory: Path, env: dict[str, str]) -> None:
-        self.directory, self.env, self.records = directory, env, {}
+        super().__init__(directory, env, restart=False)
 
-    def start(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> None:
-        pid = procs.spawn([sys.executable, "-m", "infra.cli", *args], log_path=self.directory / f"{name}.log",
-                          cwd=Path.cwd(), env={**self.env, **(extra_env or {})})
-        self.records[name] = procs.write_pid(self.directory / f"{name}.pid", pid, "demo")
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        super().start(name, nextstate_argv(args), env)
 
-    def alive(self, name: str) -> bool:
-        return procs.is_alive(self.records[name])
-
-    def check(self) -> None:
-        for name, rec in self.records.items():
-            if not procs.is_alive(rec):
-                tail = "\n".join(procs.tail(self.directory / f"{name}.log", 25))
-                raise RuntimeError(f"demo part {name!r} exited; last log lines:\n{tail}")
-
-    def stop(self, names: list[str] | None = None, grace_s: float = 120.0) -> None:
-        for name in names or list(self.records):
-            procs.stop(self.records.pop(name), grace_s=grace_s)
+    check = Supervisor.poll
 
 
 def _view(state: DemoState, cfg: DemoConfig) -> Table:
@@ -179,8 +166,8 @@ async def _await_policy(settings: Settings, cfg: DemoConfig, users: GatewayUsers
 
 def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> DemoState:
     from infra.provision import provision
-    from processors.topology import control_topics
     from infra.stack import up
+    from processors.topology import control_topics
     from serving.models import resolve_model
 
     ns = f"demo{time.strftime('%Y%m%d%H%M%S')}."
@@ -242,7 +229,7 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> DemoState
                 others = [m for m in others if not _caught_up(child_settings, m)]
                 time.sleep(2)
             learners = [f"learner-{m}" for m in cfg.methods]
-            parts.stop([n for n in learners if n in parts.records])  # SIGTERM: each finishes its step and publishes a last checkpoint
+            parts.stop(learners, grace_s=120)  # SIGTERM: each finishes its step and publishes a last checkpoint
             state.phase = "probing each run's final policy"
             live.update(_view(state, cfg))
             for port in ports.values():
@@ -253,7 +240,7 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> DemoState
     except Exception as exc:  # say what failed and keep what was measured (below)
         state.failure = _describe_failure(exc, state.phase, parts.directory)
     finally:
-        parts.stop()
+        parts.stop(grace_s=120)
     _report(cfg, state, out, console)
     if state.failure:
         console.print(f"[bold red]demo failed[/bold red] {state.failure}", markup=True, highlight=False)
@@ -281,10 +268,17 @@ def _caught_up(settings: Settings, method: str, quiet_s: float = 2.0) -> int | N
     no sample arrived for `quiet_s` (the assembler has had its moment), and the run's latest
     checkpoint consumed every sample offset in the log that its method trains on (an `opd`
     run skips samples without teacher logprobs and publishes nothing for them)."""
-    from infra.audit import read_log
+    from infra.eventlog import read_log
     from learner.batching import has_signal
-    from schemas.events import (CheckpointPublished, HintJudged, RewardJudged, SampleReady, TransitionFormed,
-                                TurnRecorded, TurnType)
+    from schemas.events import (
+        CheckpointPublished,
+        HintJudged,
+        RewardJudged,
+        SampleReady,
+        TransitionFormed,
+        TurnRecorded,
+        TurnType,
+    )
     from schemas.methods import rule
 
     log = read_log(settings, timeout=5.0)
@@ -321,7 +315,7 @@ async def _session_phase(settings: Settings, cfg: DemoConfig, users: GatewayUser
 
 def _final_versions(settings: Settings, cfg: DemoConfig) -> dict[str, int]:
     """The last checkpoint version each run published."""
-    from infra.audit import read_log
+    from infra.eventlog import read_log
     from schemas.events import CheckpointPublished
 
     latest: dict[str, int] = {}

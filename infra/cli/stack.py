@@ -1,7 +1,7 @@
 """`nextstate stack up | down | status | logs`: the command-line face of infra/stack.
 
 Only parses, builds settings, calls infra.stack and prints; a StackError becomes a red message
-and exit code 1. Mounted by infra/cli.py.
+and exit code 1. Mounted by infra/cli/__init__.py.
 """
 
 from __future__ import annotations
@@ -9,16 +9,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from infra.cli.common import console, err_console, fail
 from infra.errors import NextstateError
 from infra.settings import load_settings
 from infra.stack import ServiceState, ServiceStatus, service_names
 
 stack_app = typer.Typer(no_args_is_help=True, add_completion=False)
-console = Console()
-err_console = Console(stderr=True)
 
 _STYLE = {ServiceState.HEALTHY: "green", ServiceState.UNHEALTHY: "yellow", ServiceState.STOPPED: "red"}
 
@@ -35,11 +33,6 @@ def print_status(statuses: Sequence[ServiceStatus]) -> None:
     console.print(table)
 
 
-def _fail(exc: NextstateError) -> None:
-    # Not rich markup: log lines in the message may contain square brackets.
-    err_console.print("error:", style="red", end=" ")
-    err_console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
 
 
 @stack_app.command()
@@ -47,8 +40,8 @@ def up(provision: bool = typer.Option(True, help="create topics, schemas and the
     """Install (once per machine) and start Kafka, the schema registry and MinIO; wait until
     healthy; then provision the default namespace."""
     from infra.provision import provision as run_provision
-    from processors.topology import control_topics
     from infra.stack import up as stack_up
+    from processors.topology import control_topics
 
     try:
         s = load_settings()
@@ -56,7 +49,7 @@ def up(provision: bool = typer.Option(True, help="create topics, schemas and the
         provisioned = (run_provision(s.kafka, s.registry, s.storage, control=control_topics(s.kafka.namespace))
                        if provision else None)
     except NextstateError as exc:
-        _fail(exc)
+        fail(exc)
     print_status(statuses)
     if provisioned:
         created = sum(state == "created" for state in provisioned["topics"].values())
@@ -76,7 +69,7 @@ def down() -> None:
         s = load_settings()
         statuses = stack_down(s.stack, s.storage)
     except NextstateError as exc:
-        _fail(exc)
+        fail(exc)
     print_status(statuses)
 
 
@@ -89,7 +82,7 @@ def status() -> None:
         s = load_settings()
         statuses = stack_status(s.stack, s.storage)
     except NextstateError as exc:
-        _fail(exc)
+        fail(exc)
     print_status(statuses)
     if any(st.state is not ServiceState.HEALTHY for st in statuses):
         raise typer.Exit(1)
@@ -107,6 +100,6 @@ def logs(
         s = load_settings()
         found = stack_logs(s.stack, service, lines)
     except NextstateError as exc:
-        _fail(exc)
+        fail(exc)
     for line in found:
         typer.echo(line)

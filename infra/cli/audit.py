@@ -1,7 +1,6 @@
 """The audit trail: from any sample, turn or session back to everything that explains it.
 
-`read_log` reads every topic of a namespace from the beginning to the current end (the log
-is the database); `lineage` is pure and walks the ids events carry: a sample's parents (turn,
+`infra.eventlog.read_log` reads every topic of a namespace (the log is the database); `lineage` is pure and walks the ids events carry: a sample's parents (turn,
 transition, judgement, hint), the transition's next state and feedback, every judge vote
 with its raw text, the hint decision, and the checkpoints whose consumed offsets cover the
 sample's offset. `render` prints it. Knows nothing about training or serving.
@@ -10,20 +9,15 @@ sample's offset. `render` prints it. Knows nothing about training or serving.
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass, field
 
-from confluent_kafka import TopicPartition
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from infra.kafka import EventConsumer, OnDecodeError
-from infra.settings import Settings
-from schemas.catalog import TOPICS
+from infra.eventlog import Logged
 from schemas.events import (
     CheckpointPublished,
-    Event,
     FeedbackReceived,
     HintJudged,
     RewardJudged,
@@ -31,53 +25,6 @@ from schemas.events import (
     TransitionFormed,
     TurnRecorded,
 )
-from schemas.serde import registry_client
-
-
-@dataclass(frozen=True)
-class Logged:
-    event: Event
-    topic: str
-    partition: int
-    offset: int
-
-
-def read_log(settings: Settings, namespace: str | None = None, timeout: float = 30.0) -> list[Logged]:
-    """Every decodable event of the namespace, up to each partition's end at call time."""
-    consumer = EventConsumer(settings.kafka, registry_client(settings.registry),
-                             f"audit-{uuid.uuid4().hex}", namespace,
-                             on_decode_error=OnDecodeError.SKIP)
-    raw = consumer.raw
-    ends: dict[tuple[str, int], int] = {}
-    assignment = []
-    for name in TOPICS:
-        topic = consumer.topic(name)
-        meta = raw.list_topics(topic, timeout=timeout).topics.get(topic)
-        if meta is None or meta.error is not None:
-            continue
-        for p in meta.partitions:
-            low, high = raw.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
-            if high > low:
-                ends[(topic, p)] = high
-                assignment.append(TopicPartition(topic, p, low))
-    consumer.assign(assignment)
-    out: list[Logged] = []
-    done: set[tuple[str, int]] = set()
-    while len(done) < len(ends):
-        msg = raw.poll(timeout)
-        if msg is None:
-            break  # nothing more within the timeout: report what arrived
-        if msg.error():
-            continue
-        where = (msg.topic(), msg.partition())
-        try:
-            out.append(Logged(consumer.decode(msg), *where, msg.offset()))
-        except Exception:
-            pass  # undecodable records are the dead-letter view's business
-        if msg.offset() + 1 >= ends[where]:
-            done.add(where)
-    consumer.close()
-    return out
 
 
 @dataclass

@@ -10,13 +10,13 @@ import json
 from typing import Optional
 
 import typer
-from rich.console import Console
 
-from infra.cli_processors import register as register_processors
-from infra.cli_stack import stack_app
-from infra.cli_gateway import register as register_gateway
-from infra.cli_learner import register as register_learner
-from infra.cli_serving import register as register_serving
+from infra.cli.common import console, fail
+from infra.cli.gateway import register as register_gateway
+from infra.cli.learner import register as register_learner
+from infra.cli.processors import register as register_processors
+from infra.cli.serving import register as register_serving
+from infra.cli.stack import stack_app
 from infra.errors import NextstateError
 from infra.settings import load_settings, masked
 
@@ -32,7 +32,6 @@ register_serving(app, bench_app)
 register_processors(app, bench_app)
 register_gateway(app, bench_app)
 
-console = Console()
 
 
 @app.callback()
@@ -44,9 +43,6 @@ def _quiet_clients() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def fail(exc: NextstateError) -> None:
-    console.print(f"[red]error:[/red] {exc}")
-    raise typer.Exit(1)
 
 
 @config_app.command("show")
@@ -98,7 +94,8 @@ def bench_codec(records: int = typer.Option(5000, help="records per measurement"
 def audit(some_id: str = typer.Argument(..., help="a sample, turn, transition, judgement or session id"),
           namespace: Optional[str] = typer.Option(None, help="topic prefix; default from settings")) -> None:
     """Print the full lineage: turn, next state, every judge vote, the hint, the sample, the checkpoint."""
-    from infra.audit import lineage, read_log, render, resolve
+    from infra.cli.audit import lineage, render, resolve
+    from infra.eventlog import read_log
 
     try:
         log = read_log(load_settings(), namespace)
@@ -115,10 +112,10 @@ def audit(some_id: str = typer.Argument(..., help="a sample, turn, transition, j
 @app.command("up")
 def up_all(stack: bool = typer.Option(True, help="start the local stack too (off when Kafka etc. run elsewhere)")) -> None:
     """Start every part (stack, engine + gateway, processors, learner) as supervised processes."""
+    from infra.cli.supervisor import parts_dir, start_supervisor
     from infra.provision import provision as run_provision
-    from processors.topology import control_topics
     from infra.stack import up as stack_up
-    from infra.supervisor import parts_dir, start_supervisor
+    from processors.topology import control_topics
 
     try:
         s = load_settings()
@@ -134,8 +131,8 @@ def up_all(stack: bool = typer.Option(True, help="start the local stack too (off
 @app.command("down")
 def down_all(stack: bool = typer.Option(False, help="stop the local stack too")) -> None:
     """Stop every supervised part (and, with --stack, the local stack)."""
+    from infra.cli.supervisor import stop_supervisor
     from infra.stack import down as stack_down
-    from infra.supervisor import stop_supervisor
 
     s = load_settings()
     console.print("parts stopped" if stop_supervisor(s) else "no parts were running")
@@ -149,7 +146,7 @@ def ps() -> None:
     """Show each supervised part: state, pid, restarts, last exit."""
     from rich.table import Table
 
-    from infra.supervisor import read_states, supervisor_running
+    from infra.cli.supervisor import read_states, supervisor_running
 
     s = load_settings()
     table = Table(title=f"nextstate parts (supervisor {'running' if supervisor_running(s) else 'stopped'})")
@@ -163,7 +160,7 @@ def ps() -> None:
 @app.command("supervise", hidden=True)
 def supervise_cmd() -> None:
     """Run the supervisor in the foreground (what `nextstate up` starts detached)."""
-    from infra.supervisor import supervise
+    from infra.cli.supervisor import supervise
 
     supervise(load_settings())
 
@@ -174,7 +171,7 @@ def ops(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(30080),
     """Serve only the ops view (sessions, reward decisions, curves) behind the gateway's API keys."""
     import uvicorn
 
-    from infra.ops import ops_app
+    from infra.cli.ops import ops_app
 
     try:
         app_ = ops_app(load_settings(), namespace)
@@ -198,7 +195,7 @@ def demo(sessions: int = typer.Option(48, help="simulated user sessions (two tur
          port: int = typer.Option(30100, help="the demo gateway's port")) -> None:
     """The whole loop on the embedded default, driven by simulated users: a live view, then a
     before/after table and a PNG plot of satisfaction per interaction."""
-    from infra.demo import DemoConfig, run_demo
+    from infra.cli.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(model=model, sessions=sessions, concurrency=concurrency, round_sessions=round_sessions,
                      max_tokens=max_tokens,
@@ -211,7 +208,3 @@ def demo(sessions: int = typer.Option(48, help="simulated user sessions (two tur
         fail(exc)
     if state.failure:
         raise typer.Exit(1)
-
-
-if __name__ == "__main__":
-    app()

@@ -13,6 +13,8 @@ import base64
 import threading
 import uuid
 from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +159,27 @@ def ops_router() -> APIRouter:
     return router
 
 
+@contextmanager
+def _following(app: Any, settings: Settings, namespace: str | None) -> Iterator[None]:
+    app.state.ops_index = OpsIndex(settings, namespace).start()
+    try:
+        yield
+    finally:
+        app.state.ops_index.stop()
+
+
+def mount(settings: Settings, namespace: str | None = None) -> Callable[[Any], Any]:
+    """For the gateway's `create_app(mount=...)`: the ops view under /ops of the gateway app,
+    behind the gateway's own keys, its index following the log while the app serves."""
+
+    def on(app: Any) -> Any:
+        app.state.ops_keyring = app.state.gateway.keys
+        app.include_router(ops_router())
+        return _following(app, settings, namespace)
+
+    return on
+
+
 def ops_app(settings: Settings, namespace: str | None = None):
     """A standalone app serving only the ops view (`nextstate ops`)."""
     from contextlib import asynccontextmanager
@@ -167,9 +190,8 @@ def ops_app(settings: Settings, namespace: str | None = None):
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.ops_index = OpsIndex(settings, namespace).start()
-        yield
-        app.state.ops_index.stop()
+        with _following(app, settings, namespace):
+            yield
 
     app = FastAPI(title="nextstate ops", lifespan=lifespan)
     app.state.ops_keyring = KeyRing.from_settings(settings.gateway, settings.profile == "local")

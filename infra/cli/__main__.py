@@ -1,0 +1,5 @@
+"""`python -m infra.cli`: what the `nextstate` command runs (parts are spawned this way)."""
+
+from infra.cli import app
+
+app()
