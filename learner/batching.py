@@ -27,22 +27,13 @@ class InvalidSample(LearnerError):
 
 
 def validate(sample: SampleReady) -> None:
-    """Raise InvalidSample naming the mismatch; silent if the sample is well formed.
+    """Raise InvalidSample naming the mismatch (SampleReady.problem); silent if well formed.
 
     A well-formed sample that the run's method has no signal for (an RL-only sample in an
     `opd` run) is not invalid: the feeder skips and counts it (`has_signal`)."""
-    sid = sample.event_id[:8]
-    n = len(sample.response_token_ids)
-    if not sample.prompt_token_ids:
-        raise InvalidSample(f"sample {sid} has an empty prompt: nothing predicts its first token")
-    if n == 0:
-        raise InvalidSample(f"sample {sid} has no response tokens")
-    for name in ("loss_mask", "behaviour_logprobs", "teacher_logprobs"):
-        values = getattr(sample, name)
-        if values is not None and len(values) != n:
-            raise InvalidSample(f"sample {sid} has {n} response tokens but {len(values)} {name}")
-    if any(m not in (0, 1) for m in sample.loss_mask):
-        raise InvalidSample(f"sample {sid} has loss_mask values other than 0/1")
+    problem = sample.problem()
+    if problem:
+        raise InvalidSample(problem)
 
 
 def has_signal(sample: SampleReady, method: MethodRule) -> bool:

@@ -15,15 +15,15 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Protocol
 
 from confluent_kafka import TopicPartition
 
 from infra.errors import ConfigError
-from infra.kafka import EventConsumer, EventProducer, OnDecodeError
+from infra.kafka import EventConsumer, EventProducer, OnDecodeError, dead_letter_event, parse_position
 from infra.settings import KafkaSettings
-from schemas.events import DeadLettered, PartitionOffset, SampleReady
+from schemas.events import PartitionOffset, SampleReady
 
 
 @dataclass(frozen=True)
@@ -67,19 +67,6 @@ class MemorySampleSource:
         pass
 
 
-def parse_start(spec: str) -> int | datetime | str:
-    """'beginning' | 'end' | an offset | an ISO-8601 time (naive times are UTC)."""
-    if spec in ("beginning", "earliest", "end", "latest"):
-        return {"earliest": "beginning", "latest": "end"}.get(spec, spec)
-    if spec.isdigit():
-        return int(spec)
-    try:
-        t = datetime.fromisoformat(spec)
-    except ValueError:
-        raise ConfigError(f"--from {spec!r} is neither beginning, end, an offset nor an ISO time") from None
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
-
-
 class KafkaSampleSource:
     def __init__(self, kafka: KafkaSettings, registry, namespace: str | None, run: str,
                  stored: list[PartitionOffset] | None, start: str = "beginning",
@@ -93,7 +80,7 @@ class KafkaSampleSource:
         if meta is None or meta.error is not None or not meta.partitions:
             raise ConfigError(f"topic {self.topic!r} does not exist; run `nextstate provision`")
         self.partitions = sorted(meta.partitions)
-        self._start = self._resolve(stored, parse_start(start))
+        self._start = self._resolve(stored, parse_position(start, '--from'))
         self.consumer.assign([TopicPartition(self.topic, p, o) for (_, p), o in self._start.items()])
 
     def _watermarks(self, p: int) -> tuple[int, int]:
@@ -157,16 +144,9 @@ def dead_letter_invalid(producer: EventProducer):
     """A callback sending a decodable-but-untrainable sample to `dead-letters` with the reason."""
 
     def send(fed: Fed, exc: Exception) -> None:
-        producer.send(DeadLettered(
-            stage="learner",
-            source_topic=fed.topic,
-            source_partition=fed.partition,
-            source_offset=fed.offset,
-            key=fed.sample.session_id.encode(),
-            value=producer.serde("SampleReady").serialize(fed.sample),  # the event, re-encoded
-            error_type=type(exc).__name__,
-            error=str(exc),
-        ), key=fed.sample.session_id)
+        value = producer.serde("SampleReady").serialize(fed.sample)   # the event, re-encoded
+        producer.send(dead_letter_event("learner", fed.topic, fed.partition, fed.offset,
+                                        fed.sample.session_id.encode(), value, exc), key=fed.sample.session_id)
         producer.flush()
 
     return send

@@ -10,10 +10,10 @@ value, and the error, and goes on with the next record. Knows nothing about faus
 from __future__ import annotations
 
 import json
-import traceback
 
 from infra.errors import ProcessorError
-from schemas.events import DeadLettered, SampleReady, TransitionFormed, TurnRecorded, derived_id
+from infra.kafka import dead_letter_event
+from schemas.events import DeadLettered, SampleReady, TransitionFormed, TurnRecorded
 
 
 class InvalidRecord(ProcessorError):
@@ -45,28 +45,13 @@ def validate_transition(transition: TransitionFormed) -> None:
 
 
 def validate_sample(sample: SampleReady) -> None:
-    n = len(sample.response_token_ids)
-    what = f"sample {sample.event_id} ({sample.method.value}, session {sample.session_id})"
-    if n == 0:
-        raise InvalidRecord(f"{what} has no response tokens")
-    lengths = {"loss_mask": len(sample.loss_mask), "behaviour_logprobs": len(sample.behaviour_logprobs)}
-    if sample.teacher_logprobs is not None:
-        lengths["teacher_logprobs"] = len(sample.teacher_logprobs)
-    bad = {k: v for k, v in lengths.items() if v != n}
-    if bad:
-        raise InvalidRecord(f"{what} has {n} response tokens but "
-                            + ", ".join(f"{v} {k}" for k, v in bad.items()))
-    if any(m not in (0, 1) for m in sample.loss_mask):
-        raise InvalidRecord(f"{what} loss_mask holds values other than 0/1")
+    problem = sample.problem()
+    if problem:
+        raise InvalidRecord(problem)
 
 
 def dead_lettered(stage: str, topic: str, partition: int, offset: int, key: bytes | None,
                   value: bytes | None, exc: BaseException,
                   headers: dict[str, bytes] | None = None) -> DeadLettered:
-    """The DeadLettered event for one bad record; its id is derived from where it sat."""
-    return DeadLettered(
-        event_id=derived_id("dead-letter", stage, topic, str(partition), str(offset)),
-        stage=stage, source_topic=topic, source_partition=partition, source_offset=offset,
-        key=key, value=value, headers=headers or {}, error_type=type(exc).__name__,
-        error="".join(traceback.format_exception_only(exc)).strip(),
-    )
+    """The DeadLettered event for one bad record (infra.kafka.dead_letter_event)."""
+    return dead_letter_event(stage, topic, partition, offset, key, value, exc, headers)

@@ -24,13 +24,13 @@ import asyncio
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from infra.errors import DeliveryError
+from infra.kafka import parse_position
 from infra.provision import provision_schemas, provision_topics
 from infra.settings import Settings
 from processors.runtime import Serdes, StageRunner
@@ -61,17 +61,14 @@ class ReplayReport:
 
 def _bound(consumer: Consumer, tp: TopicPartition, spec: str | None, default_high: bool) -> int:
     low, high = consumer.get_watermark_offsets(tp, timeout=10)
-    if spec is None:
+    where = parse_position(spec, "--to" if default_high else "--from") if spec is not None else None
+    if where is None:
         return high if default_high else low
-    if spec.lstrip("-").isdigit():
-        return min(max(int(spec), low), high)
-    try:
-        when = datetime.fromisoformat(spec)
-    except ValueError as exc:
-        raise ValueError(f"--from/--to {spec!r} is neither an offset nor an ISO-8601 time") from exc
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    found = consumer.offsets_for_times([TopicPartition(tp.topic, tp.partition, int(when.timestamp() * 1000))],
+    if where in ("beginning", "end"):
+        return low if where == "beginning" else high
+    if isinstance(where, int):
+        return min(max(where, low), high)
+    found = consumer.offsets_for_times([TopicPartition(tp.topic, tp.partition, int(where.timestamp() * 1000))],
                                        timeout=10)[0]
     return high if found.offset < 0 else found.offset
 

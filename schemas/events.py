@@ -256,6 +256,26 @@ class SampleReady(Event):
     task_group: str | None = None
     step_index: int | None = None
 
+    def problem(self) -> str | None:
+        """Why this sample cannot be trained on (its arrays disagree, it has nothing to
+        predict), naming the values; None if it is well formed. Assemble refuses to emit such
+        a sample and the learner dead-letters one it reads: both ask here."""
+        what = f"sample {self.event_id} ({self.method.value}, session {self.session_id})"
+        n = len(self.response_token_ids)
+        if not self.prompt_token_ids:
+            return f"{what} has an empty prompt: nothing predicts its first token"
+        if n == 0:
+            return f"{what} has no response tokens"
+        lengths = {"loss_mask": len(self.loss_mask), "behaviour_logprobs": len(self.behaviour_logprobs)}
+        if self.teacher_logprobs is not None:
+            lengths["teacher_logprobs"] = len(self.teacher_logprobs)
+        bad = {k: v for k, v in lengths.items() if v != n}
+        if bad:
+            return f"{what} has {n} response tokens but " + ", ".join(f"{v} {k}" for k, v in bad.items())
+        if any(m not in (0, 1) for m in self.loss_mask):
+            return f"{what} has loss_mask values other than 0/1"
+        return None
+
 
 # -- checkpoints ------------------------------------------------------------------------
 

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from infra.checkpoints import download_verified, parse_uri
-from infra.kafka import EventConsumer, EventProducer, OnDecodeError, Record
-from schemas.events import CheckpointFile, CheckpointKind, CheckpointPublished, DeadLettered
+from infra.kafka import EventConsumer, EventProducer, OnDecodeError, Record, dead_letter_event
+from schemas.events import CheckpointFile, CheckpointKind, CheckpointPublished
 from serving.engine import Engine, WeightsKind
 
 log = logging.getLogger(__name__)
@@ -148,12 +148,11 @@ class Reloader:
         if self.dead_letters is None:
             return
         try:
-            self.dead_letters.send(DeadLettered(
-                parent_ids=[event.event_id], stage=STAGE,
-                source_topic=record.topic if record else "", source_partition=record.partition if record else -1,
-                source_offset=record.offset if record else -1, key=record.key if record else None,
-                error_type=type(exc).__name__, error=f"checkpoint v{event.version} ({event.uri}): {exc}"),
-                key=event.run)
+            self.dead_letters.send(dead_letter_event(
+                STAGE, record.topic if record else "", record.partition if record else -1,
+                record.offset if record else -1, record.key if record else None, None,
+                f"{type(exc).__name__}: checkpoint v{event.version} ({event.uri}): {exc}",
+                parent_ids=[event.event_id]), key=event.run)
             self.dead_letters.flush(10)
         except Exception:  # the dead letter is a courtesy; failing it must not stop serving
             log.exception("could not record the bad checkpoint on dead-letters")
