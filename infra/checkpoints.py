@@ -13,11 +13,13 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-
-from minio import Minio
+from typing import TYPE_CHECKING
 
 from infra.errors import StorageError
 from schemas.events import CheckpointFile
+
+if TYPE_CHECKING:   # the client is the caller's: hashing a local file needs no object store
+    from minio import Minio
 
 MANIFEST = "manifest.json"
 

@@ -9,7 +9,6 @@ Keys are session ids as UTF-8. Values are events serialized by ``schemas.serde``
 from __future__ import annotations
 
 import socket
-import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -21,7 +20,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from infra.errors import ConfigError, DecodeError, DeliveryError
 from infra.settings import KafkaSettings
 from schemas.catalog import TOPICS
-from schemas.events import DeadLettered, Event, derived_id
+from schemas.events import DeadLettered, Event
 from schemas.serde import EventSerde, SchemaRegistryClient
 
 
@@ -238,22 +237,8 @@ def parse_position(spec: str, flag: str = "--from") -> int | datetime | str:
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
-def dead_letter_event(stage: str, topic: str, partition: int, offset: int, key: bytes | None,
-                      value: bytes | None, exc: BaseException | str, headers: dict[str, bytes] | None = None,
-                      parent_ids: list[str] | None = None) -> DeadLettered:
-    """The one way a DeadLettered is built: where the record sat, its raw bytes and why it was
-    set aside. The id is derived from the stage and the place (and the parents, for a record
-    that has no place), so setting the same record aside twice gives one id."""
-    error_type = type(exc).__name__ if isinstance(exc, BaseException) else "Error"
-    error = "".join(traceback.format_exception_only(exc)).strip() if isinstance(exc, BaseException) else exc
-    return DeadLettered(
-        event_id=derived_id("dead-letter", stage, topic, str(partition), str(offset), *(parent_ids or [])),
-        parent_ids=parent_ids or [], stage=stage, source_topic=topic, source_partition=partition,
-        source_offset=offset, key=key, value=value, headers=headers or {}, error_type=error_type, error=error)
-
-
 def dead_letter(producer: EventProducer, stage: str, msg: Message, exc: BaseException) -> None:
     """Send the raw record to dead-letters with where it came from and why."""
     headers = {k: (v or b"") for k, v in (msg.headers() or [])}
-    producer.send(dead_letter_event(stage, msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
+    producer.send(DeadLettered.of(stage, msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
                                     exc, headers), key=msg.key())

@@ -86,7 +86,7 @@ def kafka_vs_memory(settings: Settings, ls: LearnerSettings, trainer, samples: l
                     work: Path, rounds: int = 2) -> dict[str, Any]:
     from infra.kafka import EventProducer
     from infra.storage import ensure_bucket, storage_client
-    from learner.sources import KafkaSampleSource
+    from learner.kafka_source import KafkaSampleSource
     from schemas.serde import registry_client
 
     registry = registry_client(settings.registry)

@@ -23,15 +23,15 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from typing import TYPE_CHECKING, Any
 
 from infra.checkpoints import checkpoint_prefix, download_verified, upload_dir
 from infra.errors import LearnerError
-from infra.kafka import EventConsumer, EventProducer, OnDecodeError
 from infra.settings import KafkaSettings
 from schemas.events import CheckpointKind, CheckpointPublished, PartitionOffset
+
+if TYPE_CHECKING:   # Kafka clients are imported where they are used: a memory-fed run needs none
+    from infra.kafka import EventProducer
 
 WEIGHTS_DIR = "weights"
 TRAIN_STATE_DIR = "train_state"
@@ -62,6 +62,10 @@ class RunState:
 def latest_checkpoint(kafka: KafkaSettings, registry, namespace: str | None, run: str,
                       timeout: float = 30.0) -> CheckpointPublished | None:
     """Scan the namespace's `checkpoints` topic to its end; the highest version of `run`."""
+    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+    from infra.kafka import EventConsumer, OnDecodeError
+
     consumer = EventConsumer(kafka, registry, group_id=f"nextstate-scan-{uuid.uuid4().hex[:8]}",
                              namespace=namespace, on_decode_error=OnDecodeError.SKIP,
                              stage="learner-scan")

@@ -139,7 +139,7 @@ def learn(settings: Settings, run: str | None = None, namespace: str | None = No
     """Run (or resume) a learner run until `until` says stop; the state it ended in."""
     from infra.kafka import EventProducer
     from infra.storage import ensure_bucket, storage_client
-    from learner.sources import KafkaSampleSource, dead_letter_invalid
+    from learner.kafka_source import KafkaSampleSource, dead_letter_invalid
     from learner.trainer import Trainer
     from schemas.serde import registry_client
     from serving.models import resolve_model

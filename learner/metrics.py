@@ -14,23 +14,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
-
 
 class MetricsSink:
     def __init__(self, path: Path, run: str, port: int | None = None) -> None:
+        from prometheus_client import CollectorRegistry, Counter, start_http_server
+
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.run = run
         self.registry = CollectorRegistry()
-        self._gauges: dict[str, Gauge] = {}
+        self._gauges: dict[str, Any] = {}
         self._steps = Counter("nextstate_learner_optimizer_steps", "optimizer steps taken", ["run"],
                               registry=self.registry)
         self._samples = Counter("nextstate_learner_samples_seen", "samples seen by verdict",
                                 ["run", "verdict"], registry=self.registry)
         self.server = start_http_server(port, registry=self.registry) if port else None
 
-    def _gauge(self, name: str) -> Gauge:
+    def _gauge(self, name: str) -> Any:
+        from prometheus_client import Gauge
+
         gauge = self._gauges.get(name)
         if gauge is None:
             gauge = Gauge(f"nextstate_learner_{name}", f"learner step metric {name}", ["run"],

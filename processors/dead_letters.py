@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 
 from infra.errors import ProcessorError
-from infra.kafka import dead_letter_event
 from schemas.events import DeadLettered, SampleReady, TransitionFormed, TurnRecorded
 
 
@@ -53,5 +52,5 @@ def validate_sample(sample: SampleReady) -> None:
 def dead_lettered(stage: str, topic: str, partition: int, offset: int, key: bytes | None,
                   value: bytes | None, exc: BaseException,
                   headers: dict[str, bytes] | None = None) -> DeadLettered:
-    """The DeadLettered event for one bad record (infra.kafka.dead_letter_event)."""
-    return dead_letter_event(stage, topic, partition, offset, key, value, exc, headers)
+    """The DeadLettered event for one bad record (DeadLettered.of)."""
+    return DeadLettered.of(stage, topic, partition, offset, key, value, exc, headers)

@@ -323,6 +323,24 @@ class DeadLettered(Event):
     error_type: str
     error: str
 
+    @classmethod
+    def of(cls, stage: str, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
+           exc: BaseException | str, headers: dict[str, bytes] | None = None,
+           parent_ids: list[str] | None = None) -> "DeadLettered":
+        """The one way a dead letter is made: where the record sat, its raw bytes and why it
+        was set aside. The id is derived from the stage and the place (and the parents, for a
+        record that has no place), so setting the same record aside twice gives one id."""
+        import traceback
+
+        if isinstance(exc, BaseException):
+            error_type, error = type(exc).__name__, "".join(traceback.format_exception_only(exc)).strip()
+        else:
+            error_type, error = "Error", exc
+        return cls(
+            event_id=derived_id("dead-letter", stage, topic, str(partition), str(offset), *(parent_ids or [])),
+            parent_ids=parent_ids or [], stage=stage, source_topic=topic, source_partition=partition,
+            source_offset=offset, key=key, value=value, headers=headers or {}, error_type=error_type, error=error)
+
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.__name__: cls

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from infra.checkpoints import download_verified, parse_uri
-from infra.kafka import EventConsumer, EventProducer, OnDecodeError, Record, dead_letter_event
-from schemas.events import CheckpointFile, CheckpointKind, CheckpointPublished
+from infra.kafka import EventConsumer, EventProducer, OnDecodeError, Record
+from schemas.events import CheckpointFile, CheckpointKind, CheckpointPublished, DeadLettered
 from serving.engine import Engine, WeightsKind
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ class Reloader:
         if self.dead_letters is None:
             return
         try:
-            self.dead_letters.send(dead_letter_event(
+            self.dead_letters.send(DeadLettered.of(
                 STAGE, record.topic if record else "", record.partition if record else -1,
                 record.offset if record else -1, record.key if record else None, None,
                 f"{type(exc).__name__}: checkpoint v{event.version} ({event.uri}): {exc}",
