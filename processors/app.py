@@ -3,7 +3,8 @@
 The stages themselves are declared in processors.topology (each module's ``STAGE``); this
 module only turns a spec into a faust app: a consumer of the stage's input topics (and its
 control topic, if it has a timer), its state table, the stage's handler run by
-``processors.runtime.StageRunner``, and its timer.
+``processors.runtime.StageRunner``, and its timer. A stage that uses the teacher with
+``teacher_policy=current`` also follows ``checkpoints`` (serving.reloader), as the gateway does.
 
 Each stage is its own faust app (``app_id(namespace, stage)`` = ``<namespace>processors-<stage>``
 is its consumer group and prefixes its changelog topics), so ``nextstate process judge`` and the
@@ -19,6 +20,7 @@ state guarantees: see processors.runtime.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +33,7 @@ from infra.settings import Settings
 from processors.runtime import Serdes, StageRunner
 from processors.stage import Context, Stage
 from processors.topology import control_topic, stage
+from schemas.events import TeacherPolicy
 
 log = logging.getLogger("nextstate.processors")
 
@@ -150,6 +153,16 @@ def build_app(settings: Settings, namespace: str, stage_name: str, teacher: Any 
         if runner.counts:
             log.info("%s: %s, seconds %s", spec.name, dict(runner.counts),
                      {k: round(v, 2) for k, v in runner.timing.items()})
+
+    if spec.teacher and teacher is not None and teacher.policy is TeacherPolicy.CURRENT:
+        # "current" is the policy served now: the teacher's engine follows `checkpoints` like
+        # the gateway's does (same run filter), so hints score under the newest weights.
+        from serving.reloader import following
+
+        @app.task
+        async def follow_checkpoints() -> None:
+            async with following(teacher.engine, settings, namespace):
+                await asyncio.Event().wait()   # until the worker stops (the task is cancelled)
 
     if spec.timer:
         timer, control_channel = spec.timer, outs.get(control) or channel(control)
