@@ -6,7 +6,6 @@ the engines are imported inside the commands, so `nextstate --help` stays fast.
 
 from __future__ import annotations
 
-import signal
 from typing import Optional
 
 import typer
@@ -51,20 +50,12 @@ def _run_all(settings, namespace: str, loglevel: str) -> int:
     stop. They share this process's output and group (a kill of the group reaches them)."""
     from infra.cli.supervisor import PartFailed, Supervisor, nextstate_argv
 
-    stopping = False
-
-    def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     sup = Supervisor(settings.stack.state_dir / "parts" / f"processors-{namespace.rstrip('.') or 'default'}",
                      restart=False, logs=False, own_groups=False)
     try:
         for stage in _stage_names():
             sup.start(stage, nextstate_argv(["process", stage, "--namespace", namespace, "--loglevel", loglevel]))
-        sup.run(lambda: stopping)
+        sup.run()
         return 0
     except PartFailed as exc:
         console.print(f"processors: stage {exc.name!r} exited; stopping the others", markup=False)

@@ -22,7 +22,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -156,9 +156,18 @@ class Supervisor:
         finally:
             self._write_states()
 
-    def run(self, stopping: Callable[[], bool], interval_s: float = 0.5) -> None:
-        """poll() until `stopping()` says so (a fail-fast group raises PartFailed instead)."""
-        while not stopping():
+    def run(self, interval_s: float = 0.5) -> None:
+        """poll() until SIGTERM or SIGINT arrives (a fail-fast group raises PartFailed instead);
+        the parts are left to `stop()`."""
+        signalled = False
+
+        def on_signal(*_: object) -> None:
+            nonlocal signalled
+            signalled = True
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        while not signalled:
             self.poll()
             time.sleep(interval_s)
 
@@ -203,19 +212,11 @@ def default_parts() -> dict[str, list[str]]:
 def supervise(settings: Settings, parts: dict[str, list[str]] | None = None, *,
               backoff_start_s: float = BACKOFF_START_S, give_up_after: int = GIVE_UP_AFTER) -> None:
     """Run until SIGTERM/SIGINT: keep every part (name -> argv) running, then stop them all."""
-    stopping = False
-
-    def _stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
     sup = Supervisor(parts_dir(settings), backoff_start_s=backoff_start_s, give_up_after=give_up_after)
     for name, argv in (parts or default_parts()).items():
         sup.start(name, argv)
     try:
-        sup.run(lambda: stopping)
+        sup.run()
     finally:
         sup.stop()
 
