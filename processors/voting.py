@@ -84,3 +84,10 @@ def majority(scores: Iterable[int | None]) -> int:
     if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
         return 0
     return ranked[0][0]
+
+
+def vote_mean(scores: Iterable[int | None]) -> float:
+    """The process reward of a step: the mean of the valid ±1 votes (0 votes and unreadable
+    ones are not counted); 0.0 when none is valid."""
+    valid = [s for s in scores if s in (-1, 1)]
+    return sum(valid) / len(valid) if valid else 0.0

@@ -1,0 +1,103 @@
+"""What an environment is: one small async protocol, and a registry by name.
+
+    reset(task)        -> the opening messages and the tools the agent may call
+    step(assistant)    -> what the world answered (observations: the next state), done, info
+    evaluate()         -> the rollout's outcome in [-1, 1], with the verifier that decided it
+    close()            -> release what the rollout held (sandboxes, browsers, files)
+
+An environment instance plays one rollout of one task. The runner (which talks to the
+gateway) owns the conversation: it sends the messages, gets the assistant's message back,
+hands it to `step`, appends the messages `step` returns, and records each observation as the
+next state of the step that caused it. Environments register themselves with `register_env`;
+`create_env(name)` builds one. Knows nothing about HTTP or Kafka.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from infra.errors import NextstateError
+from schemas.events import FeedbackKind
+
+
+class EnvError(NextstateError):
+    """An environment that cannot play a task (a malformed task, a broken tool)."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task to roll out: which environment, its spec (environment-specific: a question and
+    its answer, a repository and its tests...), and a seed."""
+
+    task_id: str
+    env: str
+    spec: dict[str, Any]
+    seed: int = 0
+
+    def spec_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.spec, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One piece of the next state, as feedback records it."""
+
+    kind: FeedbackKind
+    text: str
+    exit_code: int | None = None
+    passed: bool | None = None
+
+
+@dataclass
+class StepResult:
+    observations: list[Observation]
+    messages: list[dict[str, Any]]        # appended to the conversation (tool results, a nudge)
+    done: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    value: float                  # in [-1, 1]
+    verifier: str
+    verifier_version: str
+    raw: dict[str, Any]           # what the verifier saw and said
+    correct: bool | None = None
+
+
+class Environment(Protocol):
+    name: ClassVar[str]
+    version: ClassVar[str]
+
+    async def reset(self, task: Task) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]: ...
+
+    async def step(self, assistant: dict[str, Any]) -> StepResult: ...
+
+    async def evaluate(self) -> Outcome: ...
+
+    async def close(self) -> None: ...
+
+
+ENVIRONMENTS: dict[str, Callable[..., Environment]] = {}
+
+
+def register_env(name: str) -> Callable[[type], type]:
+    def add(cls: type) -> type:
+        ENVIRONMENTS[name] = cls
+        return cls
+
+    return add
+
+
+def create_env(name: str, **options: Any) -> Environment:
+    from producers.envs import toolcall  # noqa: F401  (registers itself)
+
+    try:
+        factory = ENVIRONMENTS[name]
+    except KeyError:
+        raise EnvError(f"no environment named {name!r}; known: {', '.join(sorted(ENVIRONMENTS))}") from None
+    return factory(**options)
