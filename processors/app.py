@@ -57,8 +57,8 @@ class FaustOffsets:
             return cached
         return (await self.app.consumer.highwaters(tp)).get(tp) or 0
 
-    async def position(self, event: str, partition: int) -> int | None:
-        return await self.app.consumer.position(TP(self.serdes.topics[event], partition))
+    async def committed(self, event: str, partition: int) -> int | None:
+        return getattr(self.app, "committed_at", {}).get(TP(self.serdes.topics[event], partition))
 
 
 @dataclass
@@ -88,9 +88,11 @@ class StageApp(faust.App):
     def _new_consumer(self) -> Any:
         consumer = super()._new_consumer()
         seek_committed = consumer.seek_to_committed
+        self.committed_at: dict[TP, int | None] = {}   # per input partition, at each (re)assignment
 
         async def seek_to_committed() -> Any:
             committed = await seek_committed()
+            self.committed_at.update({tp: offset or None for tp, offset in committed.items()})
             never = [tp for tp, offset in committed.items() if not offset and tp.topic in self.stream_topics]
             if never:
                 log.info("%s: no committed offset for %s, reading them from the start",

@@ -239,8 +239,9 @@ class TurnsClock:
     until every turn that occurred before it has been read (see processors.sessionize).
 
     ``offsets`` (the live consumer's, processors.stage.InputOffsets) gives a partition's end
-    offset of the turns topic (cached, or asked of the broker when ``fresh``) and the fetch
-    position; a replay has none: its records arrive in timestamp order already."""
+    offset of the turns topic (cached, or asked of the broker when ``fresh``) and the offset
+    the group had committed when this worker took the partition (everything below it was
+    processed by a predecessor); a replay has none: its records arrive in timestamp order."""
 
     def __init__(self, offsets: InputOffsets | None = None) -> None:
         self.offsets = offsets
@@ -252,14 +253,14 @@ class TurnsClock:
         t = self.max_time.get(partition)
         self.max_time[partition] = turn.occurred_at if t is None else max(t, turn.occurred_at)
 
-    async def caught_up(self, partition: int, when: datetime, periodic: bool) -> bool:
+    async def caught_up(self, partition: int, when: datetime, periodic: bool = False) -> bool:
         seen = self.max_time.get(partition)
         if seen is not None and seen > when:  # equal times may still have a turn to come
             return True
         if self.offsets is None:
             return True  # replay: records arrive in timestamp order already
         end = await self.offsets.highwater("TurnRecorded", partition, False)
-        log.debug("turns[%d]: end %s, last processed %s, position wanted %s", partition, end,
+        log.debug("turns[%d]: end %s, last processed %s (periodic %s)", partition, end,
                   self.last_offset.get(partition), periodic)
         if partition in self.last_offset:
             if self.last_offset[partition] + 1 < end:
@@ -267,10 +268,12 @@ class TurnsClock:
             # The cached end offset may be stale (low): confirm a "yes" with the broker, so a
             # verdict never closes a turn while a later turn of its session is still unread.
             return self.last_offset[partition] + 1 >= await self.offsets.highwater("TurnRecorded", partition, True)
-        # No turn of this partition processed since start: trust the fetch position only on a
-        # periodic check, when anything fetched earlier has long left the stream buffer.
-        pos = await self.offsets.position("TurnRecorded", partition) if periodic else None
-        return end <= 0 or (pos is not None and pos >= end)
+        # No turn of this partition processed since start: caught up only if a predecessor had
+        # processed (committed) every turn there is. Not the fetch position: faust fetches ahead
+        # and drops fetched records at a rebalance, so a fetched turn may still be unprocessed
+        # (measured: a restarted worker closed turns by a SESSION_END read before their turns).
+        committed = await self.offsets.committed("TurnRecorded", partition)
+        return end <= 0 or (committed is not None and committed >= end)
 
 
 def handler(ctx: Context) -> Handler:

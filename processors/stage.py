@@ -38,7 +38,10 @@ class InputOffsets(Protocol):
 
     async def highwater(self, event: str, partition: int, fresh: bool) -> int: ...
 
-    async def position(self, event: str, partition: int) -> int | None: ...
+    async def committed(self, event: str, partition: int) -> int | None:
+        """The offset the group had committed when this worker took the partition: every record
+        below it was processed by a predecessor (None: nothing was)."""
+        ...
 
 
 @dataclass(frozen=True)

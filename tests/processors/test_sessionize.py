@@ -137,3 +137,28 @@ def test_feedback_naming_a_later_turn_waits_for_it():
     tr0, tr1 = step.outputs
     assert tr0.turn == t0 and tr0.feedback == [] and tr0.next_state_kind is NextStateKind.NEXT_TURN
     assert tr1.turn == t1 and tr1.feedback == [thumbs] and tr1.next_state_kind is NextStateKind.FEEDBACK
+
+
+def test_the_turns_clock_trusts_what_was_processed_not_what_was_fetched():
+    import asyncio
+    from datetime import datetime, timezone
+
+    from processors.sessionize import TurnsClock
+
+    class Offsets:   # a partition with 7 turns; a predecessor had processed `done` of them
+        def __init__(self, done):
+            self.done = done
+
+        async def highwater(self, event, partition, fresh):
+            return 7
+
+        async def committed(self, event, partition):
+            return self.done
+
+    when = datetime.now(timezone.utc)
+    assert not asyncio.run(TurnsClock(Offsets(None)).caught_up(0, when, periodic=True))   # nothing processed
+    assert not asyncio.run(TurnsClock(Offsets(5)).caught_up(0, when, periodic=True))      # two still to read
+    assert asyncio.run(TurnsClock(Offsets(7)).caught_up(0, when))                         # all of them
+    clock = TurnsClock(Offsets(None))
+    clock.saw(0, 6, turn("s", 0, [{"role": "user", "content": "q"}]))   # this worker read the last one
+    assert asyncio.run(clock.caught_up(0, datetime(2100, 1, 1, tzinfo=timezone.utc)))   # by offsets, not time

@@ -247,6 +247,8 @@ async def test_create_engine_picks_sglang_from_settings() -> None:
     eng = create_engine(ServingSettings(engine="sglang", sglang_url="http://127.0.0.1:1"))
     assert eng.name == "sglang" and eng.url == "http://127.0.0.1:1"
     await eng.close()
+    with pytest.raises(Exception, match="Input should be 'local', 'remote' or 'sglang'"):
+        ServingSettings(engine="nope")   # refused by the settings, before any engine module loads
     with pytest.raises(Exception, match="not one of"):
-        create_engine(ServingSettings(engine="nope"))
+        create_engine(ServingSettings().model_copy(update={"engine": "nope"}))
     await asyncio.sleep(0)
