@@ -7,7 +7,7 @@ Rule table (first row that fires decides; later rows are not consulted):
 | 1 | thumbs      | the last THUMBS feedback's ``thumbs``             | sign: >0 → +1, <0 → -1 |
 | 2 | outcome     | the last OUTCOME_REWARD feedback's ``reward``      | sign (0 → 0)          |
 | 3 | test        | the last TEST_RESULT feedback's ``passed``         | true → +1, false → -1 |
-| 4 | exit code   | the last TOOL/TERMINAL_OUTPUT ``exit_code``        | 0 → +1, else -1       |
+| 4 | exit code   | every TOOL/TERMINAL_OUTPUT with an ``exit_code`` (a step may run several) | any non-zero → -1; all 0 with output → +1; all 0, nothing printed → 0 |
 | 5 | correction  | the user's text in the next state (messages with role user and USER_MESSAGE feedback) matches a correction pattern | -1 |
 | 6 | approval    | the same text matches an approval pattern         | +1                    |
 | 7 | none        | nothing above fired                               | 0                     |
@@ -126,9 +126,15 @@ def decide(transition: TransitionFormed, rules: Rules) -> tuple[int, str]:
     passed = _last(transition, {FeedbackKind.TEST_RESULT}, "passed")
     if passed is not None:
         return (1 if passed else -1), f"test: passed={passed}"
-    code = _last(transition, {FeedbackKind.TOOL_OUTPUT, FeedbackKind.TERMINAL_OUTPUT}, "exit_code")
-    if code is not None:
-        return (1 if code == 0 else -1), f"exit code: exit_code={code}"
+    runs = [fb for fb in transition.feedback
+            if fb.kind in (FeedbackKind.TOOL_OUTPUT, FeedbackKind.TERMINAL_OUTPUT) and fb.exit_code is not None]
+    if runs:
+        failed = [fb.exit_code for fb in runs if fb.exit_code != 0]
+        if failed:
+            return -1, f"exit code: {len(failed)} of {len(runs)} run(s) failed, exit_code={failed[-1]}"
+        if any((fb.text or "").strip() for fb in runs):
+            return 1, f"exit code: {len(runs)} clean run(s) with output"
+        return 0, f"exit code: {len(runs)} clean run(s) that printed nothing"
     for text in reversed(user_texts(transition)):
         for p in rules.corrections:
             if p.search(text):
