@@ -15,7 +15,7 @@ from confluent_kafka import TopicPartition
 
 from infra.kafka import EventConsumer, OnDecodeError
 from infra.settings import Settings
-from schemas.catalog import TOPICS
+from schemas.catalog import TOPICS, events_on
 from schemas.events import Event
 from schemas.serde import registry_client
 
@@ -36,8 +36,8 @@ def read_log(settings: Settings, namespace: str | None = None, timeout: float = 
     raw = consumer.raw
     ends: dict[tuple[str, int], int] = {}
     assignment = []
-    for name in TOPICS:
-        topic = consumer.topic(name)
+    for short in dict.fromkeys(TOPICS.values()):   # a topic once, even when it carries several events
+        topic = consumer.topic(events_on(short)[0])
         meta = raw.list_topics(topic, timeout=timeout).topics.get(topic)
         if meta is None or meta.error is not None:
             continue

@@ -21,7 +21,7 @@ from infra.errors import ConfigError, DecodeError, DeliveryError
 from infra.settings import KafkaSettings
 from schemas.catalog import TOPICS
 from schemas.events import DeadLettered, Event
-from schemas.serde import EventSerde, SchemaRegistryClient
+from schemas.serde import EventSerde, SchemaRegistryClient, TopicSerde
 
 
 def topic_names(kafka: KafkaSettings, namespace: str | None = None) -> dict[str, str]:
@@ -143,8 +143,8 @@ class EventConsumer:
         self._consumer = Consumer(conf)
         self._registry = registry
         self._topics = topic_names(kafka, namespace)
-        self._event_by_topic = {topic: name for name, topic in self._topics.items()}
-        self._serdes: dict[str, EventSerde] = {}
+        self._short = {topic: TOPICS[name] for name, topic in self._topics.items()}
+        self._serdes: dict[str, TopicSerde] = {}
         self.on_decode_error = on_decode_error
         self.dead_letters = dead_letters
         self.stage = stage
@@ -156,7 +156,7 @@ class EventConsumer:
         return self._consumer
 
     def subscribe(self, event_names: Iterable[str]) -> None:
-        self._consumer.subscribe([self._topics[name] for name in event_names])
+        self._consumer.subscribe(sorted({self._topics[name] for name in event_names}))
 
     def assign(self, partitions: list[TopicPartition]) -> None:
         self._consumer.assign(partitions)
@@ -164,10 +164,10 @@ class EventConsumer:
     def topic(self, event_name: str) -> str:
         return self._topics[event_name]
 
-    def _serde(self, topic: str) -> EventSerde:
+    def _serde(self, topic: str) -> TopicSerde:
         serde = self._serdes.get(topic)
         if serde is None:
-            serde = EventSerde(self._registry, self._event_by_topic[topic], topic)
+            serde = TopicSerde(self._registry, topic, self._short[topic])
             self._serdes[topic] = serde
         return serde
 

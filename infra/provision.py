@@ -26,7 +26,7 @@ from infra.errors import StackError
 from infra.settings import KafkaSettings, RegistrySettings, StorageSettings
 from infra.storage import ensure_bucket
 from schemas.catalog import TOPICS, catalog
-from schemas.serde import register, registry_client
+from schemas.serde import register, registry_client, subject_for
 
 # Topics whose order across the whole topic matters get one partition.
 SINGLE_PARTITION = {"checkpoints", "dead-letters"}
@@ -50,7 +50,7 @@ def topic_plan(kafka: KafkaSettings, namespace: str | None = None) -> list[Topic
     return [
         TopicPlan(kafka.topic(short, namespace),
                   1 if short in SINGLE_PARTITION else kafka.partitions, dict(config))
-        for short in TOPICS.values()
+        for short in dict.fromkeys(TOPICS.values())   # a topic once, even when it carries several events
     ]
 
 
@@ -118,7 +118,7 @@ def provision_schemas(kafka: KafkaSettings, registry: RegistrySettings,
     ids = {}
     for name, schema in catalog().items():
         topic = kafka.topic(TOPICS[name], namespace)
-        ids[f"{topic}-value"] = register(client, topic, schema, registry.compatibility)
+        ids[subject_for(topic, name)] = register(client, topic, schema, registry.compatibility)
     return ids
 
 

@@ -20,7 +20,7 @@ import time
 from processors.dead_letters import validate_transition
 from processors.judges import RewardJudge, build_reward_judge, raise_if_unreachable
 from processors.stage import Context, Handler, Result, Stage
-from processors.voting import majority
+from processors.voting import majority, vote_mean
 from schemas.events import RewardJudged, TransitionFormed, derived_id
 
 
@@ -41,7 +41,7 @@ async def judge_transition(transition: TransitionFormed, judge: RewardJudge, vot
         turn_index=transition.turn_index, transition_id=transition.event_id,
         turn_id=transition.turn.event_id, judge=judge.name, judge_model=judge.model,
         judge_version=judge.version, prompt_sha256=prompt.sha256, votes=list(cast),
-        majority=majority(v.score for v in cast),
+        majority=majority(v.score for v in cast), vote_mean=vote_mean(v.score for v in cast),
         latency_ms=(time.perf_counter() - start) * 1000,
     )
 

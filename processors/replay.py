@@ -194,7 +194,7 @@ def run_replay(settings: Settings, stage: str, source: str, target: str, start: 
             await runner.process(m.topic(), m.partition(), m.offset(), m.key(), m.value(),
                                  dict(m.headers() or []))
             if copy_inputs:
-                produce(dst.topics[src.event_of[m.topic()]], m.key(), m.value(), m.partition())
+                produce(dst.topic_of_short(src.short[m.topic()]), m.key(), m.value(), m.partition())
                 report.copied += 1
             producer.poll(0)
             report.read += 1

@@ -42,7 +42,7 @@ from processors.judges import JudgeUnavailable
 from processors.stage import Handler, Result
 from schemas.catalog import TOPICS
 from schemas.events import Event
-from schemas.serde import EventSerde, registry_client
+from schemas.serde import EventSerde, TopicSerde, registry_client
 
 log = logging.getLogger("nextstate.processors")
 
@@ -53,21 +53,25 @@ class Serdes:
     def __init__(self, settings: Settings, namespace: str) -> None:
         self.client = registry_client(settings.registry)
         self.topics = topic_names(settings.kafka, namespace)
-        self.event_of = {topic: name for name, topic in self.topics.items()}
-        self._serdes: dict[str, EventSerde] = {}
+        self.short = {topic: TOPICS[name] for name, topic in self.topics.items()}
+        self._decoders: dict[str, TopicSerde] = {}
+        self._encoders: dict[str, EventSerde] = {}
 
-    def _serde(self, topic: str) -> EventSerde:
-        serde = self._serdes.get(topic)
-        if serde is None:
-            serde = self._serdes[topic] = EventSerde(self.client, self.event_of[topic], topic)
-        return serde
+    def topic_of_short(self, short: str) -> str:
+        return next(t for t, s in self.short.items() if s == short)
 
     def decode(self, topic: str, value: bytes | None, partition: int, offset: int) -> Event:
-        return self._serde(topic).deserialize(value, partition, offset)
+        decoder = self._decoders.get(topic)
+        if decoder is None:
+            decoder = self._decoders[topic] = TopicSerde(self.client, topic, self.short[topic])
+        return decoder.deserialize(value, partition, offset)
 
     def encode(self, event: Event) -> tuple[str, bytes]:
-        topic = self.topics[type(event).__name__]
-        return topic, self._serde(topic).serialize(event)
+        name = type(event).__name__
+        encoder = self._encoders.get(name)
+        if encoder is None:
+            encoder = self._encoders[name] = EventSerde(self.client, name, self.topics[name])
+        return encoder.topic, encoder.serialize(event)
 
 
 @dataclass
@@ -125,6 +129,3 @@ class StageRunner:
                 self.counts["dead-lettered"] += 1
                 return Result([dead_lettered(self.stage, topic, partition, offset, key, value, exc, headers)])
 
-
-def short_topic(serdes: Serdes, topic: str) -> str:
-    return TOPICS[serdes.event_of[topic]]

@@ -28,7 +28,7 @@ import orjson
 from infra.errors import GatewayError
 from infra.settings import Settings
 from producers.gateway.wire import FeedbackRequest
-from schemas.events import Event, FeedbackReceived, SamplingParams, SessionSource, TurnRecorded, TurnType
+from schemas.events import EpisodeRef, Event, FeedbackReceived, SamplingParams, SessionSource, TurnRecorded, TurnType
 
 
 class Recorder:
@@ -62,8 +62,9 @@ class Recorder:
                     turn_type: str | TurnType = TurnType.MAIN, finish_reason: str = "stop",
                     sampling: SamplingParams | dict[str, Any] | None = None, policy_version: int = 0,
                     engine: str = "external", model: str = "unknown", latency_ms: float = 0.0,
-                    request_id: str | None = None) -> TurnRecorded:
-        """Record one turn exactly as the runtime's engine produced it."""
+                    request_id: str | None = None, episode: EpisodeRef | dict[str, Any] | None = None) -> TurnRecorded:
+        """Record one turn exactly as the runtime's engine produced it; `episode` names the
+        rollout it is a step of (task id, group id, rollout index, environment)."""
         if len(response_token_ids) != len(response_logprobs):
             raise GatewayError(f"turn {session_id}#{turn_index} has {len(response_token_ids)} response "
                                f"tokens but {len(response_logprobs)} logprobs")
@@ -82,7 +83,8 @@ class Recorder:
             response_logprobs=list(response_logprobs), response_text=response_text,
             finish_reason=finish_reason,
             sampling=sampling if isinstance(sampling, SamplingParams) else SamplingParams(**(sampling or {})),
-            policy_version=policy_version, engine=engine, model=model, latency_ms=latency_ms)
+            policy_version=policy_version, engine=engine, model=model, latency_ms=latency_ms,
+            episode=EpisodeRef.model_validate(episode) if isinstance(episode, dict) else episode)
         self._emit(event, session_id)
         return event
 

@@ -34,6 +34,9 @@ TOPICS: dict[str, str] = {
     "SampleReady": "samples",
     "CheckpointPublished": "checkpoints",
     "DeadLettered": "dead-letters",
+    "TaskIssued": "tasks",
+    "EpisodeStarted": "episodes",      # one topic, two events: a rollout's start and end stay in order
+    "EpisodeEnded": "episodes",
 }
 
 
@@ -139,3 +142,12 @@ def schema_for(name: str) -> EventSchema:
         return catalog()[name]
     except KeyError as exc:
         raise KeyError(f"no event schema named {name!r}; known: {sorted(TOPICS)}") from exc
+
+
+def events_on(short_topic: str) -> list[str]:
+    """The events a topic carries (usually one; `episodes` carries a rollout's start and end)."""
+    return [name for name, topic in TOPICS.items() if topic == short_topic]
+
+
+def shares_topic(name: str) -> bool:
+    return len(events_on(TOPICS[name])) > 1

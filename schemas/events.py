@@ -91,6 +91,17 @@ class SamplingParams(_Model):
     stop: list[str] = Field(default_factory=list)
 
 
+class EpisodeRef(_Model):
+    """The rollout a turn is a step of (general agents)."""
+
+    task_id: str
+    group_id: str
+    rollout_index: int
+    env: str
+    env_version: str = ""
+    attempt: int = 0
+
+
 class TurnRecorded(Event):
     tenant: str
     session_id: str
@@ -110,6 +121,7 @@ class TurnRecorded(Event):
     engine: str
     model: str
     latency_ms: float = 0.0
+    episode: EpisodeRef | None = None
 
 
 # -- feedback ---------------------------------------------------------------------------
@@ -181,6 +193,7 @@ class RewardJudged(Event):
     prompt_sha256: str
     votes: list[JudgeVote]
     majority: int
+    vote_mean: float | None = None
     latency_ms: float = 0.0
 
 
@@ -255,6 +268,12 @@ class SampleReady(Event):
     policy_version: int
     task_group: str | None = None
     step_index: int | None = None
+    outcome: float | None = None
+    process_reward: float | None = None
+    step_reward: float | None = None
+    advantage: float | None = None
+    normaliser: str | None = None
+    group_size: int | None = None
 
     def problem(self) -> str | None:
         """Why this sample cannot be trained on (its arrays disagree, it has nothing to
@@ -342,6 +361,56 @@ class DeadLettered(Event):
             source_offset=offset, key=key, value=value, headers=headers or {}, error_type=error_type, error=error)
 
 
+# -- general agents: tasks and episodes ----------------------------------------------------
+
+class TaskIssued(Event):
+    task_id: str
+    group_id: str
+    env: str
+    spec_json: str
+    spec_sha256: str
+    group_size: int
+    seed: int = 0
+    tenant: str = "default"
+
+
+class EpisodeStarted(Event):
+    task_id: str
+    group_id: str
+    rollout_index: int
+    attempt: int = 0
+    session_id: str
+    env: str
+    env_version: str
+    spec_sha256: str
+    seed: int
+    group_size: int
+    sandbox: str = ""
+
+
+class EpisodeEnd(StrEnum):
+    ANSWERED = "ANSWERED"
+    STEP_LIMIT = "STEP_LIMIT"
+    TIME_LIMIT = "TIME_LIMIT"
+    ERROR = "ERROR"
+
+
+class EpisodeEnded(Event):
+    task_id: str
+    group_id: str
+    rollout_index: int
+    attempt: int = 0
+    session_id: str
+    outcome: float
+    verifier: str
+    verifier_version: str
+    verifier_result_json: str | None = None
+    ended: EpisodeEnd
+    detail: str | None = None
+    steps: int
+    tenant: str = "default"
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.__name__: cls
     for cls in (
@@ -353,5 +422,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
         SampleReady,
         CheckpointPublished,
         DeadLettered,
+        TaskIssued,
+        EpisodeStarted,
+        EpisodeEnded,
     )
 }

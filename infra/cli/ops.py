@@ -24,7 +24,7 @@ from fastapi.responses import HTMLResponse
 
 from infra.kafka import EventConsumer, OnDecodeError
 from infra.settings import Settings
-from schemas.catalog import TOPICS
+from schemas.catalog import TOPICS, events_on
 from schemas.events import (
     CheckpointPublished,
     DeadLettered,
@@ -67,8 +67,8 @@ class OpsIndex:
                                  f"ops-{uuid.uuid4().hex}", self.namespace,
                                  on_decode_error=OnDecodeError.SKIP)
         parts = []
-        for name in TOPICS:
-            topic = consumer.topic(name)
+        for short in dict.fromkeys(TOPICS.values()):   # a topic once, even when it carries several events
+            topic = consumer.topic(events_on(short)[0])
             meta = consumer.raw.list_topics(topic, timeout=10).topics.get(topic)
             if meta is not None and meta.error is None:
                 parts += [TopicPartition(topic, p, 0) for p in meta.partitions]

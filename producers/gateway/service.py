@@ -35,7 +35,15 @@ from producers.gateway.replies import Replies, client_request_id
 from producers.gateway.sessions import Session, SessionRef, SessionTracker
 from producers.gateway.spool import Spool, SpoolDrainer
 from producers.gateway.wire import ChatCompletionRequest, FeedbackRequest
-from schemas.events import FeedbackKind, FeedbackReceived, SamplingParams, SessionSource, TurnRecorded, TurnType
+from schemas.events import (
+    EpisodeRef,
+    FeedbackKind,
+    FeedbackReceived,
+    SamplingParams,
+    SessionSource,
+    TurnRecorded,
+    TurnType,
+)
 from serving.chat import normalize_messages, render_prompt
 from serving.engine import Engine
 
@@ -57,6 +65,7 @@ class Turn:
     parser: ToolCallParser | None
     ends_session: bool
     started: float
+    episode: EpisodeRef | None = None
 
 
 @dataclass
@@ -148,7 +157,7 @@ class Gateway:
         ref = self.sessions.assign(tenant, messages, session_id, source)
         done = headers.get("x-session-done", "").strip().lower() in ("1", "true", "yes")
         return Turn(client_request_id(headers) or uuid.uuid4().hex, tenant, ref, TurnType(kind), messages, tools, prompt_ids,
-                    params, self.parser if tools else None, done, time.perf_counter())
+                    params, self.parser if tools else None, done, time.perf_counter(), episode_of(headers))
 
     async def complete(self, turn: Turn) -> Outcome:
         """Run a turn to the end (non-streaming) and record it."""
@@ -221,7 +230,7 @@ class Gateway:
             prompt_token_ids=turn.prompt_ids, response_token_ids=sampled.ids,
             response_logprobs=sampled.logprobs, response_text=text, finish_reason=finish,
             sampling=turn.params, policy_version=sampled.version, engine=self.engine.name,
-            model=self.model_name, latency_ms=(time.perf_counter() - turn.started) * 1000)
+            model=self.model_name, latency_ms=(time.perf_counter() - turn.started) * 1000, episode=turn.episode)
 
     # -- feedback and session ends ------------------------------------------------------------
     async def feedback(self, tenant: str, fb: FeedbackRequest) -> FeedbackReceived:
@@ -268,3 +277,26 @@ def _explicit_session(req: ChatCompletionRequest, headers: dict[str, str]) -> tu
     if req.user:
         return req.user[:256], SessionSource.BODY
     return None, SessionSource.DERIVED
+
+
+EPISODE_HEADERS = ("x-task-id", "x-group-id", "x-rollout-index")
+
+
+def episode_of(headers: dict[str, str]) -> EpisodeRef | None:
+    """The rollout a turn is a step of, from `X-Task-Id`, `X-Group-Id`, `X-Rollout-Index` (all
+    three, or none) and optionally `X-Env`, `X-Env-Version`, `X-Attempt`; GatewayError if partial."""
+    given = {h: headers.get(h, "").strip() for h in EPISODE_HEADERS}
+    if not any(given.values()):
+        return None
+    missing = [h for h, v in given.items() if not v]
+    if missing:
+        raise GatewayError(f"an episode needs X-Task-Id, X-Group-Id and X-Rollout-Index; missing {', '.join(missing)}")
+    numbers = {}
+    for name in ("x-rollout-index", "x-attempt"):
+        raw = headers.get(name, "0").strip() or "0"
+        if not raw.isdigit():
+            raise GatewayError(f"{name} must be a whole number >= 0, got {raw[:20]!r}")
+        numbers[name] = int(raw)
+    return EpisodeRef(task_id=given["x-task-id"][:256], group_id=given["x-group-id"][:256],
+                      rollout_index=numbers["x-rollout-index"], env=headers.get("x-env", "").strip()[:128],
+                      env_version=headers.get("x-env-version", "").strip()[:64], attempt=numbers["x-attempt"])

@@ -184,3 +184,24 @@ def test_a_stop_string_ends_the_answer_and_the_sampled_tokens_are_kept(make_gate
     for turn in turns(gw):  # every sampled id up to the one that completed "STOP", none after
         assert tokenizer.decode(turn.response_token_ids) == "hello STOP"
         assert turn.response_text == "hello STOP" and turn.finish_reason == "stop"
+
+
+def test_episode_headers_put_a_turn_in_its_rollout_and_partial_ones_are_refused(make_gateway, engine):
+    gw = make_gateway(engine)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "2+2?"}], "max_tokens": 2}
+    auth = {"Authorization": f"Bearer {KEYS['acme']}"}
+    episode = {"X-Task-Id": "t-7", "X-Group-Id": "g-7", "X-Rollout-Index": "3", "X-Env": "toolcall",
+               "X-Env-Version": "1", "X-Attempt": "2"}
+    with ServerThread(gw) as server, httpx.Client(base_url=server.url, headers=auth, timeout=60) as c:
+        assert c.post("/v1/chat/completions", json=body, headers=episode).status_code == 200
+        partial = c.post("/v1/chat/completions", json=body, headers={"X-Task-Id": "t-7"})
+        bad_index = c.post("/v1/chat/completions", json=body, headers={**episode, "X-Rollout-Index": "-1"})
+        plain = c.post("/v1/chat/completions", json=body)
+    assert partial.status_code == 400 and "X-Group-Id" in partial.json()["error"]["message"]
+    assert bad_index.status_code == 400 and "x-rollout-index" in bad_index.json()["error"]["message"]
+    assert plain.status_code == 200
+    with_episode, without = turns(gw)
+    ep = with_episode.episode
+    assert (ep.task_id, ep.group_id, ep.rollout_index, ep.env, ep.env_version, ep.attempt) == (
+        "t-7", "g-7", 3, "toolcall", "1", 2)
+    assert without.episode is None

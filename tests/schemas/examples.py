@@ -9,6 +9,10 @@ from schemas.events import (
     CheckpointKind,
     CheckpointPublished,
     DeadLettered,
+    EpisodeEnd,
+    EpisodeEnded,
+    EpisodeRef,
+    EpisodeStarted,
     Event,
     FeedbackKind,
     FeedbackReceived,
@@ -24,6 +28,7 @@ from schemas.events import (
     SampleReady,
     SamplingParams,
     SessionSource,
+    TaskIssued,
     TransitionFormed,
     TurnRecorded,
     TurnType,
@@ -40,6 +45,8 @@ def examples(session: str = "s-1") -> dict[str, Event]:
         response_logprobs=[-0.1, -2.5, -0.0], response_text="ls -la", finish_reason="stop",
         sampling=SamplingParams(temperature=0.6, top_p=0.9, max_new_tokens=64, seed=7, stop=["\n"]),
         policy_version=3, engine="local", model="tiny", latency_ms=12.5,
+        episode=EpisodeRef(task_id="t-1", group_id="g1", rollout_index=2, env="toolcall", env_version="1",
+                           attempt=1),
     )
     feedback = FeedbackReceived(
         tenant="acme", session_id=session, turn_index=2, kind=FeedbackKind.TEST_RESULT,
@@ -58,7 +65,7 @@ def examples(session: str = "s-1") -> dict[str, Event]:
         prompt_sha256="ab" * 32,
         votes=[JudgeVote(index=0, raw_text="\\boxed{-1}", score=-1, latency_ms=3.0),
                JudgeVote(index=1, raw_text="garbled", score=None, error="no boxed answer")],
-        majority=-1, latency_ms=4.0, parent_ids=[transition.event_id],
+        majority=-1, vote_mean=-1.0, latency_ms=4.0, parent_ids=[transition.event_id],
     )
     hint = HintJudged(
         tenant="acme", session_id=session, turn_index=2, transition_id=transition.event_id,
@@ -75,7 +82,8 @@ def examples(session: str = "s-1") -> dict[str, Event]:
         prompt_token_ids=turn.prompt_token_ids, response_token_ids=turn.response_token_ids,
         loss_mask=[1, 1, 0], behaviour_logprobs=turn.response_logprobs,
         teacher_logprobs=hint.teacher_logprobs, reward=-1.0, policy_version=3,
-        task_group="g1", step_index=0,
+        task_group="g1", step_index=0, outcome=-1.0, process_reward=-1.0, step_reward=-2.0,
+        advantage=-1.2247, normaliser="bucket", group_size=4,
         parent_ids=[turn.event_id, transition.event_id, judged.event_id, hint.event_id],
     )
     checkpoint = CheckpointPublished(
@@ -90,5 +98,14 @@ def examples(session: str = "s-1") -> dict[str, Event]:
         key=b"s-1", value=b"\x00\xff garbage", headers={"h": b"v"}, error_type="DecodeError",
         error="cannot decode record",
     )
+    task = TaskIssued(task_id="t-1", group_id="g1", env="toolcall", spec_json='{"question": "2+2?", "answer": 4}',
+                      spec_sha256="12" * 32, group_size=4, seed=9, tenant="acme")
+    started = EpisodeStarted(task_id="t-1", group_id="g1", rollout_index=2, attempt=1, session_id=session,
+                             env="toolcall", env_version="1", spec_sha256=task.spec_sha256, seed=11, group_size=4,
+                             sandbox="namespaces", parent_ids=[task.event_id])
+    ended = EpisodeEnded(task_id="t-1", group_id="g1", rollout_index=2, attempt=1, session_id=session,
+                         outcome=-0.9, verifier="numeric", verifier_version="1",
+                         verifier_result_json='{"expected": 4, "got": 5}', ended=EpisodeEnd.STEP_LIMIT,
+                         detail="4 steps", steps=4, tenant="acme", parent_ids=[started.event_id])
     return {e.__class__.__name__: e for e in
-            (turn, feedback, transition, judged, hint, sample, checkpoint, dead)}
+            (turn, feedback, transition, judged, hint, sample, checkpoint, dead, task, started, ended)}

@@ -102,3 +102,20 @@ def test_dead_letter_policy_keeps_the_raw_record_and_moves_on(settings, registry
     committed = raw.committed([TopicPartition(topic, records[0].partition)], timeout=10)
     raw.close()
     assert committed[0].offset == records[0].offset + 1
+
+
+def test_a_shared_topic_tells_its_events_apart_by_schema_id_and_refuses_strangers(settings, registry, namespace):
+    from schemas.errors import DecodeError
+    from schemas.serde import TopicSerde, subject_for
+
+    topic = f"{namespace}episodes"
+    events = examples()
+    producer = EventProducer(settings.kafka, registry, namespace)
+    started, ended = (producer.serde(n).serialize(events[n]) for n in ("EpisodeStarted", "EpisodeEnded"))
+    decoder = TopicSerde(registry, topic, "episodes")
+    assert decoder.deserialize(started) == events["EpisodeStarted"]
+    assert decoder.deserialize(ended) == events["EpisodeEnded"]
+    assert subject_for(topic, "EpisodeEnded") == f"{topic}-nextstate.events.EpisodeEnded"
+    stranger = producer.serde("TurnRecorded").serialize(events["TurnRecorded"])
+    with pytest.raises(DecodeError, match="is a TurnRecorded, not one of"):
+        decoder.deserialize(stranger, 0, 7)
