@@ -106,6 +106,8 @@ class Batch:
     teacher: torch.Tensor          # [B, L-1] float, 0 where no teacher
     has_teacher: torch.Tensor      # [B] float
     rewards: torch.Tensor          # [B] float
+    advantage: torch.Tensor        # [B] float, the precomputed advantage (0 where none)
+    has_advantage: torch.Tensor    # [B] float, 1 where the sample carries one
     stale: torch.Tensor            # [B] bool, importance-corrected rather than PPO-ratioed
     sample_ids: list[str]
     task_groups: list[str | None]
@@ -148,6 +150,8 @@ def collate(samples: Sequence[SampleReady], pad_id: int, stale: Sequence[bool] |
         teacher=teacher,
         has_teacher=torch.tensor([float(s.teacher_logprobs is not None) for s in samples]),
         rewards=torch.tensor([float(s.reward) for s in samples]),
+        advantage=torch.tensor([float(s.advantage or 0.0) for s in samples]),
+        has_advantage=torch.tensor([float(s.advantage is not None) for s in samples]),
         stale=torch.tensor(list(stale) if stale is not None else [False] * b, dtype=torch.bool),
         sample_ids=[s.event_id for s in samples],
         task_groups=[s.task_group for s in samples],

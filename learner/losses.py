@@ -112,6 +112,19 @@ def normalise_rewards(rewards: torch.Tensor, keys: Sequence[Hashable | None],
     return out
 
 
+def sample_rewards(rewards: torch.Tensor, advantage: torch.Tensor, has_advantage: torch.Tensor,
+                   task_groups: Sequence[str | None], step_indices: Sequence[int | None], mode: str,
+                   eps: float = 1e-6) -> torch.Tensor:
+    """What the reward term of each sample is this step: a sample whose advantage was
+    precomputed (the group stage of general agents, already normalised per group and step)
+    takes it as it is; the others are normalised by `mode` among themselves."""
+    precomputed = has_advantage.bool().tolist()
+    keys = normalisation_keys(list(task_groups), list(step_indices), mode)
+    keys = [None if done else key for key, done in zip(keys, precomputed)]
+    normed = normalise_rewards(rewards, keys, eps)
+    return torch.where(has_advantage.bool(), advantage, normed)
+
+
 # -- per-token terms ----------------------------------------------------------------------
 
 def _safe_log_ratio(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

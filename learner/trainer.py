@@ -32,7 +32,7 @@ import torch
 from infra.errors import LearnerError
 from infra.settings import LearnerSettings
 from learner.batching import Batch
-from learner.losses import advantages, entropy_from_logits, micro_batch_loss, normalisation_keys, normalise_rewards
+from learner.losses import advantages, entropy_from_logits, micro_batch_loss, normalisation_keys, sample_rewards
 from schemas.methods import rule
 
 DS_TAG = "ds"
@@ -194,9 +194,11 @@ class Trainer:
         cfg, ls = self.loss_cfg, self.settings
         batches = [b.to(self.device) for b in micro_batches]
         rewards = torch.cat([b.rewards for b in batches])
-        keys = normalisation_keys([g for b in batches for g in b.task_groups],
-                                  [s for b in batches for s in b.step_indices], ls.adv_norm)
-        normed = normalise_rewards(rewards, keys, cfg.eps).split([len(b.rewards) for b in batches])
+        normed = sample_rewards(rewards, torch.cat([b.advantage for b in batches]),
+                                torch.cat([b.has_advantage for b in batches]),
+                                [g for b in batches for g in b.task_groups],
+                                [s for b in batches for s in b.step_indices], ls.adv_norm, cfg.eps,
+                                ).split([len(b.rewards) for b in batches])
         step_tokens = int(sum(int(b.mask.sum()) for b in batches))
         totals: dict[str, float] = {}
         self.engine.train()

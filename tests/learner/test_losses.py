@@ -18,6 +18,7 @@ from learner.losses import (
     normalise_rewards,
     opd_term,
     policy_terms,
+    sample_rewards,
 )
 from schemas.methods import METHODS, Signal, method, rule
 
@@ -176,3 +177,16 @@ def test_batch_normalisation_is_a_mean_baseline_over_the_step():
     assert skew.tolist() == [pytest.approx(v, abs=1e-4) for v in (0.57735, 0.57735, 0.57735, -1.73205)]
     # a step where everyone is satisfied carries no RL gradient
     assert normalise_rewards(torch.ones(3), ["batch"] * 3).abs().max() < 1e-5
+
+
+def test_a_precomputed_advantage_is_taken_as_it_is_and_left_out_of_the_others_normalisation():
+    rewards = torch.tensor([1.0, -1.0, 3.0, 0.5])
+    advantage = torch.tensor([0.0, 0.0, -1.2247, 0.0])
+    has = torch.tensor([0.0, 0.0, 1.0, 0.0])
+    got = sample_rewards(rewards, advantage, has, [None] * 4, [None] * 4, "batch")
+    # the three without one are normalised among themselves: 1, -1, 0.5
+    r = torch.tensor([1.0, -1.0, 0.5])
+    z = (r - r.mean()) / (r.std(unbiased=False) + 1e-6)
+    assert got.tolist() == pytest.approx([z[0].item(), z[1].item(), -1.2247, z[2].item()], abs=1e-5)
+    none = sample_rewards(rewards, advantage, has, [None] * 4, [None] * 4, "none")
+    assert none.tolist() == pytest.approx([1.0, -1.0, -1.2247, 0.5])
