@@ -11,16 +11,20 @@ the server never started on the request. Two things keep that race away from our
 - `RetryOnFreshConnection` sends a request that failed that way once more, on a connection
   opened for that one retry (the pool may hold more connections the server just closed).
 
-Retrying is safe where a repeat does no harm twice: the engine's /generate records nothing,
-and the gateway answers a repeated request id (`X-Request-Id`) with the first answer instead
-of recording a second turn. Errors after the response began (a stream cut mid-way) are not
-retried: the server did act on the request.
+These errors almost always mean the server never started on the request, but a server that
+crashed mid-request looks the same, so a retry must be harmless twice: the engine's /generate
+records nothing, SGLang's weight loads load the same files again, and the gateway answers a
+repeated request id (`X-Request-Id`, which our clients send) with the first answer instead of
+recording a second turn. Errors after the response began (a stream cut mid-way) are not
+retried. Behind an HTTP(S)_PROXY the client keeps httpx's own proxy transport and only the
+short expiry (no retry).
 
 Knows nothing about any route or payload.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import httpx
@@ -66,9 +70,15 @@ def async_client(base_url: str, *, headers: dict[str, str] | None = None, timeou
                  max_connections: int | None = 100) -> httpx.AsyncClient:
     """An AsyncClient with the expiry and the one retry above; a given `transport` (an ASGI
     app in tests) is used as it is."""
-    if transport is None:
-        transport = RetryOnFreshConnection(httpx.Limits(max_connections=max_connections,
-                                                        max_keepalive_connections=max_connections,
-                                                        keepalive_expiry=KEEPALIVE_EXPIRY_S))
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                          keepalive_expiry=KEEPALIVE_EXPIRY_S)
+    if transport is None and not _proxied():
+        transport = RetryOnFreshConnection(limits)
     return httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout,
-                             transport=transport)
+                             transport=transport, limits=limits)
+
+
+def _proxied() -> bool:
+    # A transport of our own would make httpx ignore the proxy variables.
+    return any(os.environ.get(v) for v in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
+                                           "http_proxy", "https_proxy", "all_proxy"))

@@ -369,7 +369,7 @@ def load_settings(**overrides: Any) -> Settings:
     except ConfigError:
         raise
     except ValidationError as exc:   # every bad field named, with the value it got
-        problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
+        problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}{_shown(e)}"
                     for e in exc.errors(include_url=False)]
         raise ConfigError("invalid settings: " + "; ".join(problems)) from exc
 
@@ -377,3 +377,15 @@ def load_settings(**overrides: Any) -> Settings:
 def masked(settings: Settings) -> dict[str, Any]:
     """The effective settings as plain data with every secret shown as '**********'."""
     return settings.model_dump(mode="json")
+
+
+_SECRET_WORDS = ("key", "secret", "password", "token")
+
+
+def _shown(error: dict[str, Any]) -> str:
+    """' (got <value>)' for an invalid setting, never for a secret or a whole section."""
+    where = ".".join(str(p) for p in error["loc"]).lower()
+    value = error.get("input")
+    if any(w in where for w in _SECRET_WORDS) or isinstance(value, dict) or not error["loc"]:
+        return ""
+    return f" (got {value!r})"

@@ -97,12 +97,13 @@ class KafkaSampleSource:
 
 
 
-def dead_letter_invalid(producer: EventProducer):
-    """A callback sending a decodable-but-untrainable sample to `dead-letters` with the reason."""
+def dead_letter_invalid(producer: EventProducer, run: str):
+    """A callback sending a decodable-but-untrainable sample to `dead-letters` with the reason;
+    the stage names the run, so two runs setting aside one sample leave two dead letters."""
 
     def send(fed: Fed, exc: Exception) -> None:
         value = producer.serde("SampleReady").serialize(fed.sample)   # the event, re-encoded
-        producer.send(DeadLettered.of("learner", fed.topic, fed.partition, fed.offset,
+        producer.send(DeadLettered.of(f"learner-{run}", fed.topic, fed.partition, fed.offset,
                                       fed.sample.session_id.encode(), value, exc), key=fed.sample.session_id)
         producer.flush()
 

@@ -164,7 +164,7 @@ def learn(settings: Settings, run: str | None = None, namespace: str | None = No
                                latest.consumed_offsets if latest else None, start, dead_letters=producer)
     state.positions = source.start_positions()
     sink = MetricsSink(work / "metrics.jsonl", ls.run, ls.metrics_port)
-    feeder = StepFeeder(source, ls, trainer.pad_id, dead_letter_invalid(producer))
+    feeder = StepFeeder(source, ls, trainer.pad_id, dead_letter_invalid(producer, ls.run))
     try:
         return LearnerLoop(trainer, feeder, ls, state, store, sink, Ledger(work / "ledger.jsonl"),
                            commit=source.commit).run(until or Until())

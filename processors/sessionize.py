@@ -273,7 +273,11 @@ class TurnsClock:
         # and drops fetched records at a rebalance, so a fetched turn may still be unprocessed
         # (measured: a restarted worker closed turns by a SESSION_END read before their turns).
         committed = await self.offsets.committed("TurnRecorded", partition)
-        return end <= 0 or (committed is not None and committed >= end)
+        if end > 0 and (committed is None or committed < end):
+            return False
+        # a "yes" from the cached end offset is confirmed with the broker, as above
+        fresh = await self.offsets.highwater("TurnRecorded", partition, True)
+        return fresh <= 0 or (committed is not None and committed >= fresh)
 
 
 def handler(ctx: Context) -> Handler:

@@ -6,7 +6,7 @@ its state table, its handler, its timer); this tuple collects them. The faust wi
 control topics and `nextstate topology` all read it. Adding a stage is one module with its
 ``STAGE`` plus one entry here.
 
-Stages talk only through topics (one per event, schemas.catalog), so the order below is for
+Stages talk only through topics (schemas.catalog), so the order below is for
 people; each stage is its own consumer group. Faust-free and Kafka-free.
 """
 

@@ -96,10 +96,10 @@ class EpisodeRef(_Model):
 
     task_id: str
     group_id: str
-    rollout_index: int
+    rollout_index: int = Field(ge=0, le=2**31 - 1)   # Avro int
     env: str
     env_version: str = ""
-    attempt: int = 0
+    attempt: int = Field(default=0, ge=0, le=2**31 - 1)
 
 
 class TurnRecorded(Event):

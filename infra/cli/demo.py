@@ -252,7 +252,7 @@ def _describe_failure(exc: Exception, phase: str, logs: Path) -> str:
     """One paragraph for a person: the error, the phase it struck in, and the parts' logs."""
     import traceback
 
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])   # the repository (this file is infra/cli/demo.py)
     ours = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename.startswith(root)]
     frame = ours[-1] if ours else None   # the last line of our code it passed through
     at = f" at {Path(frame.filename).relative_to(root)}:{frame.lineno} ({frame.name})" if frame else ""

@@ -173,7 +173,7 @@ class Supervisor:
 
     def stop(self, names: list[str] | None = None, grace_s: float = 30.0) -> None:
         """SIGTERM the parts (all at once), SIGKILL what still runs after `grace_s`; forget them."""
-        stopping = [(n, self.parts.pop(n)) for n in (names or list(self.parts)) if n in self.parts]
+        stopping = [(n, self.parts.pop(n)) for n in (list(self.parts) if names is None else names) if n in self.parts]
         for _, part in stopping:
             if part.record is not None:
                 procs.terminate(part.record)

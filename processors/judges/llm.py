@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import httpx
@@ -59,13 +60,16 @@ class ChatClient:
         http = self._client()
         body = {"model": self.model, "messages": messages, "temperature": self.temperature,
                 "max_tokens": self.max_tokens, "stream": False}
+        # one id for every attempt of this call: a nextstate gateway as the judge's endpoint
+        # answers a retry with its first answer instead of recording the call twice
+        headers = {"X-Request-Id": uuid.uuid4().hex}
         last = ""
         for attempt in range(self.retries + 1):
             if attempt:
                 await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
                 async with self._sem:
-                    resp = await http.post("/chat/completions", json=body)
+                    resp = await http.post("/chat/completions", json=body, headers=headers)
             except httpx.HTTPError as exc:
                 last = f"{type(exc).__name__}: {exc}"
                 continue

@@ -7,18 +7,21 @@ and mount namespaces:
   127.0.0.1 (where Kafka and the gateway listen) is unreachable;
 - **its own pids**: the command's tree lives in a pid namespace whose init is killed with the
   `unshare` process (`--kill-child`), so nothing it forked outlives the run;
-- **nothing written outside its directory**: when we are root the run takes a uid of its own
-  (one per concurrent run, never a real user's), so files elsewhere are read-only to it by
-  plain permissions, and the world-writable places (/tmp, /var/tmp, /dev/shm) are fresh tmpfs
-  mounts of its own; the directory itself is bound at /mnt and is the working directory;
-- **rlimits**: CPU seconds, address space, file size and processes (counted per uid, hence
-  the uid of its own), plus a wall-clock timeout that kills the whole tree and a cap on the
-  output kept (past it the run is stopped and the output marked cut).
+- **nothing written outside its directory**: the run takes a uid of its own (one per
+  concurrent run, never a real user's; hence the sandbox needs root), so files elsewhere are
+  read-only to it by plain permissions; the world-writable places (/tmp, /var/tmp, /dev/shm)
+  are fresh tmpfs mounts; the directory itself is bound at /mnt and is the working directory.
+  The command then runs in one more, unmapped user namespace, where those mounts are locked:
+  it cannot unmount the tmpfs to reach the host's /tmp. A mount that fails aborts the run;
+- **rlimits** (set by `prlimit`, not in a preexec hook: callers run threads): CPU seconds,
+  address space, file size and processes (counted per uid, hence the uid of its own), plus a
+  wall-clock timeout that kills the whole tree and a cap on the output kept (past it the run
+  is stopped and the output marked cut).
 
-Where namespaces are unavailable (`probe()` says why) a Sandbox refuses to start, unless the
-caller passes `allow_weaker=True`: then it keeps rlimits, the own uid, the timeout and the
-output cap, but the command can reach the network and write where its uid may. Knows nothing
-about environments or Kafka.
+Where namespaces are unavailable, or we are not root (`probe()` says why), a Sandbox refuses
+to start unless the caller passes `allow_weaker=True`: then it keeps rlimits, the own uid when
+root, the timeout, the output cap and a kill of its process group at the end, but the command
+can reach the network and write where its uid may. Knows nothing about environments or Kafka.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -38,10 +40,18 @@ from pathlib import Path
 
 from infra.errors import NextstateError
 
-_INNER = ('mount --bind "$PWD" /mnt && cd /mnt'
-          ' && for d in /tmp /var/tmp /dev/shm; do [ -d "$d" ] && mount -t tmpfs -o size={tmpfs} none "$d"; done;'
-          ' exec "$@"')
+# Inside the namespaces: bind the run's directory at /mnt, fresh tmpfs over the world-writable
+# places, then one more user (and mount) namespace in which the command runs unmapped, without
+# rights over those mounts: they are locked, so it cannot unmount /tmp to reach the host's.
+# Any step that fails aborts the run (exit 125) rather than running the command unisolated.
+_SETUP_FAILED = "nextstate-sandbox: setup failed"
+_INNER = ('fail() {{ echo "' + _SETUP_FAILED + ': $1" >&2; exit 125; }};'
+          ' mount --bind "$PWD" /mnt && cd /mnt || fail "bind mount";'
+          ' for d in /tmp /var/tmp /dev/shm; do if [ -d "$d" ]; then'
+          ' mount -t tmpfs -o size={tmpfs} none "$d" || fail "tmpfs on $d"; fi; done;'
+          ' exec unshare --user --mount -- "$@"')
 _UNSHARE = ["unshare", "--user", "--map-root-user", "--net", "--pid", "--mount", "--fork", "--kill-child"]
+
 _UID_BASE = 61_000   # above the usual system and user ranges; one uid per run in flight
 _uids = itertools.count()
 
@@ -89,17 +99,26 @@ class Ran:
 
 @lru_cache(maxsize=1)
 def probe() -> str | None:
-    """None if namespaces work here, else why not (cached for the process)."""
-    if shutil.which("unshare") is None:
-        return "the `unshare` program (util-linux) is not installed"
+    """None if namespaces work here for the uid a run takes, else why not (cached)."""
+    for tool in ("unshare", "prlimit"):
+        if shutil.which(tool) is None:
+            return f"the `{tool}` program (util-linux) is not installed"
+    if os.geteuid() != 0:
+        return ("not running as root, so a run cannot take a uid of its own and could write "
+                "wherever this user can")
+    work = Path(tempfile.mkdtemp(prefix="nextstate-sandbox-probe-"))
+    uid = _UID_BASE + 9_999
     try:
-        done = subprocess.run([*_UNSHARE, "sh", "-c", "mount -t tmpfs none /tmp && true"],
-                              capture_output=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        os.chown(work, uid, uid)
+        done = subprocess.run([*_UNSHARE, "sh", "-c", _INNER.format(tmpfs=1 << 20), "sandbox", "true"],
+                              cwd=work, user=uid, group=uid, extra_groups=[], capture_output=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as exc:
         return f"unshare could not run: {exc}"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     if done.returncode != 0:
-        return ("user, network, pid and mount namespaces are not available here: "
-                + done.stderr.decode(errors="replace").strip()[:300])
+        return ("user, network, pid and mount namespaces are not available to an unprivileged uid "
+                "here: " + done.stderr.decode(errors="replace").strip()[:300])
     return None
 
 
@@ -118,7 +137,7 @@ class Sandbox:
     python: str = field(default_factory=default_python)
 
     def __post_init__(self) -> None:
-        why = probe()
+        why = probe()   # the module's, looked up at call time (tests replace it)
         if why and not self.allow_weaker:
             raise SandboxError(f"no sandbox: {why}. Install util-linux and allow unprivileged user "
                                "namespaces, or pass allow_weaker / envs.allow_weak_sandbox to run with "
@@ -132,7 +151,7 @@ class Sandbox:
     async def run(self, argv: list[str], *, files: dict[str, str | bytes] | None = None,
                   stdin: bytes = b"") -> Ran:
         work = Path(tempfile.mkdtemp(prefix="nextstate-sandbox-"))
-        uid = _UID_BASE + next(_uids) % 10_000 if os.geteuid() == 0 else None
+        uid = _UID_BASE + next(_uids) % 9_999 if os.geteuid() == 0 else None   # the probe has the last one
         try:
             for name, content in (files or {}).items():
                 path = work / name
@@ -151,33 +170,29 @@ class Sandbox:
     async def _execute(self, cmd: list[str], work: Path, uid: int | None, stdin: bytes) -> Ran:
         lim = self.limits
         started = time.monotonic()
-
-        def limit() -> None:   # in the child, before exec
-            resource.setrlimit(resource.RLIMIT_CPU, (lim.cpu_s, lim.cpu_s))
-            resource.setrlimit(resource.RLIMIT_AS, (lim.memory_bytes, lim.memory_bytes))
-            resource.setrlimit(resource.RLIMIT_FSIZE, (lim.file_bytes, lim.file_bytes))
-            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-            if uid is not None:
-                resource.setrlimit(resource.RLIMIT_NPROC, (lim.processes, lim.processes))
-                os.setgroups([])
-                os.setgid(uid)
-                os.setuid(uid)
+        # rlimits by prlimit (no preexec_fn: this runs in threaded processes), the uid by Popen.
+        limits = [f"--cpu={lim.cpu_s}", f"--as={lim.memory_bytes}", f"--fsize={lim.file_bytes}", "--core=0"]
+        if uid is not None:   # processes are counted per uid: only a uid of its own makes this a per-run cap
+            limits.append(f"--nproc={lim.processes}")
+        cmd = ["prlimit", *limits, "--", *cmd]
+        who = {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
 
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/mnt" if self.isolation == "namespaces" else str(work),
                "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
         proc = await asyncio.create_subprocess_exec(
             *cmd, cwd=work, env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, preexec_fn=limit, start_new_session=True)
+            stderr=asyncio.subprocess.PIPE, start_new_session=True, **who)
         kept = {"out": bytearray(), "err": bytearray()}
         over = asyncio.Event()
 
         async def read(stream: asyncio.StreamReader, into: bytearray) -> None:
+            # Past the cap the rest is read and dropped (a pipe left unread would keep the
+            # process transport from ever seeing its end) and the run is stopped.
             while chunk := await stream.read(65536):
                 room = lim.output_bytes - len(kept["out"]) - len(kept["err"])
                 into += chunk[:max(room, 0)]
                 if len(chunk) > room:
                     over.set()
-                    return
 
         async def feed() -> None:
             try:
@@ -192,14 +207,15 @@ class Sandbox:
         exited = asyncio.ensure_future(proc.wait())
         done, _ = await asyncio.wait({exited, capped}, timeout=lim.wall_s, return_when=asyncio.FIRST_COMPLETED)
         timed_out, truncated = not done, capped in done and exited not in done
-        if timed_out or truncated:
-            _kill_tree(proc.pid)
+        _kill_tree(proc.pid)   # always: in the weaker mode a background child would outlive the run
         await exited
         capped.cancel()
         try:
             await asyncio.wait_for(readers, 5)
         except asyncio.TimeoutError:
             readers.cancel()
+        if proc.returncode == 125 and _SETUP_FAILED in kept["err"].decode(errors="replace"):
+            raise SandboxError(f"the sandbox could not be set up: {kept['err'].decode(errors='replace')[:300]}")
         return Ran(None if (timed_out or truncated) else proc.returncode,
                    kept["out"].decode(errors="replace"), kept["err"].decode(errors="replace"),
                    time.monotonic() - started, timed_out, truncated or over.is_set(), self.isolation)

@@ -140,7 +140,10 @@ class ToolCallEnv:
                 text = f"{text}\n[{ran.describe()}]".strip()
             elif ran.stdout.strip():
                 self.last_output = ran.stdout
-            observations.append(Observation(FeedbackKind.TOOL_OUTPUT, text, exit_code=ran.exit_code))
+            # a run we killed has no exit code of its own: say 124 (timeout) or 137 (output cap),
+            # as shells do, so the step judge counts it as the failure it is
+            code = ran.exit_code if ran.exit_code is not None else (124 if ran.timed_out else 137)
+            observations.append(Observation(FeedbackKind.TOOL_OUTPUT, text, exit_code=code))
             messages.append({"role": "tool", "tool_call_id": call_id, "content": text} if call_id
                             else {"role": "user", "content": f"Output:\n{text}"})
         done = self.steps >= self.max_steps

@@ -153,11 +153,12 @@ class Gateway:
         kind = (headers.get("x-turn-type") or req.turn_type or "main").upper()
         if kind not in TurnType.__members__:
             raise GatewayError(f"X-Turn-Type {kind.lower()!r} is not one of main, side")
+        episode = episode_of(headers)   # refused before the session tracker changes
         session_id, source = _explicit_session(req, headers)
         ref = self.sessions.assign(tenant, messages, session_id, source)
         done = headers.get("x-session-done", "").strip().lower() in ("1", "true", "yes")
         return Turn(client_request_id(headers) or uuid.uuid4().hex, tenant, ref, TurnType(kind), messages, tools, prompt_ids,
-                    params, self.parser if tools else None, done, time.perf_counter(), episode_of(headers))
+                    params, self.parser if tools else None, done, time.perf_counter(), episode)
 
     async def complete(self, turn: Turn) -> Outcome:
         """Run a turn to the end (non-streaming) and record it."""
@@ -294,8 +295,8 @@ def episode_of(headers: dict[str, str]) -> EpisodeRef | None:
     numbers = {}
     for name in ("x-rollout-index", "x-attempt"):
         raw = headers.get(name, "0").strip() or "0"
-        if not raw.isdigit():
-            raise GatewayError(f"{name} must be a whole number >= 0, got {raw[:20]!r}")
+        if not (raw.isascii() and raw.isdigit()) or int(raw) > 2**31 - 1:
+            raise GatewayError(f"{name} must be a whole number from 0 to 2147483647, got {raw[:20]!r}")
         numbers[name] = int(raw)
     return EpisodeRef(task_id=given["x-task-id"][:256], group_id=given["x-group-id"][:256],
                       rollout_index=numbers["x-rollout-index"], env=headers.get("x-env", "").strip()[:128],

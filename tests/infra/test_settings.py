@@ -125,3 +125,10 @@ def test_the_settings_choices_match_the_registries_that_own_them():
     assert set(get_args(st.JudgeName)) == set(REWARD_JUDGES) == set(HINT_JUDGES)
     assert set(get_args(st.StalenessPolicy)) == set(POLICIES)
     assert set(get_args(st.LrSchedule)) == set(LR_SCHEDULES)
+
+
+def test_an_invalid_secret_is_named_but_never_echoed(monkeypatch):
+    monkeypatch.setenv("NEXTSTATE_GATEWAY__API_KEYS", '{"acme": ["sk-do-not-print-me"]}')
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert "gateway.api_keys" in str(err.value) and "sk-do-not-print-me" not in str(err.value)

@@ -50,7 +50,7 @@ def test_invalid_sample_is_dead_lettered_and_a_rerun_from_an_offset_is_separate(
     assert live.samples_trained == 6
 
     dead = [r.event for r in read_all(settings, registry, namespace, "DeadLettered")]
-    assert len(dead) == 1 and dead[0].stage == "learner"
+    assert len(dead) == 1 and dead[0].stage == "learner-live"   # the run that set it aside
     assert "has 3 response tokens but 1 behaviour_logprobs" in dead[0].error
     ledger = read_ledger(run_dir(ls.model_copy(update={"run": "live"}), namespace) / "ledger.jsonl")
     assert [i for line in ledger for i in line.get("invalid", [])] == [broken.event_id]

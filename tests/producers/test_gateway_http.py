@@ -196,9 +196,11 @@ def test_episode_headers_put_a_turn_in_its_rollout_and_partial_ones_are_refused(
         assert c.post("/v1/chat/completions", json=body, headers=episode).status_code == 200
         partial = c.post("/v1/chat/completions", json=body, headers={"X-Task-Id": "t-7"})
         bad_index = c.post("/v1/chat/completions", json=body, headers={**episode, "X-Rollout-Index": "-1"})
+        too_big = c.post("/v1/chat/completions", json=body, headers={**episode, "X-Attempt": str(2**31)})
         plain = c.post("/v1/chat/completions", json=body)
     assert partial.status_code == 400 and "X-Group-Id" in partial.json()["error"]["message"]
     assert bad_index.status_code == 400 and "x-rollout-index" in bad_index.json()["error"]["message"]
+    assert too_big.status_code == 400 and "2147483647" in too_big.json()["error"]["message"]
     assert plain.status_code == 200
     with_episode, without = turns(gw)
     ep = with_episode.episode

@@ -111,3 +111,16 @@ def _cmdline(proc: Path) -> str:
         return (proc / "cmdline").read_bytes().decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_the_tmpfs_cannot_be_unmounted_to_reach_the_hosts_tmp():
+    target = Path("/tmp") / f"nextstate-unmount-{uuid.uuid4().hex}"
+    ran = run(f"""
+import ctypes, subprocess
+libc = ctypes.CDLL(None, use_errno=True)
+print("umount2", libc.umount2(b"/tmp", 2))
+print("umount", subprocess.run(["umount", "-l", "/tmp"], capture_output=True).returncode)
+open("{target}", "w").write("x")
+""")
+    assert "umount2 -1" in ran.stdout and "umount 0" not in ran.stdout
+    assert not target.exists()
