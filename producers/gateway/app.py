@@ -181,7 +181,8 @@ def create_app(gw: Gateway, settings: Any = None, namespace: str | None = None,
         headers = {k.lower(): v for k, v in request.headers.items()}
         try:
             rid = client_request_id(headers)
-            digest = gw.replies.digest(request.url.path, await request.body())
+            # hashed only for a request that may be replayed: the common request pays nothing
+            digest = gw.replies.digest(request.url.path, await request.body()) if rid else ""
             reply, replayed = await gw.replies.once(tenant, rid, digest, produce, streamed=streamed)
         except ReplayConflict as exc:
             raise ApiError(exc.status, str(exc), code="request_id_reused") from None
