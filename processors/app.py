@@ -60,6 +60,9 @@ class FaustOffsets:
     async def committed(self, event: str, partition: int) -> int | None:
         return getattr(self.app, "committed_at", {}).get(TP(self.serdes.topics[event], partition))
 
+    def assignment(self) -> int:
+        return getattr(self.app, "assignments", 0)
+
 
 @dataclass
 class Wiring:
@@ -89,9 +92,11 @@ class StageApp(faust.App):
         consumer = super()._new_consumer()
         seek_committed = consumer.seek_to_committed
         self.committed_at: dict[TP, int | None] = {}   # per input partition, at each (re)assignment
+        self.assignments = 0
 
         async def seek_to_committed() -> Any:
             committed = await seek_committed()
+            self.assignments += 1
             self.committed_at.update({tp: offset or None for tp, offset in committed.items()})
             never = [tp for tp, offset in committed.items() if not offset and tp.topic in self.stream_topics]
             if never:

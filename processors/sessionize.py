@@ -241,19 +241,34 @@ class TurnsClock:
     ``offsets`` (the live consumer's, processors.stage.InputOffsets) gives a partition's end
     offset of the turns topic (cached, or asked of the broker when ``fresh``) and the offset
     the group had committed when this worker took the partition (everything below it was
-    processed by a predecessor); a replay has none: its records arrive in timestamp order."""
+    processed by a predecessor); a replay has none: its records arrive in timestamp order.
+
+    A (re)assignment seeks the consumer back to the committed offsets, so turns already seen
+    are read again: what the clock knew is forgotten then, or a verdict read after the rewind
+    would close an older turn while its successors are still to be re-read (measured: a
+    worker's first rebalance, before its first commit, re-read its partitions from the start)."""
 
     def __init__(self, offsets: InputOffsets | None = None) -> None:
         self.offsets = offsets
         self.last_offset: dict[int, int] = {}
         self.max_time: dict[int, datetime] = {}
+        self.epoch = offsets.assignment() if offsets is not None else 0
+
+    def _current(self) -> None:
+        epoch = self.offsets.assignment() if self.offsets is not None else 0
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.last_offset.clear()
+            self.max_time.clear()
 
     def saw(self, partition: int, offset: int, turn: TurnRecorded) -> None:
+        self._current()
         self.last_offset[partition] = max(offset, self.last_offset.get(partition, -1))
         t = self.max_time.get(partition)
         self.max_time[partition] = turn.occurred_at if t is None else max(t, turn.occurred_at)
 
     async def caught_up(self, partition: int, when: datetime, periodic: bool = False) -> bool:
+        self._current()
         seen = self.max_time.get(partition)
         if seen is not None and seen > when:  # equal times may still have a turn to come
             return True

@@ -38,6 +38,12 @@ class InputOffsets(Protocol):
 
     async def highwater(self, event: str, partition: int, fresh: bool) -> int: ...
 
+    def assignment(self) -> int:
+        """Counts the (re)assignments of partitions to this worker. At each one the consumer
+        seeks back to the committed offsets, so records are read again: what a stage learned
+        about how far it had read is void once this number changes."""
+        ...
+
     async def committed(self, event: str, partition: int) -> int | None:
         """The offset the group had committed when this worker took the partition: every record
         below it was processed by a predecessor (None: nothing was)."""

@@ -68,7 +68,7 @@ class StageProcess:
 
     def __init__(self, stage: str, namespace: str, data_dir: Path, log: Path, **env: str) -> None:
         self.args = [sys.executable, "-m", "infra.cli", "process", stage, "--namespace", namespace,
-                     "--loglevel", "info"]
+                     "--loglevel", os.environ.get("NEXTSTATE_TEST_STAGE_LOGLEVEL", "info")]
         self.env = {**os.environ, "NEXTSTATE_PROCESSORS__FAUST_DATA_DIR": str(data_dir),
                     "NEXTSTATE_PROCESSORS__SESSION_TIMEOUT_S": "6",
                     "PYTHONPATH": str(REPO), **env}

@@ -155,6 +155,9 @@ def test_the_turns_clock_trusts_what_was_processed_not_what_was_fetched():
         async def committed(self, event, partition):
             return self.done
 
+        def assignment(self):
+            return 1
+
     when = datetime.now(timezone.utc)
     assert not asyncio.run(TurnsClock(Offsets(None)).caught_up(0, when, periodic=True))   # nothing processed
     assert not asyncio.run(TurnsClock(Offsets(5)).caught_up(0, when, periodic=True))      # two still to read
@@ -162,3 +165,39 @@ def test_the_turns_clock_trusts_what_was_processed_not_what_was_fetched():
     clock = TurnsClock(Offsets(None))
     clock.saw(0, 6, turn("s", 0, [{"role": "user", "content": "q"}]))   # this worker read the last one
     assert asyncio.run(clock.caught_up(0, datetime(2100, 1, 1, tzinfo=timezone.utc)))   # by offsets, not time
+
+
+def test_the_turns_clock_forgets_what_it_read_when_partitions_are_reassigned():
+    """A rebalance before the first commit seeks back to the start: the turns are read again,
+    and a SESSION_END read early must wait for them, not trust the positions read before."""
+    import asyncio
+    from datetime import datetime, timezone
+
+    from processors.sessionize import TurnsClock
+
+    class Offsets:
+        epoch = 1
+
+        async def highwater(self, event, partition, fresh):
+            return 4
+
+        async def committed(self, event, partition):
+            return None
+
+        def assignment(self):
+            return self.epoch
+
+    offsets = Offsets()
+    clock = TurnsClock(offsets)
+    q = [{"role": "user", "content": "q"}]
+    for i in range(4):
+        clock.saw(0, i, turn("s", i, q))
+    end = datetime.now(timezone.utc)
+    assert asyncio.run(clock.caught_up(0, end))
+    offsets.epoch = 2   # reassigned: offsets 0..3 will be read again
+    assert not asyncio.run(clock.caught_up(0, end))
+    clock.saw(0, 0, turn("s", 0, q))
+    assert not asyncio.run(clock.caught_up(0, end))
+    for i in range(1, 4):
+        clock.saw(0, i, turn("s", i, q))
+    assert asyncio.run(clock.caught_up(0, end))
