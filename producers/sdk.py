@@ -85,23 +85,27 @@ class Recorder:
             sampling=sampling if isinstance(sampling, SamplingParams) else SamplingParams(**(sampling or {})),
             policy_version=policy_version, engine=engine, model=model, latency_ms=latency_ms,
             episode=EpisodeRef.model_validate(episode) if isinstance(episode, dict) else episode)
-        self._emit(event, session_id)
+        self._emit(event, event.key)
         return event
 
     def feedback(self, session_id: str, kind: str, *, turn_index: int | None = None, text: str | None = None,
                  thumbs: int | None = None, reward: float | None = None, exit_code: int | None = None,
                  passed: bool | None = None, metadata: dict[str, Any] | None = None,
-                 parent_ids: list[str] | None = None) -> FeedbackReceived:
-        """Record a next state; raises pydantic's ValidationError on fields that do not fit."""
+                 parent_ids: list[str] | None = None, group_id: str | None = None) -> FeedbackReceived:
+        """Record a next state; raises pydantic's ValidationError on fields that do not fit.
+        `group_id`: the session is a rollout of that group (give it for every feedback of a
+        rollout whose turns named an episode: it picks the partition, schemas.events.session_key)."""
         fb = FeedbackRequest(session_id=session_id, kind=kind, turn_index=turn_index, text=text,
                              thumbs=thumbs, reward=reward, exit_code=exit_code, passed=passed,
-                             source=self.source, metadata=metadata, parent_ids=parent_ids or [])
+                             source=self.source, metadata=metadata, parent_ids=parent_ids or [],
+                             group_id=group_id)
         event = FeedbackReceived(
             tenant=self.tenant, session_id=fb.session_id, turn_index=fb.turn_index, kind=fb.kind,
             text=fb.text, thumbs=fb.thumbs, reward=fb.reward, exit_code=fb.exit_code, passed=fb.passed,
             source=fb.source, parent_ids=fb.parent_ids,
-            metadata_json=orjson.dumps(fb.metadata).decode() if fb.metadata is not None else None)
-        self._emit(event, session_id)
+            metadata_json=orjson.dumps(fb.metadata).decode() if fb.metadata is not None else None,
+            group_id=fb.group_id)
+        self._emit(event, event.key)
         return event
 
     def session(self, session_id: str | None = None, first_turn: int = 0) -> "SessionRecorder":
@@ -138,13 +142,17 @@ class SessionRecorder:
 
     def __init__(self, recorder: Recorder, session_id: str, first_turn: int = 0) -> None:
         self.recorder, self.session_id, self.next_turn = recorder, session_id, first_turn
+        self.group_id: str | None = None   # set by the first turn that names an episode
 
     def turn(self, **fields: Any) -> TurnRecorded:
         event = self.recorder.record_turn(session_id=self.session_id, turn_index=self.next_turn, **fields)
         self.next_turn += 1
+        if event.episode is not None:
+            self.group_id = event.episode.group_id
         return event
 
     def feedback(self, kind: str, **fields: Any) -> FeedbackReceived:
+        fields.setdefault("group_id", self.group_id)
         return self.recorder.feedback(self.session_id, kind, **fields)
 
     def thumbs(self, up: bool, turn_index: int | None = None) -> FeedbackReceived:

@@ -102,6 +102,15 @@ class EpisodeRef(_Model):
     attempt: int = Field(default=0, ge=0, le=2**31 - 1)
 
 
+def session_key(session_id: str, group_id: str | None = None) -> str:
+    """The Kafka key of a session's turns and feedback: the session id, or for a rollout of a
+    group its group's id. Records with one key share a partition, and every stage sends what it
+    derives on the partition it read from, so a session's turns and feedback meet in sessionize
+    and a group's rollouts (their transitions, judgements and EpisodeEnded) meet in the group
+    stage. Every producer of turns, feedback and episodes keys by this function."""
+    return group_id or session_id
+
+
 class TurnRecorded(Event):
     tenant: str
     session_id: str
@@ -122,6 +131,10 @@ class TurnRecorded(Event):
     model: str
     latency_ms: float = 0.0
     episode: EpisodeRef | None = None
+
+    @property
+    def key(self) -> str:
+        return session_key(self.session_id, self.episode.group_id if self.episode else None)
 
 
 # -- feedback ---------------------------------------------------------------------------
@@ -149,6 +162,11 @@ class FeedbackReceived(Event):
     passed: bool | None = None
     source: str = "client"
     metadata_json: str | None = None
+    group_id: str | None = None   # the session is a rollout of this group (schemas.events.session_key)
+
+    @property
+    def key(self) -> str:
+        return session_key(self.session_id, self.group_id)
 
 
 # -- transitions ------------------------------------------------------------------------
@@ -373,6 +391,10 @@ class TaskIssued(Event):
     seed: int = 0
     tenant: str = "default"
 
+    @property
+    def key(self) -> str:
+        return session_key("", self.group_id)
+
 
 class EpisodeStarted(Event):
     task_id: str
@@ -386,6 +408,10 @@ class EpisodeStarted(Event):
     seed: int
     group_size: int
     sandbox: str = ""
+
+    @property
+    def key(self) -> str:
+        return session_key("", self.group_id)
 
 
 class EpisodeEnd(StrEnum):
@@ -409,6 +435,11 @@ class EpisodeEnded(Event):
     detail: str | None = None
     steps: int
     tenant: str = "default"
+    group_size: int | None = None   # the n of its group, as EpisodeStarted says
+
+    @property
+    def key(self) -> str:
+        return session_key("", self.group_id)
 
 
 EVENT_TYPES: dict[str, type[Event]] = {

@@ -230,6 +230,9 @@ def create_app(gw: Gateway, settings: Any = None, namespace: str | None = None,
     async def feedback(request: Request) -> Response:
         tenant = tenant_of(request)
         fb: FeedbackRequest = await parse(request, FeedbackRequest)
+        group = request.headers.get("x-group-id", "").strip()[:256]
+        if group and fb.group_id is None:
+            fb = fb.model_copy(update={"group_id": group})
 
         async def record() -> Reply:
             event = await gw.feedback(tenant, fb)
@@ -245,7 +248,8 @@ def create_app(gw: Gateway, settings: Any = None, namespace: str | None = None,
             raise ApiError(400, f"session id {session_id[:40]!r} is empty, too long or has control characters")
 
         async def record() -> Reply:
-            event, session = await gw.end_session(tenant, session_id)
+            group = request.headers.get("x-group-id", "").strip()[:256] or None
+            event, session = await gw.end_session(tenant, session_id, group)
             return Reply(200, {"event_id": event.event_id, "session_id": session_id,
                                "known": session is not None, "turns": session.turns if session else None}, {})
 

@@ -129,7 +129,8 @@ class Gateway:
             await asyncio.sleep(interval)
             for session in self.sessions.expire():
                 try:
-                    await self.record([(self._session_end(session, "idle_timeout"), session.session_id)])
+                    end = self._session_end(session, "idle_timeout")
+                    await self.record([(end, end.key)])
                 except Exception:  # a spool write failed: say so, keep reaping the others
                     log.exception("could not record the idle end of session %s", session.session_id)
 
@@ -196,13 +197,14 @@ class Gateway:
             finish = "tool_calls"
         elif final.stopped_by:
             finish = "stop"
-        index = self.sessions.take_index(turn.session)
+        index = self.sessions.take_index(turn.session, turn.episode.group_id if turn.episode else None)
         event = self.turn_event(turn, index, sampled, final.raw_text, finish)
-        items: list[tuple[Any, str]] = [(event, turn.session.session_id)]
+        items: list[tuple[Any, str]] = [(event, event.key)]
         self.sessions.record_reply(turn.tenant, turn.session.session_id, final.parsed.content)
         if turn.ends_session:
             ended = self.sessions.end(turn.tenant, turn.session.session_id)
-            items.append((self._session_end(ended, "client_done", turn.session, index), turn.session.session_id))
+            end = self._session_end(ended, "client_done", turn.session, index, event.episode.group_id if event.episode else None)
+            items.append((end, end.key))
         await self.record(items)
         m = self.metrics
         m.tokens.labels("prompt").inc(len(turn.prompt_ids))
@@ -214,9 +216,10 @@ class Gateway:
         finish_reason 'abort', synchronously (we may be inside a cancelled task)."""
         if not sampled.ids:
             return
-        index = self.sessions.take_index(turn.session)
+        index = self.sessions.take_index(turn.session, turn.episode.group_id if turn.episode else None)
         raw = assembler.finish().raw_text
-        self.spool.append([(self.turn_event(turn, index, sampled, raw, "abort"), turn.session.session_id)])
+        event = self.turn_event(turn, index, sampled, raw, "abort")
+        self.spool.append([(event, event.key)])
         self.metrics.turns.labels(turn.turn_type.value).inc()
 
     def turn_event(self, turn: Turn, index: int, sampled: "Sampled", text: str, finish: str) -> TurnRecorded:
@@ -235,30 +238,38 @@ class Gateway:
 
     # -- feedback and session ends ------------------------------------------------------------
     async def feedback(self, tenant: str, fb: FeedbackRequest) -> FeedbackReceived:
+        """Record one piece of a session's next state. A rollout's feedback is keyed by its group
+        (schemas.events.session_key): the request names it (`group_id`, or `X-Group-Id`), or
+        this gateway remembers it from the session's turns."""
+        group = fb.group_id or self.sessions.group_of(tenant, fb.session_id)
         event = FeedbackReceived(
             tenant=tenant, session_id=fb.session_id, turn_index=fb.turn_index, kind=fb.kind,
             text=fb.text, thumbs=fb.thumbs, reward=fb.reward, exit_code=fb.exit_code,
             passed=fb.passed, source=fb.source, parent_ids=fb.parent_ids,
-            metadata_json=orjson.dumps(fb.metadata).decode() if fb.metadata is not None else None)
+            metadata_json=orjson.dumps(fb.metadata).decode() if fb.metadata is not None else None,
+            group_id=group)
         if fb.kind is FeedbackKind.SESSION_END:
             self.sessions.end(tenant, fb.session_id)
-        await self.record([(event, fb.session_id)])
+        await self.record([(event, event.key)])
         return event
 
-    async def end_session(self, tenant: str, session_id: str) -> tuple[FeedbackReceived, Session | None]:
+    async def end_session(self, tenant: str, session_id: str,
+                          group_id: str | None = None) -> tuple[FeedbackReceived, Session | None]:
         session = self.sessions.end(tenant, session_id)
-        event = self._session_end(session, "client_end", SessionRef(tenant, session_id, SessionSource.HEADER))
-        await self.record([(event, session_id)])
+        event = self._session_end(session, "client_end", SessionRef(tenant, session_id, SessionSource.HEADER),
+                                  group_id=group_id)
+        await self.record([(event, event.key)])
         return event, session
 
     def _session_end(self, session: Session | None, reason: str, ref: SessionRef | None = None,
-                     last_index: int | None = None) -> FeedbackReceived:
+                     last_index: int | None = None, group_id: str | None = None) -> FeedbackReceived:
         tenant = session.tenant if session else ref.tenant
         sid = session.session_id if session else ref.session_id
         index = session.last_index if session else last_index
+        group = group_id or (session.group_id if session else None)
         return FeedbackReceived(tenant=tenant, session_id=sid, turn_index=index,
                                 kind=FeedbackKind.SESSION_END, source="gateway",
-                                metadata_json=orjson.dumps({"reason": reason}).decode())
+                                metadata_json=orjson.dumps({"reason": reason}).decode(), group_id=group)
 
     async def record(self, items: list[tuple[Any, str]]) -> None:
         """Durably spool events (fsync'd) before the client hears back."""

@@ -100,6 +100,7 @@ class Session:
     last_reply: str | None = None     # trimmed text of the reply to the last request
     last_active: float = 0.0
     turns: int = 0
+    group_id: str | None = None       # a rollout of this group: its records are keyed by it
 
     @property
     def last_index(self) -> int | None:
@@ -144,7 +145,12 @@ class SessionTracker:
         session.last_active = self.clock()
         return SessionRef(tenant, session.session_id, session.source)
 
-    def take_index(self, ref: SessionRef) -> int:
+    def group_of(self, tenant: str, session_id: str) -> str | None:
+        """The group a session's turns named (X-Group-Id), if this gateway saw one."""
+        session = self._sessions.get((tenant, session_id))
+        return session.group_id if session is not None else None
+
+    def take_index(self, ref: SessionRef, group_id: str | None = None) -> int:
         """The next turn index of the session (taken when a turn is recorded, so a failed
         request leaves no gap). A session that ended meanwhile keeps counting."""
         session = self._sessions.get((ref.tenant, ref.session_id))
@@ -153,6 +159,8 @@ class SessionTracker:
         index = session.next_index
         session.next_index += 1
         session.turns += 1
+        if group_id is not None:
+            session.group_id = group_id
         session.last_active = self.clock()
         return index
 

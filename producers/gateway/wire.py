@@ -115,6 +115,7 @@ class FeedbackRequest(BaseModel):
     source: str = Field(default="client", max_length=256)
     metadata: dict[str, Any] | None = None
     parent_ids: list[str] = Field(default_factory=list)
+    group_id: str | None = Field(default=None, min_length=1, max_length=256)   # a rollout's group (X-Group-Id)
 
     @field_validator("kind", mode="before")
     @classmethod

@@ -207,3 +207,24 @@ def test_episode_headers_put_a_turn_in_its_rollout_and_partial_ones_are_refused(
     assert (ep.task_id, ep.group_id, ep.rollout_index, ep.env, ep.env_version, ep.attempt) == (
         "t-7", "g-7", 3, "toolcall", "1", 2)
     assert without.episode is None
+
+
+def test_a_rollouts_turns_and_feedback_are_keyed_by_its_group(make_gateway, engine):
+    """A group's rollouts meet in one partition (schemas.events.session_key): the turns, the
+    feedback the gateway remembers the group for, the feedback naming it, and the session end."""
+    gw = make_gateway(engine)
+    auth = {"Authorization": f"Bearer {KEYS['acme']}"}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "2+2?"}], "max_tokens": 2}
+    episode = {"X-Task-Id": "t-9", "X-Group-Id": "g-9", "X-Rollout-Index": "0", "X-Session-Id": "roll-a"}
+    with ServerThread(gw) as server, httpx.Client(base_url=server.url, headers=auth, timeout=60) as c:
+        assert c.post("/v1/chat/completions", json=body, headers=episode).status_code == 200
+        remembered = c.post("/v1/feedback", json={"session_id": "roll-a", "kind": "tool_output", "text": "4"})
+        named = c.post("/v1/feedback", json={"session_id": "roll-b", "kind": "tool_output", "text": "5"},
+                       headers={"X-Group-Id": "g-9"})
+        ended = c.post("/v1/sessions/roll-a/end")
+        plain = c.post("/v1/feedback", json={"session_id": "other", "kind": "thumbs", "thumbs": 1})
+    assert all(r.status_code == 200 for r in (remembered, named, ended, plain))
+    keyed = [(type(s.event).__name__, s.event.session_id, s.key) for s in gw.spool.read(10_000)]
+    assert keyed == [("TurnRecorded", "roll-a", "g-9"), ("FeedbackReceived", "roll-a", "g-9"),
+                     ("FeedbackReceived", "roll-b", "g-9"), ("FeedbackReceived", "roll-a", "g-9"),
+                     ("FeedbackReceived", "other", "other")]
