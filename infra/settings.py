@@ -206,6 +206,21 @@ class GatewaySettings(_Section):
     replay_window: int = Field(default=10_000, ge=0)
 
 
+class GroupSettings(_Section):
+    """The group stage (processors.group): how a task's rollouts become step advantages."""
+
+    # "step": r = outcome + process_weight·p normalised per (group, step index), OpenClaw-RL's
+    # track 2; "outcome": the outcome normalised per group and broadcast to every step (GRPO).
+    estimator: Annotated[Literal["step", "outcome"], BeforeValidator(_lower)] = "step"
+    process_weight: float = 1.0
+    # A group waits for all n rollouts; after deadline_s (processing time since its first record)
+    # it is emitted with the rollouts that are complete if there are at least min_size, else dropped.
+    deadline_s: float = Field(default=900.0, gt=0)
+    min_size: int = Field(default=2, ge=1)
+    # How long a finished group is remembered, so late records of it are recognised and ignored.
+    done_retention_s: float = Field(default=86_400.0, gt=0)
+
+
 class ProcessorSettings(_Section):
     judge: Annotated[JudgeName, BeforeValidator(_lower)] = "feedback"
     judge_votes: int = Field(default=3, ge=1)
@@ -240,6 +255,7 @@ class ProcessorSettings(_Section):
     timeout_scan_s: float = Field(default=5.0, gt=0)
     stage_concurrency: int = Field(default=4, ge=1)
     session_timeout_s: float = Field(default=10.0, gt=0)
+    group: GroupSettings = GroupSettings()
 
 
 class LossSettings(_Section):

@@ -19,7 +19,9 @@ that do not match raise ``InvalidRecord`` (→ dead-letters), nothing is padded.
 
 The join waits for the sides its method needs (the transition and what schemas.methods lists:
 rl a judgement, opd a hint, combined both) in a state keyed by transition id; once the sample is decided the
-entry keeps only a ``done`` mark, so late duplicates change nothing. Pure: ``on_side`` and
+entry keeps only a ``done`` mark, so late duplicates change nothing. A transition that is a step of
+a rollout (general agents: its turn names an episode) is not assembled here: its advantage needs
+its group, so processors.group makes its sample; the join only marks it done. Pure: ``on_side`` and
 ``assemble``; ``handler`` keeps the join in the stage's table and ``STAGE`` declares it.
 """
 
@@ -130,6 +132,9 @@ def on_side(join: Join | None, side: Side, event: TransitionFormed | RewardJudge
     join = join or Join()
     if join.done:
         return Step(join, note=f"{side.value} after the sample was decided")
+    if side is Side.TRANSITION and event.turn.episode is not None:
+        # a step of a rollout: its sample needs the group's other rollouts (processors.group)
+        return Step(Join(done=True), note="step of a rollout: the group stage makes its sample")
     wanted = needs(method)
     if side not in wanted:
         return Step(join if join.has() else None, note=f"{side.value} not used by method {method.value}")

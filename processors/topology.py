@@ -12,7 +12,7 @@ people; each stage is its own consumer group. Faust-free and Kafka-free.
 
 from __future__ import annotations
 
-from processors import assemble, hint, judge, sessionize
+from processors import assemble, group, hint, judge, sessionize
 from processors.stage import Stage
 
 STAGES: tuple[Stage, ...] = (
@@ -20,6 +20,7 @@ STAGES: tuple[Stage, ...] = (
     judge.STAGE,
     hint.STAGE,
     assemble.STAGE,
+    group.STAGE,
 )
 
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
