@@ -221,6 +221,25 @@ class GroupSettings(_Section):
     done_retention_s: float = Field(default=86_400.0, gt=0)
 
 
+class EnvSettings(_Section):
+    """General agents' rollouts (producers.envs.runner): `nextstate envs run | worker`."""
+
+    group_size: int = Field(default=4, ge=1, le=1024)        # n rollouts per task
+    concurrency: int = Field(default=8, ge=1)               # rollouts in flight per process
+    max_steps: int = Field(default=4, ge=1, le=1000)         # assistant turns per rollout
+    episode_wall_s: float = Field(default=300.0, gt=0)       # one rollout, start to end
+    verifier_timeout_s: float = Field(default=60.0, gt=0)
+    request_timeout_s: float = Field(default=120.0, gt=0)    # one chat request to the gateway
+    max_tokens: int = Field(default=256, ge=1)
+    temperature: float = Field(default=1.0, ge=0)
+    # The gateway the rollouts go through (None: this machine's, gateway.host/port) and its key
+    # (None: the local development key).
+    gateway_url: str | None = None
+    api_key: SecretStr | None = None
+    shaped_outcome: bool = True      # tool-call: a wrong answer that used tools is penalised less
+    allow_weak_sandbox: bool = False
+
+
 class ProcessorSettings(_Section):
     judge: Annotated[JudgeName, BeforeValidator(_lower)] = "feedback"
     judge_votes: int = Field(default=3, ge=1)
@@ -330,6 +349,7 @@ class Settings(BaseSettings):
     serving: ServingSettings = ServingSettings()
     gateway: GatewaySettings = GatewaySettings()
     processors: ProcessorSettings = ProcessorSettings()
+    envs: EnvSettings = EnvSettings()
     learner: LearnerSettings = LearnerSettings()
 
     @model_validator(mode="after")

@@ -12,11 +12,13 @@ all arrive here on one partition. The stage keeps, in its table:
 | ``j|<transition>``| a judgement read before its transition (another topic: any order) |
 
 A rollout is *complete* when it ended (EpisodeEnded) and each of its steps (turn index 0 to
-``steps - 1``) has its transition and, for the ``step`` estimator, its judgement. A group is
-emitted once one attempt has n complete rollouts (the first complete attempt wins: a worker
-killed mid-group reruns it as the next attempt). At ``deadline_s`` after its first record it is
-emitted with the complete rollouts of its best attempt if there are at least ``min_size``, else
-dropped; either way it never waits longer. processors.advantages computes the advantages.
+``steps - 1``) has its transition and, for the ``step`` estimator, its judgement. A rollout that
+ended in ERROR (the environment, the gateway or the verifier failed: not the agent's doing) is
+counted as ended but never trained on. A group is emitted once one attempt has n ended rollouts
+and all those without an error are complete (the first such attempt wins: a worker killed
+mid-group reruns it as the next attempt), with at least ``min_size`` usable rollouts (or n, if
+smaller), else dropped. At ``deadline_s`` after its first record it is emitted with the complete
+rollouts of its best attempt, under the same minimum, or dropped; it never waits longer. processors.advantages computes the advantages.
 
 Each step becomes one RL sample: reward = the step's reward (o + c·p, or o), advantage as
 computed (the learner trains on it as it is), loss mask all 0 for a dropped bucket (kept for the
@@ -69,6 +71,7 @@ class Ended(_Row):
     session_id: str
     outcome: float
     steps: int
+    ended: str = "ANSWERED"      # schemas.events.EpisodeEnd; an ERROR rollout is not trained on
 
 
 class StepRef(_Row):
@@ -207,7 +210,7 @@ def on_episode_end(table: Mapping[str, Any], e: EpisodeEnded, partition: int, no
     if slot in g.ended:
         return Step(note="duplicate episode end")
     ended = Ended(event_id=e.event_id, session_id=e.session_id, outcome=max(-1.0, min(1.0, e.outcome)),
-                  steps=e.steps)
+                  steps=e.steps, ended=e.ended.value)
     size = e.group_size if e.group_size else g.size
     g = g.model_copy(update={"ended": {**g.ended, slot: ended}, "size": size})
     return _settle(table, g, {}, now, s, deadline=False)
@@ -247,7 +250,7 @@ def needs_check(key: str, value: Mapping[str, Any], now: float, s: GroupSettings
 
 def complete_rollouts(g: Group, attempt: int, need_judgement: bool) -> dict[int, tuple[Ended, list[str]]]:
     """rollout index -> (its end, the transition ids of steps 0..steps-1) for every rollout of
-    `attempt` that ended and has every step (judged, when the estimator needs it)."""
+    `attempt` that ended without an error and has every step (judged, when the estimator needs it)."""
     by_step: dict[tuple[int, int], str] = {}
     for tid, st in g.steps.items():
         if st.attempt == attempt and (st.process is not None or not need_judgement):
@@ -255,7 +258,7 @@ def complete_rollouts(g: Group, attempt: int, need_judgement: bool) -> dict[int,
     out = {}
     for slot, end in g.ended.items():
         a, k = (int(x) for x in slot.split(":"))
-        if a != attempt:
+        if a != attempt or end.ended == "ERROR":
             continue
         tids = [by_step.get((k, t)) for t in range(end.steps)]
         if all(tids):
@@ -267,21 +270,25 @@ def _settle(table: Mapping[str, Any], g: Group, writes: dict[str, Any], now: flo
             deadline: bool) -> Step:
     need_judgement = s.estimator == "step"
     attempts = sorted({int(slot.split(":")[0]) for slot in g.ended})
-    complete = {a: complete_rollouts(g, a, need_judgement) for a in attempts}
-    chosen = next((a for a in attempts if g.size and len(complete[a]) >= g.size), None)
-    note = None
-    if chosen is None and deadline:
-        best = max(attempts, key=lambda a: (len(complete[a]), -a), default=None)
-        have = len(complete[best]) if best is not None else 0
-        if best is not None and have >= s.min_size:
-            chosen, note = best, f"group emitted at its deadline: {have} of {g.size or '?'} rollouts complete"
-        else:
-            return _finish(g, writes, now, None, f"group dropped at its deadline: {have} complete "
-                           f"rollouts of {g.size or '?'}, fewer than {s.min_size}")
-    if chosen is None:
+    usable = {a: complete_rollouts(g, a, need_judgement) for a in attempts}
+
+    def all_in(a: int) -> bool:   # n ended, and every one that ended without an error has its steps
+        ended = [end for slot, end in g.ended.items() if int(slot.split(":")[0]) == a]
+        return bool(g.size) and len(ended) >= g.size and len(usable[a]) == sum(e.ended != "ERROR" for e in ended)
+
+    least = min(s.min_size, g.size or s.min_size)
+    chosen = next((a for a in attempts if all_in(a)), None)
+    if chosen is None and not deadline:
         return Step({**writes, group_key(g.group_id): g.to_table()})
-    samples = emit(table, writes, g, complete[chosen], s)
-    done = _finish(g, writes, now, chosen, note or "group emitted")
+    when = "" if chosen is not None else " at its deadline"
+    if chosen is None:
+        chosen = max(attempts, key=lambda a: (len(usable[a]), -a), default=None)
+    have = len(usable[chosen]) if chosen is not None else 0
+    if have < least:
+        return _finish(g, writes, now, None, f"group dropped{when}: {have} usable rollouts of "
+                       f"{g.size or '?'}, fewer than {least}")
+    samples = emit(table, writes, g, usable[chosen], s)
+    done = _finish(g, writes, now, chosen, f"group emitted{when}: {have} of {g.size or '?'} rollouts")
     done.outputs = samples
     return done
 

@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from infra.cli.common import console, fail
+from infra.cli.envs import register as register_envs
 from infra.cli.gateway import register as register_gateway
 from infra.cli.learner import register as register_learner
 from infra.cli.processors import register as register_processors
@@ -31,6 +32,7 @@ register_learner(app, bench_app)
 register_serving(app, bench_app)
 register_processors(app, bench_app)
 register_gateway(app, bench_app)
+register_envs(app)
 
 
 

@@ -83,19 +83,36 @@ class Environment(Protocol):
 
 
 ENVIRONMENTS: dict[str, Callable[..., Environment]] = {}
+TASKS: dict[str, Callable[[int, int], list[Task]]] = {}   # env name -> (n, seed) -> tasks
 
 
-def register_env(name: str) -> Callable[[type], type]:
+def register_env(name: str, tasks: Callable[[int, int], list[Task]] | None = None) -> Callable[[type], type]:
+    """Register an environment class by name, and optionally its task generator (n, seed)."""
     def add(cls: type) -> type:
         ENVIRONMENTS[name] = cls
+        if tasks is not None:
+            TASKS[name] = tasks
         return cls
 
     return add
 
 
-def create_env(name: str, **options: Any) -> Environment:
-    from producers.envs import toolcall  # noqa: F401  (registers itself)
+def builtin() -> None:
+    """Import the environments shipped here (each registers itself)."""
+    from producers.envs import toolcall  # noqa: F401
 
+
+def generate(name: str, n: int, seed: int = 0) -> list[Task]:
+    builtin()
+    if name not in TASKS:
+        known = ", ".join(sorted(TASKS)) or "none"
+        raise EnvError(f"environment {name!r} has no task generator (those that do: {known}); "
+                       "give tasks as a JSONL file instead")
+    return TASKS[name](n, seed)
+
+
+def create_env(name: str, **options: Any) -> Environment:
+    builtin()
     try:
         factory = ENVIRONMENTS[name]
     except KeyError:

@@ -96,7 +96,7 @@ def verify(got: float | None, want: float) -> bool:
     return abs(got - want) <= 1e-6 * max(1.0, abs(want))
 
 
-@register_env("toolcall")
+@register_env("toolcall", tasks=lambda n, seed: generate_tasks(n, seed))
 @dataclass
 class ToolCallEnv:
     name: ClassVar[str] = "toolcall"

@@ -214,3 +214,24 @@ def test_duplicates_are_recognised():
     for e in events[:2] + events[:2]:
         run.feed(e)
     assert run.notes[-2:] == ["duplicate transition", "duplicate judgement"]
+
+
+def test_a_rollout_that_ended_in_error_counts_as_ended_but_is_not_trained_on():
+    run = Run()
+    for k in (0, 1):
+        for e in rollout("err", k, [1.0 - 2 * k], 1.0 - 2 * k):
+            run.feed(e)
+    broken = rollout("err", 2, [1.0], 0.0)
+    broken[-1] = broken[-1].model_copy(update={"ended": EpisodeEnd.ERROR, "detail": "sandbox died"})
+    for e in broken:
+        run.feed(e)
+    assert {s.session_id for s in run.samples} == {"err-a0-r0", "err-a0-r1"}   # no wait for a deadline
+    assert {s.group_size for s in run.samples} == {2}
+
+    alone = Run()
+    for k in range(3):
+        events = rollout("allerr", k, [], 0.0)
+        events[-1] = events[-1].model_copy(update={"ended": EpisodeEnd.ERROR})
+        for e in events:
+            alone.feed(e)
+    assert not alone.samples and alone.notes[-1].startswith("group dropped: 0 usable")

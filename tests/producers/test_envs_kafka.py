@@ -1,0 +1,151 @@
+"""General agents end to end on the real stack: the runner plays groups of rollouts through the
+gateway (tiny model, OpenAI API), the processors (sessionize, the rule judge, the group stage,
+each a real faust worker) turn them into samples whose advantages are exactly the step-wise
+normalisation of the recorded outcomes and vote means; a broken task and an environment that
+raises end their rollouts with a reason, and nothing waits for them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from infra.settings import EnvSettings
+from processors.advantages import stepwise
+from producers.envs.base import EnvError, Observation, Outcome, StepResult, Task, register_env
+from producers.envs.runner import Runner
+from producers.envs.work import GroupSummary, run_local
+from producers.gateway.server import ServerThread
+from schemas.events import (
+    EpisodeEnd,
+    EpisodeEnded,
+    EpisodeStarted,
+    FeedbackKind,
+    FeedbackReceived,
+    RewardJudged,
+    SampleReady,
+    TurnRecorded,
+)
+from tests.conftest import wait_for
+from tests.processors.helpers import Collector
+from tests.producers.gateway_fixtures import engine, keyring, make_gateway, tokenizer  # noqa: F401
+from tests.producers.helpers import KEYS
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+
+
+@register_env("parity-test")
+class ParityEnv:
+    """Two steps; each 'runs' the reply (exit code = its length's parity); the outcome is +1
+    when the replies' total length is a multiple of 3. Arbitrary, but a function of what the
+    model said, so rollouts differ."""
+
+    name = "parity-test"
+    version = "t1"
+
+    def __init__(self, max_steps: int = 4) -> None:
+        self.total = 0
+        self.steps = 0
+
+    async def reset(self, task: Task):
+        if task.spec.get("explode"):
+            raise EnvError("this task is broken on purpose")
+        return [{"role": "user", "content": task.spec["q"]}], []
+
+    async def step(self, assistant):
+        if self.steps == 1 and assistant.get("content", "").startswith("\x00never"):
+            raise RuntimeError("unreachable")
+        self.steps += 1
+        n = len(assistant.get("content") or "")
+        self.total += n
+        obs = [Observation(FeedbackKind.TERMINAL_OUTPUT, f"ran {n} chars", exit_code=n % 2)]
+        done = self.steps >= 2
+        return StepResult(obs, [{"role": "user", "content": "go on"}], done, {"ended": "answered"} if done else {})
+
+    async def evaluate(self):
+        value = 1.0 if self.total % 3 == 0 else -1.0
+        return Outcome(value, "parity", "1", {"total": self.total}, value > 0)
+
+    async def close(self):
+        pass
+
+
+@pytest.fixture
+def workers(tmp_path, namespace):
+    from tests.processors.helpers import StageProcess
+
+    started = []
+
+    def start(stage: str, **env: str):
+        w = StageProcess(stage, namespace, tmp_path / "faust", tmp_path / f"{stage}.log", **env)
+        started.append(w.start())
+        return w
+
+    yield start
+    for w in started:
+        w.stop()
+
+
+def test_groups_of_rollouts_become_samples_with_step_wise_advantages(settings, registry, namespace,
+                                                                     make_gateway, engine, workers):
+    from infra.kafka import EventProducer
+
+    for stage in ("sessionize", "judge", "group"):
+        workers(stage)
+    gw = make_gateway(engine, namespace=namespace, drain=True)
+    sink = EventProducer(settings.kafka, registry, namespace=namespace)
+    tasks = [Task(f"t{i}", "parity-test", {"q": f"count to {i}"}) for i in range(2)]
+    broken = Task("bad", "parity-test", {"explode": True})
+    unknown = Task("nowhere", "no-such-env", {})
+    n = 3
+    with ServerThread(gw) as server:
+        async def play():
+            async with httpx.AsyncClient(base_url=server.url, timeout=60,
+                                         headers={"Authorization": f"Bearer {KEYS['acme']}"}) as client:
+                runner = Runner(client, sink, EnvSettings(max_steps=3, concurrency=4, max_tokens=6))
+                return await run_local(runner, [*tasks, broken, unknown], n)
+
+        summaries: list[GroupSummary] = asyncio.run(play())
+        wait_for(lambda: gw.spool.depth == 0, 60, what="the gateway's spool drained")
+    sink.flush(30)
+    assert [(s.task_id, s.rollouts, s.errors) for s in summaries] == [("t0", 3, 0), ("t1", 3, 0), ("bad", 3, 3),
+                                                                      ("nowhere", 3, 3)]
+
+    out = Collector(settings, registry, namespace, "SampleReady", "EpisodeEnded", "EpisodeStarted",
+                    "RewardJudged", "TurnRecorded", "FeedbackReceived")
+    wait_for(lambda: len(out.unique(SampleReady)) >= 12, 180, what="12 samples (2 groups x 3 rollouts x 2 steps)")
+    samples = list(out.unique(SampleReady).values())
+    ends = {e.session_id: e for e in out.events(EpisodeEnded)}
+    starts = out.events(EpisodeStarted)
+    assert len(ends) == 12 and len({s.session_id for s in starts}) == 12
+    assert {e.detail for e in ends.values() if e.task_id == "bad"} == {"EnvError: this task is broken on purpose"}
+    assert all(e.ended is EpisodeEnd.ERROR and "no-such-env" in e.detail for e in ends.values() if e.task_id == "nowhere")
+    assert all(e.steps == 2 and e.ended is EpisodeEnd.ANSWERED for e in ends.values() if e.task_id.startswith("t"))
+
+    # every record of a rollout is keyed by its group: the turns, the feedback, the episodes
+    keyed = [r for r in out.records if isinstance(r.event, (TurnRecorded, FeedbackReceived, EpisodeEnded))]
+    for r in keyed:
+        group = r.event.episode.group_id if isinstance(r.event, TurnRecorded) else r.event.group_id
+        assert r.key == group.encode(), (type(r.event).__name__, r.key, group)
+
+    # the advantages are the step-wise normalisation of what was recorded
+    judged = {j.transition_id: j.vote_mean for j in out.events(RewardJudged)}
+    for group in ("t0", "t1"):
+        mine = [s for s in samples if s.task_group == group]
+        assert len(mine) == 6 and {s.group_size for s in mine} == {3}
+        rewards = {}
+        for s in mine:
+            outcome = ends[s.session_id].outcome
+            assert s.outcome == outcome and s.process_reward in (-1.0, 0.0, 1.0)
+            assert s.step_reward == pytest.approx(outcome + s.process_reward)
+            rewards.setdefault(int(s.session_id.rsplit(".", 1)[1]), {})[s.step_index] = s.step_reward
+            transition = s.parent_ids[1]
+            assert judged[transition] == s.process_reward
+        expected = stepwise({k: [v[t] for t in sorted(v)] for k, v in rewards.items()})
+        for s in mine:
+            adv = expected[int(s.session_id.rsplit(".", 1)[1])][s.step_index]
+            assert s.advantage == pytest.approx(adv.advantage, abs=1e-5) and s.normaliser == adv.normaliser
+            assert s.loss_mask == [1 if adv.trained else 0] * len(s.response_token_ids)
+    out.close()
