@@ -7,7 +7,6 @@ raises end their rollouts with a reason, and nothing waits for them."""
 from __future__ import annotations
 
 import asyncio
-import json
 
 import httpx
 import pytest
