@@ -238,6 +238,10 @@ class EnvSettings(_Section):
     api_key: SecretStr | None = None
     shaped_outcome: bool = True      # tool-call: a wrong answer that used tools is penalised less
     allow_weak_sandbox: bool = False
+    # The worker's consumer session: how long a killed worker holds its tasks' partitions.
+    session_timeout_s: float = Field(default=30.0, ge=6, le=300)
+    # Python modules (dotted, on the path) that register more environments (producers.envs.base).
+    modules: list[str] = Field(default_factory=list)
 
 
 class ProcessorSettings(_Section):

@@ -39,9 +39,13 @@ def _producer(settings, ns: str):
 @envs_app.command("list")
 def list_envs() -> None:
     """The registered environments, their versions and whether they generate tasks."""
-    from producers.envs.base import ENVIRONMENTS, TASKS, builtin
+    from infra.settings import load_settings
+    from producers.envs.base import ENVIRONMENTS, TASKS, load_modules
 
-    builtin()
+    try:
+        load_modules(load_settings().envs.modules)
+    except NextstateError as exc:
+        fail(exc)
     from rich.table import Table
 
     table = Table("environment", "version", "task generator", "what it is")
@@ -58,11 +62,13 @@ def run(env: str = _ENV, tasks: int = _TASKS, seed: int = _SEED, tasks_file: Opt
     """Play every task's group of rollouts in this process, through the running gateway, and
     record each episode; the processors (with the group stage) turn them into samples."""
     from infra.settings import load_settings
+    from producers.envs.base import load_modules
     from producers.envs.runner import Runner
     from producers.envs.work import gateway_client, run_local
 
     try:
         settings = load_settings()
+        load_modules(settings.envs.modules)
         ns = settings.kafka.namespace if namespace is None else namespace
         n = group_size or settings.envs.group_size
         todo = _tasks(env, tasks, seed, tasks_file)
@@ -95,10 +101,12 @@ def issue(env: str = _ENV, tasks: int = _TASKS, seed: int = _SEED, tasks_file: O
           group_prefix: str = typer.Option("", help="prefix of the group ids (default: the task ids)")) -> None:
     """Publish tasks on the `tasks` topic for `nextstate envs worker`s."""
     from infra.settings import load_settings
+    from producers.envs.base import load_modules
     from producers.envs.work import issue as publish
 
     try:
         settings = load_settings()
+        load_modules(settings.envs.modules)
         ns = settings.kafka.namespace if namespace is None else namespace
         events = publish(_producer(settings, ns), _tasks(env, tasks, seed, tasks_file),
                          group_size or settings.envs.group_size, group_prefix=group_prefix)
@@ -116,12 +124,14 @@ def worker(namespace: Optional[str] = _NS,
     once every EpisodeEnded is delivered (a killed worker's group is rerun as a new attempt)."""
     from infra.kafka import EventConsumer, OnDecodeError
     from infra.settings import load_settings
+    from producers.envs.base import load_modules
     from producers.envs.runner import Runner
     from producers.envs.work import gateway_client, work
     from schemas.serde import registry_client
 
     try:
         settings = load_settings()
+        load_modules(settings.envs.modules)
         ns = settings.kafka.namespace if namespace is None else namespace
         e = settings.envs
         sink = _producer(settings, ns)
@@ -130,7 +140,8 @@ def worker(namespace: Optional[str] = _NS,
         poll_ms = int(max(300.0, rounds * (e.episode_wall_s + e.verifier_timeout_s) + 60) * 1000)
         consumer = EventConsumer(settings.kafka, registry_client(settings.registry), f"{ns}envs-worker",
                                  namespace=ns, on_decode_error=OnDecodeError.DEAD_LETTER, dead_letters=sink,
-                                 stage="envs-worker", **{"max.poll.interval.ms": poll_ms})
+                                 stage="envs-worker", **{"max.poll.interval.ms": poll_ms,
+                                                           "session.timeout.ms": int(e.session_timeout_s * 1000)})
         consumer.subscribe(["TaskIssued"])
     except NextstateError as exc:
         fail(exc)

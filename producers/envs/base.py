@@ -102,6 +102,19 @@ def builtin() -> None:
     from producers.envs import toolcall  # noqa: F401
 
 
+def load_modules(modules: list[str]) -> None:
+    """Import the user's environment modules (``envs.modules``: dotted names on the Python
+    path); each registers its environments with `register_env`. EnvError names one that fails."""
+    import importlib
+
+    builtin()
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:   # noqa: BLE001 - any import failure is the user's module
+            raise EnvError(f"environment module {name!r} could not be imported: {type(exc).__name__}: {exc}") from None
+
+
 def generate(name: str, n: int, seed: int = 0) -> list[Task]:
     builtin()
     if name not in TASKS:

@@ -13,7 +13,7 @@ import pytest
 
 from infra.settings import EnvSettings
 from processors.advantages import stepwise
-from producers.envs.base import EnvError, Observation, Outcome, StepResult, Task, register_env
+from producers.envs.base import Task
 from producers.envs.runner import Runner
 from producers.envs.work import GroupSummary, run_local
 from producers.gateway.server import ServerThread
@@ -29,46 +29,11 @@ from schemas.events import (
 )
 from tests.conftest import wait_for
 from tests.processors.helpers import Collector
+from tests.producers import envs_fixture  # noqa: F401  (registers parity-test and slow-test)
 from tests.producers.gateway_fixtures import engine, keyring, make_gateway, tokenizer  # noqa: F401
 from tests.producers.helpers import KEYS
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
-
-
-@register_env("parity-test")
-class ParityEnv:
-    """Two steps; each 'runs' the reply (exit code = its length's parity); the outcome is +1
-    when the replies' total length is a multiple of 3. Arbitrary, but a function of what the
-    model said, so rollouts differ."""
-
-    name = "parity-test"
-    version = "t1"
-
-    def __init__(self, max_steps: int = 4) -> None:
-        self.total = 0
-        self.steps = 0
-
-    async def reset(self, task: Task):
-        if task.spec.get("explode"):
-            raise EnvError("this task is broken on purpose")
-        return [{"role": "user", "content": task.spec["q"]}], []
-
-    async def step(self, assistant):
-        if self.steps == 1 and assistant.get("content", "").startswith("\x00never"):
-            raise RuntimeError("unreachable")
-        self.steps += 1
-        n = len(assistant.get("content") or "")
-        self.total += n
-        obs = [Observation(FeedbackKind.TERMINAL_OUTPUT, f"ran {n} chars", exit_code=n % 2)]
-        done = self.steps >= 2
-        return StepResult(obs, [{"role": "user", "content": "go on"}], done, {"ended": "answered"} if done else {})
-
-    async def evaluate(self):
-        value = 1.0 if self.total % 3 == 0 else -1.0
-        return Outcome(value, "parity", "1", {"total": self.total}, value > 0)
-
-    async def close(self):
-        pass
 
 
 @pytest.fixture
@@ -97,6 +62,7 @@ def test_groups_of_rollouts_become_samples_with_step_wise_advantages(settings, r
     sink = EventProducer(settings.kafka, registry, namespace=namespace)
     tasks = [Task(f"t{i}", "parity-test", {"q": f"count to {i}"}) for i in range(2)]
     broken = Task("bad", "parity-test", {"explode": True})
+    falls = Task("falls", "parity-test", {"q": "x", "raise_in_step": True})
     unknown = Task("nowhere", "no-such-env", {})
     n = 3
     with ServerThread(gw) as server:
@@ -104,13 +70,13 @@ def test_groups_of_rollouts_become_samples_with_step_wise_advantages(settings, r
             async with httpx.AsyncClient(base_url=server.url, timeout=60,
                                          headers={"Authorization": f"Bearer {KEYS['acme']}"}) as client:
                 runner = Runner(client, sink, EnvSettings(max_steps=3, concurrency=4, max_tokens=6))
-                return await run_local(runner, [*tasks, broken, unknown], n)
+                return await run_local(runner, [*tasks, broken, falls, unknown], n)
 
         summaries: list[GroupSummary] = asyncio.run(play())
         wait_for(lambda: gw.spool.depth == 0, 60, what="the gateway's spool drained")
     sink.flush(30)
     assert [(s.task_id, s.rollouts, s.errors) for s in summaries] == [("t0", 3, 0), ("t1", 3, 0), ("bad", 3, 3),
-                                                                      ("nowhere", 3, 3)]
+                                                                      ("falls", 3, 3), ("nowhere", 3, 3)]
 
     out = Collector(settings, registry, namespace, "SampleReady", "EpisodeEnded", "EpisodeStarted",
                     "RewardJudged", "TurnRecorded", "FeedbackReceived")
@@ -118,9 +84,11 @@ def test_groups_of_rollouts_become_samples_with_step_wise_advantages(settings, r
     samples = list(out.unique(SampleReady).values())
     ends = {e.session_id: e for e in out.events(EpisodeEnded)}
     starts = out.events(EpisodeStarted)
-    assert len(ends) == 12 and len({s.session_id for s in starts}) == 12
+    assert len(ends) == 15 and len({s.session_id for s in starts}) == 15
     assert {e.detail for e in ends.values() if e.task_id == "bad"} == {"EnvError: this task is broken on purpose"}
     assert all(e.ended is EpisodeEnd.ERROR and "no-such-env" in e.detail for e in ends.values() if e.task_id == "nowhere")
+    assert {(e.detail, e.steps) for e in ends.values() if e.task_id == "falls"} == {
+        ("RuntimeError: the environment fell over", 1)}
     assert all(e.steps == 2 and e.ended is EpisodeEnd.ANSWERED for e in ends.values() if e.task_id.startswith("t"))
 
     # every record of a rollout is keyed by its group: the turns, the feedback, the episodes
@@ -147,4 +115,67 @@ def test_groups_of_rollouts_become_samples_with_step_wise_advantages(settings, r
             adv = expected[int(s.session_id.rsplit(".", 1)[1])][s.step_index]
             assert s.advantage == pytest.approx(adv.advantage, abs=1e-5) and s.normaliser == adv.normaliser
             assert s.loss_mask == [1 if adv.trained else 0] * len(s.response_token_ids)
+    out.close()
+
+
+def test_a_worker_killed_mid_group_leaves_the_task_to_the_next_attempt(settings, registry, namespace, make_gateway,
+                                                                       engine, workers, tmp_path):
+    """`nextstate envs worker` commits a task only after its n EpisodeEnded: killed mid-group, the
+    task is delivered again, rerun as a later attempt, and the group stage emits that attempt."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from confluent_kafka import ConsumerGroupTopicPartitions
+
+    from infra.kafka import EventProducer
+    from infra.provision import admin_client
+    from producers.envs.work import issue
+    from tests.processors.helpers import REPO
+
+    for stage in ("sessionize", "judge", "group"):
+        workers(stage)
+    gw = make_gateway(engine, namespace=namespace, drain=True)
+    issue(EventProducer(settings.kafka, registry, namespace=namespace),
+          [Task("slow", "slow-test", {"q": "take your time", "sleep_s": 2.0})], 3)
+    out = Collector(settings, registry, namespace, "SampleReady", "EpisodeEnded", "EpisodeStarted")
+    with ServerThread(gw) as server:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "NEXTSTATE_ENVS__GATEWAY_URL": server.url,
+               "NEXTSTATE_ENVS__API_KEY": KEYS["acme"], "NEXTSTATE_ENVS__MAX_TOKENS": "6",
+               "NEXTSTATE_ENVS__MODULES": '["tests.producers.envs_fixture"]',
+               "NEXTSTATE_ENVS__SESSION_TIMEOUT_S": "6"}
+        cmd = [sys.executable, "-m", "infra.cli", "envs", "worker", "--namespace", namespace]
+
+        def start(name: str) -> subprocess.Popen:
+            return subprocess.Popen([*cmd, *(["--max-tasks", "1"] if name == "second" else [])], cwd=REPO, env=env,
+                                    stdout=open(tmp_path / f"worker-{name}.log", "wb"), stderr=subprocess.STDOUT)
+
+        first = start("first")
+        try:
+            wait_for(lambda: len(out.events(EpisodeStarted)) >= 3, 90,
+                     what=f"the first worker's rollouts\n{(tmp_path / 'worker-first.log').read_text()[-2000:]}")
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait(30)
+        assert not out.events(EpisodeEnded)   # killed before any rollout ended
+        second = start("second")
+        try:
+            assert second.wait(180) == 0, (tmp_path / "worker-second.log").read_text()[-3000:]
+        finally:
+            if second.poll() is None:
+                second.kill()
+        wait_for(lambda: gw.spool.depth == 0, 60, what="the gateway's spool drained")
+    wait_for(lambda: len(out.unique(SampleReady)) >= 6, 120, what="the second attempt's 6 samples")
+    starts = out.events(EpisodeStarted)
+    attempts = sorted({s.attempt for s in starts})
+    assert len(attempts) == 2 and attempts[0] < attempts[1]
+    ends = out.events(EpisodeEnded)
+    assert {e.attempt for e in ends} == {attempts[1]} and len(ends) == 3
+    samples = list(out.unique(SampleReady).values())
+    assert len(samples) == 6 and all(s.session_id.startswith(f"slow.{attempts[1]}.") for s in samples)
+    consumer_group = f"{namespace}envs-worker"
+    admin = admin_client(settings.kafka)
+    committed = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(consumer_group)])[consumer_group]
+    assert sum(tp.offset for tp in committed.result().topic_partitions if tp.offset > 0) == 1   # the task, once
     out.close()
