@@ -198,3 +198,31 @@ def test_registry():
         build_reward_judge(ProcessorSettings(), "nope")
     with pytest.raises(ValueError, match="judge_url"):
         build_reward_judge(ProcessorSettings(judge="llm"))
+
+
+def test_a_rollout_step_gets_the_step_prompt_with_a_truncated_history():
+    import json as _json
+
+    from processors.judges.prompts import STEP_HISTORY, reward_prompt
+    from schemas.events import EpisodeRef, FeedbackKind, FeedbackReceived, NextStateKind, TransitionFormed
+    from tests.processors.helpers import turn as make_turn
+
+    msgs = [{"role": "system", "content": "solve it"}, {"role": "user", "content": "What is 12 * 13 + 100?"}]
+    for i in range(10):
+        msgs += [{"role": "assistant", "content": f"try {i}", "tool_calls": [
+                     {"id": f"c{i}", "type": "function", "function": {"name": "python", "arguments": "{}"}}]},
+                 {"role": "tool", "tool_call_id": f"c{i}", "content": "x" * 5000 if i == 9 else f"out {i}"}]
+    ep = EpisodeRef(task_id="t", group_id="g", rollout_index=0, env="toolcall")
+    t = make_turn("s", 10, msgs, response="print(12*13+100)", episode=ep)
+    tf = TransitionFormed(tenant="test", session_id="s", turn_index=10, turn=t, next_state_kind=NextStateKind.FEEDBACK,
+                          feedback=[FeedbackReceived(tenant="test", session_id="s", turn_index=10,
+                                                     kind=FeedbackKind.TOOL_OUTPUT, text="256", exit_code=0)])
+    p = reward_prompt(tf)
+    system, user = p.messages[0]["content"], p.messages[1]["content"]
+    assert "agent solving a task in an environment (toolcall)" in system
+    assert "What is 12 * 13 + 100?" in user and "print(12*13+100)" in user
+    assert f"[... {20 - STEP_HISTORY} earlier messages left out ...]" in user
+    assert "try 3" not in user and "try 9" in user and "[... 3000 more characters]" in user
+    assert _json.dumps({"text": "256", "exit_code": 0}) in user
+    personal = tf.model_copy(update={"turn": t.model_copy(update={"episode": None})})
+    assert "process reward model. You judge one action of an AI assistant" in reward_prompt(personal).messages[0]["content"]
