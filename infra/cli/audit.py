@@ -3,7 +3,9 @@
 `infra.eventlog.read_log` reads every topic of a namespace (the log is the database); `lineage` is pure and walks the ids events carry: a sample's parents (turn,
 transition, judgement, hint), the transition's next state and feedback, every judge vote
 with its raw text, the hint decision, and the checkpoints whose consumed offsets cover the
-sample's offset. `render` prints it. Knows nothing about training or serving.
+sample's offset. For a step of a rollout (general agents) also its episode (how it ended, the
+outcome and what the verifier said) and its group: every rollout's outcome and every step's
+process reward, step reward, advantage and normaliser. `render` prints it. Knows nothing about training or serving.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from rich.table import Table
 from infra.eventlog import Logged
 from schemas.events import (
     CheckpointPublished,
+    EpisodeEnded,
     FeedbackReceived,
     HintJudged,
     RewardJudged,
@@ -36,6 +39,9 @@ class Lineage:
     hints: list[HintJudged] = field(default_factory=list)
     samples: list[Logged] = field(default_factory=list)
     checkpoints: list[CheckpointPublished] = field(default_factory=list)
+    episode: EpisodeEnded | None = None                            # the rollout this turn is a step of
+    group_ends: list[EpisodeEnded] = field(default_factory=list)    # every rollout of its group
+    group_samples: list[SampleReady] = field(default_factory=list)  # every step sample of its group
 
 
 def lineage(log: list[Logged], turn_id: str) -> Lineage:
@@ -58,6 +64,16 @@ def lineage(log: list[Logged], turn_id: str) -> Lineage:
             out.samples.append(item)
     for sample in out.samples:
         out.checkpoints.extend(c for c in trained_by(log, sample) if c not in out.checkpoints)
+    ep = out.turn.episode if out.turn is not None else None
+    if ep is not None:
+        for item in log:
+            e = item.event
+            if isinstance(e, EpisodeEnded) and e.group_id == ep.group_id:
+                out.group_ends.append(e)
+                if e.session_id == out.turn.session_id:
+                    out.episode = e
+            elif isinstance(e, SampleReady) and e.task_group == ep.group_id:
+                out.group_samples.append(e)
     return out
 
 
@@ -129,12 +145,48 @@ def render(lin: Lineage, console: Console) -> None:
             + "".join(f"\ncandidate {c.vote_index}: {c.hint!r} overlap={c.overlap_score}" for c in h.candidates)
             + (f"\nteacher {h.teacher_policy} v{h.teacher_policy_version}" if h.teacher_policy else ""),
             title=f"hint {h.event_id}"))
+    if t.episode is not None:
+        render_group(lin, console)
     for item in lin.samples:
         s = item.event
-        console.print(f"sample {s.event_id} · {s.method.value} · reward {s.reward:+.2f} · "
+        step = (f" · advantage {s.advantage:+.3f} ({s.normaliser}, group of {s.group_size})"
+                if s.advantage is not None else "")
+        console.print(f"sample {s.event_id} · {s.method.value} · reward {s.reward:+.2f}{step} · "
                       f"{sum(s.loss_mask)}/{len(s.loss_mask)} tokens trained · "
                       f"{item.topic}[{item.partition}]@{item.offset}")
     for c in lin.checkpoints:
         console.print(f"trained into checkpoint {c.run} v{c.version} ({c.kind.value}) at {c.uri}")
     if lin.samples and not lin.checkpoints:
         console.print("not yet trained into any published checkpoint")
+
+
+def render_group(lin: Lineage, console: Console) -> None:
+    ep, e = lin.turn.episode, lin.episode
+    head = (f"task {ep.task_id} · env {ep.env or '?'} {ep.env_version} · group {ep.group_id} · "
+            f"rollout {ep.rollout_index} · attempt {ep.attempt}")
+    if e is None:
+        console.print(Panel(head + "\nthe rollout has not ended (no EpisodeEnded in the log)", title="episode"))
+    else:
+        console.print(Panel(
+            f"{head}\nended {e.ended.value} after {e.steps} steps · outcome {e.outcome:+.2f} · verifier "
+            f"{e.verifier}@{e.verifier_version}: {(e.verifier_result_json or '')[:400]}"
+            + (f"\n{e.detail}" if e.detail else ""), title=f"episode {e.event_id}"))
+    outcomes = {(x.attempt, x.rollout_index): x for x in lin.group_ends}
+    table = Table(title=f"group {ep.group_id}: {len(lin.group_ends)} rollouts ended, "
+                        f"{len(lin.group_samples)} step samples")
+    for col in ("rollout", "step", "ended", "outcome", "process", "step reward", "advantage", "normaliser"):
+        table.add_column(col)
+    by_session = {x.session_id: x for x in lin.group_ends}
+    for s in sorted(lin.group_samples, key=lambda s: (s.session_id, s.step_index or 0)):
+        end = by_session.get(s.session_id)
+        mark = " ◀" if s.session_id == lin.turn.session_id and s.turn_index == lin.turn.turn_index else ""
+        table.add_row(f"{end.rollout_index if end else '?'}{mark}", str(s.step_index), end.ended.value if end else "?",
+                      f"{s.outcome:+.2f}" if s.outcome is not None else "-",
+                      f"{s.process_reward:+.2f}" if s.process_reward is not None else "-",
+                      f"{s.step_reward:+.2f}" if s.step_reward is not None else "-",
+                      f"{s.advantage:+.3f}" if s.advantage is not None else "-", s.normaliser or "-")
+    untrained = [x for k, x in sorted(outcomes.items()) if all(s.session_id != x.session_id for s in lin.group_samples)]
+    for x in untrained:
+        table.add_row(str(x.rollout_index), "-", x.ended.value, f"{x.outcome:+.2f}", "-", "-", "-",
+                      f"no sample{': ' + x.detail[:60] if x.detail else ''}")
+    console.print(table)

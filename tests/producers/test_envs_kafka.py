@@ -117,6 +117,22 @@ def test_groups_of_rollouts_become_samples_with_step_wise_advantages(settings, r
             assert s.loss_mask == [1 if adv.trained else 0] * len(s.response_token_ids)
     out.close()
 
+    # the audit walks from a sample to its episode, its group and every vote
+    from rich.console import Console
+
+    from infra.cli.audit import lineage, render, resolve
+    from infra.eventlog import read_log
+
+    log = read_log(settings, namespace)
+    item = next(i for i in log if isinstance(i.event, SampleReady) and i.event.task_group == "t0")
+    lin = lineage(log, resolve(log, item.event.event_id)[0])
+    assert lin.episode is not None and lin.episode.session_id == item.event.session_id
+    assert len(lin.group_ends) == 3 and len(lin.group_samples) == 6 and lin.judgements[0].votes
+    console = Console(record=True, width=220)
+    render(lin, console)
+    text = console.export_text()
+    assert "group t0: 3 rollouts ended, 6 step samples" in text and f"{item.event.advantage:+.3f}" in text
+
 
 def test_a_worker_killed_mid_group_leaves_the_task_to_the_next_attempt(settings, registry, namespace, make_gateway,
                                                                        engine, workers, tmp_path):
