@@ -236,6 +236,10 @@ class EnvSettings(_Section):
     # (None: the local development key).
     gateway_url: str | None = None
     api_key: SecretStr | None = None
+    # Text the assistant's every reply starts with (sent as a final assistant message the model
+    # continues, `continue_final_message`): a prompt format that gives a small model a chance to
+    # use a tool, e.g. "```python\nprint(". Prompt, never trained on. None: plain replies.
+    prefill: str | None = None
     shaped_outcome: bool = True      # tool-call: a wrong answer that used tools is penalised less
     allow_weak_sandbox: bool = False
     # The worker's consumer session: how long a killed worker holds its tasks' partitions.

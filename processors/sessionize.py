@@ -93,9 +93,14 @@ class Step:
 def next_messages(prev: TurnRecorded, nxt: TurnRecorded) -> list[dict[str, Any]]:
     """The messages `nxt` sent that `prev` had not: the response itself is skipped, every
     user text and tool result after it is kept. If the client rewrote history (fewer
-    messages than before), everything after the last assistant message is the next state."""
-    before = json.loads(prev.messages_json)
-    after = json.loads(nxt.messages_json)
+    messages than before), everything after the last assistant message is the next state.
+    A trailing assistant message is a prefill the response continued (``continue_final_message``):
+    part of the action, not of the state, in either turn."""
+    def unprefilled(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return messages[:-1] if messages and messages[-1].get("role") == "assistant" else messages
+
+    before = unprefilled(json.loads(prev.messages_json))
+    after = unprefilled(json.loads(nxt.messages_json))
     if len(after) > len(before) and after[:len(before)] == before:
         rest = after[len(before):]
         return rest[1:] if rest and rest[0].get("role") == "assistant" else rest

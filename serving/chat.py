@@ -83,14 +83,19 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def render_prompt(tokenizer: Any, messages: list[dict[str, Any]],
-                  tools: list[dict[str, Any]] | None) -> list[int]:
-    """Token ids of the prompt: the chat template applied once, with the generation prompt."""
+                  tools: list[dict[str, Any]] | None, continue_final: bool = False) -> list[int]:
+    """Token ids of the prompt: the chat template applied once, with the generation prompt; or,
+    with `continue_final`, ending inside the last (assistant) message, which the response then
+    continues (a prefill: prompt, never trained on)."""
+    if continue_final and (not messages or messages[-1].get("role") != "assistant"
+                           or not isinstance(messages[-1].get("content"), str)):
+        raise ChatError("continue_final_message needs a last message from the assistant with text content")
     if tools and not template_mentions_tools(tokenizer):
         messages = _with_tools_described(messages, tools)
         tools = None
     try:
-        ids = tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
-                                            tokenize=True, return_dict=False)
+        ids = tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=not continue_final,
+                                            continue_final_message=continue_final, tokenize=True, return_dict=False)
     except Exception as exc:  # jinja2 errors raised by the template itself (role order, ...)
         raise ChatError(f"the model's chat template refused these messages: {exc}") from exc
     if ids and isinstance(ids[0], list):  # some tokenizers return a batch of one

@@ -32,7 +32,7 @@ register_learner(app, bench_app)
 register_serving(app, bench_app)
 register_processors(app, bench_app)
 register_gateway(app, bench_app)
-register_envs(app)
+register_envs(app, bench_app)
 
 
 

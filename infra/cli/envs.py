@@ -163,5 +163,24 @@ def worker(namespace: Optional[str] = _NS,
     console.print(f"worker: {done} tasks run", markup=False)
 
 
-def register(app: typer.Typer) -> None:
+def bench_envs(model: Optional[str] = typer.Option(None, help="model spec; default: a tiny random model"),
+               concurrency: str = typer.Option("1,4,16", help="rollout concurrencies, comma-separated"),
+               episodes: int = typer.Option(32, help="episodes per concurrency"),
+               sandbox_runs: int = typer.Option(20, help="runs of the sandbox overhead measurement"),
+               groups: int = typer.Option(100, help="groups through the group stage"),
+               group_size: int = typer.Option(4, help="rollouts per group"),
+               steps: int = typer.Option(3, help="steps per rollout")) -> None:
+    """Sandbox start overhead, episodes/s at several concurrencies, group-stage steps/s vs raw Kafka."""
+    from infra.settings import load_settings
+    from producers.envs.bench import run_envs_bench
+
+    try:
+        levels = [int(x) for x in concurrency.split(",") if x.strip()]
+        run_envs_bench(load_settings(), model, levels, episodes, sandbox_runs, groups, group_size, steps, console)
+    except (NextstateError, ValueError) as exc:
+        fail(exc)
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     app.add_typer(envs_app, name="envs")
+    bench_app.command("envs")(bench_envs)

@@ -8,9 +8,11 @@ One rollout (``play``) is one session of the gateway, named ``<group>.<attempt>.
    ``POST /v1/chat/completions`` with the episode headers (X-Task-Id, X-Group-Id,
    X-Rollout-Index, X-Env, X-Env-Version, X-Attempt), so the gateway records the turn token-exact
    with its episode, whichever engine serves it (local, remote, SGLang). The assistant's message
-   goes to ``env.step``; each observation becomes feedback for that turn (``POST /v1/feedback``:
-   tool output, terminal output with its exit code, test result), the messages it returns are
-   appended, and the next step begins, until the environment says done or ``max_steps``.
+   goes to ``env.step`` (with ``envs.prefill`` the reply continues that text, sent as a final
+   assistant message: the environment sees prefill + reply); each observation becomes feedback
+   for that turn (``POST /v1/feedback``: tool output, terminal output with its exit code, test
+   result), the messages it returns are appended, and the next step begins, until the
+   environment says done or ``max_steps``.
 3. The session is ended (``POST /v1/sessions/<id>/end``), ``env.evaluate()`` gives the outcome,
    and EpisodeEnded records it with how the rollout ended:
 
@@ -178,6 +180,9 @@ class Runner:
                     for _ in range(s.max_steps):
                         body = {"model": self.model, "messages": messages, "max_tokens": s.max_tokens,
                                 "temperature": s.temperature}
+                        if s.prefill:
+                            body["messages"] = [*messages, {"role": "assistant", "content": s.prefill}]
+                            body["continue_final_message"] = True
                         if tools:
                             body["tools"] = tools
                         try:
@@ -190,7 +195,7 @@ class Runner:
                             raise
                         steps = int((reply.get("nextstate") or {}).get("turn_index", steps)) + 1
                         message = reply["choices"][0]["message"]
-                        assistant = {"role": "assistant", "content": message.get("content") or ""}
+                        assistant = {"role": "assistant", "content": (s.prefill or "") + (message.get("content") or "")}
                         if message.get("tool_calls"):
                             assistant["tool_calls"] = message["tool_calls"]
                         result = await env.step(assistant)

@@ -140,7 +140,7 @@ class Gateway:
         (bad messages) or ContextLengthError (prompt longer than the model's context)."""
         messages = req.dumped_messages()
         tools = req.dumped_tools()
-        prompt_ids = render_prompt(self.tokenizer, normalize_messages(messages), tools)
+        prompt_ids = render_prompt(self.tokenizer, normalize_messages(messages), tools, req.continue_final_message)
         info = self.engine.info()
         if len(prompt_ids) >= info.max_context:
             raise ContextLengthError(len(prompt_ids), 0, info.max_context)

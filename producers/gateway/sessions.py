@@ -79,6 +79,10 @@ def fingerprint(message: dict[str, Any]) -> str:
 
 
 def _assistant_turns(messages: list[dict[str, Any]]) -> int:
+    """Replies already in a new session's history; a trailing assistant message is a prefill the
+    request continues, not a reply."""
+    if messages and messages[-1].get("role") == "assistant":
+        messages = messages[:-1]
     return sum(1 for m in messages if m.get("role") == "assistant")
 
 

@@ -71,6 +71,9 @@ class ChatCompletionRequest(_Lenient):
     # nextstate extensions (headers take precedence)
     session_id: str | None = Field(default=None, min_length=1, max_length=256)
     turn_type: Literal["main", "side", "MAIN", "SIDE"] | None = None
+    # vLLM's extension: the last message is a partial assistant message the reply continues
+    # (a prefill; it is prompt, never trained on, and the reply holds only the continuation)
+    continue_final_message: bool = False
 
     @field_validator("n")
     @classmethod

@@ -201,3 +201,14 @@ def test_the_turns_clock_forgets_what_it_read_when_partitions_are_reassigned():
     for i in range(1, 4):
         clock.saw(0, i, turn("s", i, q))
     assert asyncio.run(clock.caught_up(0, end))
+
+
+def test_a_prefilled_final_message_is_part_of_the_action_not_the_next_state():
+    from processors.sessionize import next_messages
+
+    task = [{"role": "user", "content": "What is 12*13?"}]
+    prefill = {"role": "assistant", "content": "```python\nprint("}
+    first = turn("s", 0, [*task, prefill], response="12*13)\n```")
+    second = turn("s", 1, [*task, {"role": "assistant", "content": "```python\nprint(12*13)\n```"},
+                           {"role": "user", "content": "Output:\n156"}, prefill])
+    assert next_messages(first, second) == [{"role": "user", "content": "Output:\n156"}]

@@ -228,3 +228,20 @@ def test_a_rollouts_turns_and_feedback_are_keyed_by_its_group(make_gateway, engi
     assert keyed == [("TurnRecorded", "roll-a", "g-9"), ("FeedbackReceived", "roll-a", "g-9"),
                      ("FeedbackReceived", "roll-b", "g-9"), ("FeedbackReceived", "roll-a", "g-9"),
                      ("FeedbackReceived", "other", "other")]
+
+
+def test_continue_final_message_prefills_the_reply_as_prompt(make_gateway, engine, tokenizer):
+    gw = make_gateway(engine)
+    auth = {"Authorization": f"Bearer {KEYS['acme']}"}
+    msgs = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "```python\nprint("}]
+    body = {"model": "tiny", "messages": msgs, "max_tokens": 4, "continue_final_message": True}
+    with ServerThread(gw) as server, httpx.Client(base_url=server.url, headers=auth, timeout=60) as c:
+        r = c.post("/v1/chat/completions", json=body)
+        bad = c.post("/v1/chat/completions", json={**body, "messages": msgs[:1]})
+    assert r.status_code == 200, r.text
+    assert bad.status_code == 400 and "continue_final_message" in bad.json()["error"]["message"]
+    [t] = turns(gw)
+    assert tokenizer.decode(t.prompt_token_ids).endswith("```python\nprint(")   # the prefill is prompt
+    assert r.json()["choices"][0]["message"]["content"] == t.response_text      # the reply continues it
+    assert json.loads(t.messages_json)[-1] == msgs[-1]
+    assert t.turn_index == 0   # the prefill is not a reply already in the session's history
