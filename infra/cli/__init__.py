@@ -184,26 +184,48 @@ def ops(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(30080),
 
 
 @app.command()
-def demo(sessions: int = typer.Option(48, help="simulated user sessions (two turns each)"),
-         concurrency: int = typer.Option(8, help="sessions talking at once"),
-         round_sessions: int = typer.Option(16, help="sessions per round; the next round waits until "
+def demo(track: str = typer.Option("personal", help="personal (simulated users) or toolcall (a general agent "
+                                                    "with a Python tool, groups of rollouts)"),
+         sessions: int = typer.Option(48, help="personal: simulated user sessions (two turns each)"),
+         concurrency: int = typer.Option(8, help="sessions (personal) or rollouts (toolcall) at once"),
+         round_sessions: int = typer.Option(16, help="personal: sessions per round; the next round waits until "
                                                      "the served run has learned from this one (0: never wait)"),
          model: Optional[str] = typer.Option(None, help="model; default SmolLM2-135M-Instruct (embedded)"),
-         methods: str = typer.Option("combined,rl,opd", help="learner runs, comma-separated; the first is served live"),
-         personas: str = typer.Option("brief", help="the simulated population: brief, plain, curious, metric"),
-         max_tokens: int = typer.Option(64, help="tokens per answer"),
+         methods: str = typer.Option("combined,rl,opd", help="personal: learner runs, comma-separated; the first is served live"),
+         personas: str = typer.Option("brief", help="personal: the simulated population: brief, plain, curious, metric"),
+         max_tokens: int = typer.Option(64, help="tokens per answer (toolcall: per step, default 40)"),
+         rounds: int = typer.Option(3, help="toolcall: rounds of training tasks"),
+         tasks_per_round: int = typer.Option(6, help="toolcall: training tasks per round"),
+         group_size: int = typer.Option(4, help="toolcall: rollouts per task"),
+         heldout: int = typer.Option(16, help="toolcall: held-out tasks evaluated before and after"),
+         compare: bool = typer.Option(True, help="toolcall: also train on an outcome-only replay and evaluate it"),
          lr: float = typer.Option(1e-3, help="learning rate of the LoRA learners"),
          seed: int = typer.Option(0),
-         port: int = typer.Option(30100, help="the demo gateway's port")) -> None:
-    """The whole loop on the embedded default, driven by simulated users: a live view, then a
-    before/after table and a PNG plot of satisfaction per interaction."""
+         port: Optional[int] = typer.Option(None, help="the demo gateway's port (default 30100; toolcall 30200)")) -> None:
+    """The whole loop on the embedded default: simulated users (personal) or a tool-using agent
+    over groups of rollouts (toolcall); a before/after table and a PNG plot."""
+    if track not in ("personal", "toolcall"):
+        fail(f"--track must be personal or toolcall, got {track!r}")
+    if track == "toolcall":
+        from infra.cli.demo_toolcall import ToolcallDemoConfig, run_toolcall_demo
+
+        tcfg = ToolcallDemoConfig(model=model, rounds=rounds, tasks_per_round=tasks_per_round, group_size=group_size,
+                                  heldout=heldout, concurrency=concurrency, compare=compare, lr=lr, seed=seed,
+                                  port=port or 30200, max_tokens=40 if max_tokens == 64 else max_tokens)
+        try:
+            tstate = run_toolcall_demo(load_settings(), tcfg, console)
+        except NextstateError as exc:
+            fail(exc)
+        if tstate.failure:
+            raise typer.Exit(1)
+        return
     from infra.cli.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(model=model, sessions=sessions, concurrency=concurrency, round_sessions=round_sessions,
                      max_tokens=max_tokens,
                      methods=tuple(m.strip() for m in methods.split(",") if m.strip()), lr=lr,
                      personas=tuple(p.strip() for p in personas.split(",") if p.strip()),
-                     seed=seed, port=port)
+                     seed=seed, port=port or 30100)
     try:
         state = run_demo(load_settings(), cfg, console)
     except NextstateError as exc:

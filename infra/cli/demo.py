@@ -260,7 +260,7 @@ def _describe_failure(exc: Exception, phase: str, logs: Path) -> str:
             f"Each part's log is in {logs}/<part>.log")
 
 
-def _caught_up(settings: Settings, method: str, quiet_s: float = 2.0) -> int | None:
+def _caught_up(settings: Settings, method: str, quiet_s: float = 2.0, run: str | None = None) -> int | None:
     """The version of the method's run that has trained on everything the users said so
     far, or None.
 
@@ -296,7 +296,7 @@ def _caught_up(settings: Settings, method: str, quiet_s: float = 2.0) -> int | N
     for i in samples:
         if has_signal(i.event, rule(method)):
             ends[(i.topic, i.partition)] = max(ends.get((i.topic, i.partition), 0), i.offset + 1)
-    checkpoints = [e for e in events if isinstance(e, CheckpointPublished) and e.run == f"demo-{method}"]
+    checkpoints = [e for e in events if isinstance(e, CheckpointPublished) and e.run == (run or f"demo-{method}")]
     if not checkpoints:
         return None
     latest = max(checkpoints, key=lambda c: c.version)

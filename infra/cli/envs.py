@@ -29,6 +29,14 @@ def _tasks(env: str, tasks: int, seed: int, tasks_file: Optional[Path]):
     return load_tasks(tasks_file, env) if tasks_file else generate(env, tasks, seed)
 
 
+def _prefix(given: Optional[str]) -> str:
+    """Group ids name one run of a task: the group stage emits a group once and ignores it after."""
+    import secrets
+    import time
+
+    return given if given is not None else f"{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(2)}-"
+
+
 def _producer(settings, ns: str):
     from infra.kafka import EventProducer
     from schemas.serde import registry_client
@@ -58,7 +66,8 @@ def list_envs() -> None:
 @envs_app.command("run")
 def run(env: str = _ENV, tasks: int = _TASKS, seed: int = _SEED, tasks_file: Optional[Path] = _FILE,
         group_size: Optional[int] = _N, namespace: Optional[str] = _NS,
-        group_prefix: str = typer.Option("", help="prefix of the group ids (default: the task ids)")) -> None:
+        group_prefix: Optional[str] = typer.Option(None, help="prefix of the group ids; default: one unique to "
+                                                              "this run (a group id names one run of a task)")) -> None:
     """Play every task's group of rollouts in this process, through the running gateway, and
     record each episode; the processors (with the group stage) turn them into samples."""
     from infra.settings import load_settings
@@ -76,7 +85,7 @@ def run(env: str = _ENV, tasks: int = _TASKS, seed: int = _SEED, tasks_file: Opt
 
         async def main():
             async with gateway_client(settings) as client:
-                return await run_local(Runner(client, sink, settings.envs), todo, n, group_prefix)
+                return await run_local(Runner(client, sink, settings.envs), todo, n, _prefix(group_prefix))
 
         summaries = asyncio.run(main())
         sink.flush(60)
@@ -98,7 +107,8 @@ def run(env: str = _ENV, tasks: int = _TASKS, seed: int = _SEED, tasks_file: Opt
 @envs_app.command("issue")
 def issue(env: str = _ENV, tasks: int = _TASKS, seed: int = _SEED, tasks_file: Optional[Path] = _FILE,
           group_size: Optional[int] = _N, namespace: Optional[str] = _NS,
-          group_prefix: str = typer.Option("", help="prefix of the group ids (default: the task ids)")) -> None:
+          group_prefix: Optional[str] = typer.Option(None, help="prefix of the group ids; default: one unique "
+                                                                "to this issue (a group id names one run of a task)")) -> None:
     """Publish tasks on the `tasks` topic for `nextstate envs worker`s."""
     from infra.settings import load_settings
     from producers.envs.base import load_modules
@@ -109,7 +119,7 @@ def issue(env: str = _ENV, tasks: int = _TASKS, seed: int = _SEED, tasks_file: O
         load_modules(settings.envs.modules)
         ns = settings.kafka.namespace if namespace is None else namespace
         events = publish(_producer(settings, ns), _tasks(env, tasks, seed, tasks_file),
-                         group_size or settings.envs.group_size, group_prefix=group_prefix)
+                         group_size or settings.envs.group_size, group_prefix=_prefix(group_prefix))
     except NextstateError as exc:
         fail(exc)
     console.print(f"issued {len(events)} tasks of {events[0].group_size if events else 0} rollouts each "

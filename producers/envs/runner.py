@@ -27,6 +27,9 @@ One rollout (``play``) is one session of the gateway, named ``<group>.<attempt>.
 group stage knows which transitions make the rollout. Whatever happens, the environment is
 closed and EpisodeEnded is sent: a group never waits for a rollout that died silently.
 
+With ``record=False`` (evaluation) nothing trains on the rollouts: the turns are side turns, no
+feedback, session end or episode event is sent; the outcomes are only returned.
+
 ``run_group`` plays a task's n rollouts concurrently (bounded by ``concurrency`` across the
 process) and returns when every EpisodeEnded is delivered. Knows nothing about faust.
 """
@@ -34,7 +37,9 @@ process) and returns when every EpisodeEnded is delivered. Knows nothing about f
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
+import secrets
 import json
 import logging
 import time
@@ -79,6 +84,13 @@ class Rollout:
     def session_id(self) -> str:
         return f"{self.group_id}.{self.attempt}.{self.index}"
 
+    def request_id(self, nonce: str, *what: object) -> str:
+        """An idempotency key for one request of this rollout, unique to one runner (`nonce`): a
+        retry repeats it, a second run of the same task never does (the gateway would replay
+        the first run's answer). The gateway takes 1-128 of letters, digits and . _ : -."""
+        digest = hashlib.sha256(self.session_id.encode()).hexdigest()[:24]
+        return ".".join([nonce, digest, *(str(w) for w in what)])
+
 
 @dataclass
 class Played:
@@ -121,9 +133,10 @@ def issued(task: Task, group_id: str, group_size: int, tenant: str = "default") 
 
 class Runner:
     def __init__(self, client: httpx.AsyncClient, sink: EpisodeSink, settings: EnvSettings,
-                 model: str = "nextstate", tenant: str = "default") -> None:
+                 model: str = "nextstate", tenant: str = "default", record: bool = True) -> None:
         self.client, self.sink, self.s = client, sink, settings
-        self.model, self.tenant = model, tenant
+        self.model, self.tenant, self.record = model, tenant, record
+        self.nonce = secrets.token_hex(6)
         self.slots = asyncio.Semaphore(settings.concurrency)
 
     # -- the gateway ------------------------------------------------------------------------
@@ -145,7 +158,7 @@ class Runner:
                 "text": obs.text, "exit_code": obs.exit_code, "passed": obs.passed,
                 "group_id": ro.group_id, "source": f"env:{env}"}
         await self._post("/v1/feedback", {k: v for k, v in body.items() if v is not None},
-                         {"X-Request-Id": f"{ro.session_id}.fb.{turn_index}.{i}"})
+                         {"X-Request-Id": ro.request_id(self.nonce, "fb", turn_index, i)})
 
     # -- one rollout --------------------------------------------------------------------------
     async def play(self, ro: Rollout) -> Played:
@@ -163,14 +176,17 @@ class Runner:
             env_version = getattr(env, "version", "")
         except Exception as exc:   # noqa: BLE001 - an unknown or broken environment ends the rollout
             detail = f"environment {task.env!r} could not be created: {exc}"
-        self.sink.send(EpisodeStarted(
-            task_id=task.task_id, group_id=ro.group_id, rollout_index=ro.index, attempt=ro.attempt,
-            session_id=ro.session_id, env=task.env, env_version=env_version, spec_sha256=task.spec_hash(),
-            seed=task.seed, group_size=ro.group_size, sandbox=getattr(getattr(env, "sandbox", None), "isolation", "")),
-            key=ro.group_id)
+        if self.record:
+            self.sink.send(EpisodeStarted(
+                task_id=task.task_id, group_id=ro.group_id, rollout_index=ro.index, attempt=ro.attempt,
+                session_id=ro.session_id, env=task.env, env_version=env_version, spec_sha256=task.spec_hash(),
+                seed=task.seed, group_size=ro.group_size,
+                sandbox=getattr(getattr(env, "sandbox", None), "isolation", "")), key=ro.group_id)
         headers = {"X-Session-Id": ro.session_id, "X-Task-Id": task.task_id, "X-Group-Id": ro.group_id,
                    "X-Rollout-Index": str(ro.index), "X-Attempt": str(ro.attempt), "X-Env": task.env,
                    "X-Env-Version": env_version}
+        if not self.record:
+            headers["X-Turn-Type"] = "side"
         started = time.monotonic()
         if env is not None:
             try:
@@ -187,7 +203,7 @@ class Runner:
                             body["tools"] = tools
                         try:
                             reply = await self._post("/v1/chat/completions", body,
-                                                     {**headers, "X-Request-Id": f"{ro.session_id}.{steps}"})
+                                                     {**headers, "X-Request-Id": ro.request_id(self.nonce, "turn", steps)})
                         except GatewayFailed as exc:
                             if exc.code == "context_length_exceeded":
                                 detail = "the conversation filled the model's context"
@@ -199,7 +215,7 @@ class Runner:
                         if message.get("tool_calls"):
                             assistant["tool_calls"] = message["tool_calls"]
                         result = await env.step(assistant)
-                        for i, obs in enumerate(result.observations):
+                        for i, obs in enumerate(result.observations if self.record else ()):
                             await self._observe(ro, steps - 1, i, obs, task.env)
                         messages = [*messages, assistant, *result.messages]
                         if result.done:
@@ -213,10 +229,10 @@ class Runner:
             except Exception as exc:   # noqa: BLE001 - an environment that raises ends its rollout, not the runner
                 ended, detail = EpisodeEnd.ERROR, f"{type(exc).__name__}: {exc}"
                 log.warning("rollout %s of task %s failed: %s", ro.session_id, task.task_id, detail)
-        if steps:
+        if steps and self.record:
             try:
                 await self._post(f"/v1/sessions/{ro.session_id}/end", {}, {"X-Group-Id": ro.group_id,
-                                                                            "X-Request-Id": f"{ro.session_id}.end"})
+                                                                            "X-Request-Id": ro.request_id(self.nonce, "end")})
             except GatewayFailed as exc:
                 log.warning("ending session %s: %s", ro.session_id, exc)
         judged: Outcome | None = None
@@ -241,7 +257,8 @@ class Runner:
             verifier=judged.verifier if judged else "", verifier_version=judged.verifier_version if judged else "",
             verifier_result_json=json.dumps(judged.raw, default=str) if judged else None,
             ended=ended, detail=detail, steps=steps, tenant=self.tenant, group_size=ro.group_size)
-        self.sink.send(event, key=ro.group_id)
+        if self.record:
+            self.sink.send(event, key=ro.group_id)
         log.info("rollout %s: %s in %d steps, outcome %s (%.1fs)%s", ro.session_id, ended.value, steps,
                  event.outcome, time.monotonic() - started, f": {detail}" if detail else "")
         return Played(event, tool_runs, judged.correct if judged else None, messages)
@@ -250,7 +267,8 @@ class Runner:
     async def run_group(self, task: Task, group_id: str, n: int, attempt: int = 0) -> list[Played]:
         """Play the task's n rollouts and wait until every EpisodeEnded is delivered."""
         played = await asyncio.gather(*(self.play(Rollout(task, group_id, k, attempt, n)) for k in range(n)))
-        await asyncio.to_thread(self.sink.flush, 60.0)
+        if self.record:
+            await asyncio.to_thread(self.sink.flush, 60.0)
         return list(played)
 
     async def run_tasks(self, tasks: Sequence[Task], n: int, attempt: int = 0,

@@ -108,6 +108,7 @@ class ToolCallEnv:
     allow_weak_sandbox: bool = False
     task: Task | None = field(default=None, init=False)
     runs: int = field(default=0, init=False)
+    clean_runs: int = field(default=0, init=False)   # runs that exited 0 within the limits
     steps: int = field(default=0, init=False)
     final_text: str | None = field(default=None, init=False)
     last_output: str | None = field(default=None, init=False)
@@ -117,7 +118,8 @@ class ToolCallEnv:
         if not isinstance(question, str) or not question.strip() or not isinstance(answer, (int, float)):
             raise EnvError(f"task {task.task_id}: a tool-call task needs a 'question' (text) and a numeric "
                            f"'answer', got {sorted(task.spec)}")
-        self.task, self.runs, self.steps, self.final_text, self.last_output = task, 0, 0, None, None
+        self.task, self.runs, self.clean_runs, self.steps = task, 0, 0, 0
+        self.final_text, self.last_output = None, None
         self.sandbox = Sandbox(self.limits, allow_weaker=self.allow_weak_sandbox)
         return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}], [PYTHON_TOOL]
 
@@ -138,8 +140,10 @@ class ToolCallEnv:
             text = (ran.stdout + (("\n" if ran.stdout else "") + ran.stderr if ran.stderr else "")).strip()
             if not ran.ok:
                 text = f"{text}\n[{ran.describe()}]".strip()
-            elif ran.stdout.strip():
-                self.last_output = ran.stdout
+            else:
+                self.clean_runs += 1
+                if ran.stdout.strip():
+                    self.last_output = ran.stdout
             # a run we killed has no exit code of its own: say 124 (timeout) or 137 (output cap),
             # as shells do, so the step judge counts it as the failure it is
             code = ran.exit_code if ran.exit_code is not None else (124 if ran.timed_out else 137)
@@ -159,7 +163,8 @@ class ToolCallEnv:
             got, source = final_answer(self.last_output), "last output"
         correct = verify(got, want)
         value = toolcall_outcome(correct, self.runs, self.shaped_outcome)
-        return Outcome(value, "numeric", "1", {"expected": want, "got": got, "from": source, "tool_runs": self.runs},
+        return Outcome(value, "numeric", "1", {"expected": want, "got": got, "from": source, "tool_runs": self.runs,
+                        "clean_runs": self.clean_runs},
                        correct)
 
     async def close(self) -> None:
