@@ -251,16 +251,16 @@ def needs_check(key: str, value: Mapping[str, Any], now: float, s: GroupSettings
 def complete_rollouts(g: Group, attempt: int, need_judgement: bool) -> dict[int, tuple[Ended, list[str]]]:
     """rollout index -> (its end, the transition ids of steps 0..steps-1) for every rollout of
     `attempt` that ended without an error and has every step (judged, when the estimator needs it)."""
-    by_step: dict[tuple[int, int], str] = {}
+    by_step: dict[tuple[str, int], str] = {}   # (session, turn index) -> transition id
     for tid, st in g.steps.items():
         if st.attempt == attempt and (st.process is not None or not need_judgement):
-            by_step.setdefault((st.rollout_index, st.turn_index), tid)
+            by_step.setdefault((st.session_id, st.turn_index), tid)
     out = {}
     for slot, end in g.ended.items():
         a, k = (int(x) for x in slot.split(":"))
         if a != attempt or end.ended == "ERROR":
             continue
-        tids = [by_step.get((k, t)) for t in range(end.steps)]
+        tids = [by_step.get((end.session_id, t)) for t in range(end.steps)]
         if all(tids):
             out[k] = (end, tids)
     return out
