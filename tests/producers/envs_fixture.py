@@ -26,6 +26,7 @@ class ParityEnv:
         if task.spec.get("explode"):
             raise EnvError("this task is broken on purpose")
         self.raise_in_step = bool(task.spec.get("raise_in_step"))
+        self.hang_verifier = bool(task.spec.get("hang_verifier"))
         return [{"role": "user", "content": task.spec["q"]}], []
 
     async def step(self, assistant):
@@ -39,6 +40,8 @@ class ParityEnv:
         return StepResult(obs, [{"role": "user", "content": "go on"}], done, {"ended": "answered"} if done else {})
 
     async def evaluate(self):
+        if self.hang_verifier:
+            await asyncio.sleep(3600)
         value = 1.0 if self.total % 3 == 0 else -1.0
         return Outcome(value, "parity", "1", {"total": self.total}, value > 0)
 

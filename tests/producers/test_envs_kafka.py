@@ -63,20 +63,22 @@ def test_groups_of_rollouts_become_samples_with_step_wise_advantages(settings, r
     tasks = [Task(f"t{i}", "parity-test", {"q": f"count to {i}"}) for i in range(2)]
     broken = Task("bad", "parity-test", {"explode": True})
     falls = Task("falls", "parity-test", {"q": "x", "raise_in_step": True})
+    hangs = Task("hangs", "parity-test", {"q": "y", "hang_verifier": True})
     unknown = Task("nowhere", "no-such-env", {})
     n = 3
     with ServerThread(gw) as server:
         async def play():
             async with httpx.AsyncClient(base_url=server.url, timeout=60,
                                          headers={"Authorization": f"Bearer {KEYS['acme']}"}) as client:
-                runner = Runner(client, sink, EnvSettings(max_steps=3, concurrency=4, max_tokens=6))
-                return await run_local(runner, [*tasks, broken, falls, unknown], n)
+                runner = Runner(client, sink, EnvSettings(max_steps=3, concurrency=4, max_tokens=6,
+                                                          verifier_timeout_s=1.0))
+                return await run_local(runner, [*tasks, broken, falls, hangs, unknown], n)
 
         summaries: list[GroupSummary] = asyncio.run(play())
         wait_for(lambda: gw.spool.depth == 0, 60, what="the gateway's spool drained")
     sink.flush(30)
     assert [(s.task_id, s.rollouts, s.errors) for s in summaries] == [("t0", 3, 0), ("t1", 3, 0), ("bad", 3, 3),
-                                                                      ("falls", 3, 3), ("nowhere", 3, 3)]
+                                                                      ("falls", 3, 3), ("hangs", 3, 3), ("nowhere", 3, 3)]
 
     out = Collector(settings, registry, namespace, "SampleReady", "EpisodeEnded", "EpisodeStarted",
                     "RewardJudged", "TurnRecorded", "FeedbackReceived")
@@ -84,11 +86,12 @@ def test_groups_of_rollouts_become_samples_with_step_wise_advantages(settings, r
     samples = list(out.unique(SampleReady).values())
     ends = {e.session_id: e for e in out.events(EpisodeEnded)}
     starts = out.events(EpisodeStarted)
-    assert len(ends) == 15 and len({s.session_id for s in starts}) == 15
+    assert len(ends) == 18 and len({s.session_id for s in starts}) == 18
     assert {e.detail for e in ends.values() if e.task_id == "bad"} == {"EnvError: this task is broken on purpose"}
     assert all(e.ended is EpisodeEnd.ERROR and "no-such-env" in e.detail for e in ends.values() if e.task_id == "nowhere")
     assert {(e.detail, e.steps) for e in ends.values() if e.task_id == "falls"} == {
         ("RuntimeError: the environment fell over", 1)}
+    assert {(e.detail, e.steps) for e in ends.values() if e.task_id == "hangs"} == {("the verifier ran past 1s", 2)}
     assert all(e.steps == 2 and e.ended is EpisodeEnd.ANSWERED for e in ends.values() if e.task_id.startswith("t"))
 
     # every record of a rollout is keyed by its group: the turns, the feedback, the episodes
@@ -194,4 +197,38 @@ def test_a_worker_killed_mid_group_leaves_the_task_to_the_next_attempt(settings,
     admin = admin_client(settings.kafka)
     committed = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(consumer_group)])[consumer_group]
     assert sum(tp.offset for tp in committed.result().topic_partitions if tp.offset > 0) == 1   # the task, once
+    out.close()
+
+
+def test_a_worker_dead_letters_a_malformed_task_and_plays_the_next(settings, registry, namespace, make_gateway,
+                                                                   engine):
+    from infra.kafka import EventConsumer, EventProducer, OnDecodeError
+    from producers.envs.runner import issued
+    from producers.envs.work import work
+    from schemas.events import DeadLettered
+
+    gw = make_gateway(engine, namespace=namespace, drain=True)
+    sink = EventProducer(settings.kafka, registry, namespace=namespace)
+    broken = issued(Task("broken", "parity-test", {}), "g-broken", 2).model_copy(update={"spec_json": "[1, 2]"})
+    good = issued(Task("good", "parity-test", {"q": "hi"}), "g-good", 2)
+    for e in (broken, good):
+        sink.send(e, key=e.key)
+    sink.flush(30)
+    consumer = EventConsumer(settings.kafka, registry, f"{namespace}envs-worker", namespace=namespace,
+                             on_decode_error=OnDecodeError.DEAD_LETTER, dead_letters=sink, stage="envs-worker")
+    consumer.subscribe(["TaskIssued"])
+    with ServerThread(gw) as server:
+        async def run() -> int:
+            async with httpx.AsyncClient(base_url=server.url, timeout=60,
+                                         headers={"Authorization": f"Bearer {KEYS['acme']}"}) as client:
+                runner = Runner(client, sink, EnvSettings(max_steps=2, max_tokens=4))
+                return await work(runner, consumer, sink, asyncio.Event(), groups_in_flight=2, max_tasks=2)
+
+        assert asyncio.run(run()) == 2
+    consumer.close()
+    out = Collector(settings, registry, namespace, "DeadLettered", "EpisodeEnded")
+    wait_for(lambda: len(out.events(EpisodeEnded)) >= 2 and out.events(DeadLettered), 60, what="episodes and a dead letter")
+    [dead] = out.events(DeadLettered)
+    assert dead.stage == "envs-worker" and "must be a JSON object" in dead.error
+    assert {e.group_id for e in out.events(EpisodeEnded)} == {"g-good"}
     out.close()
