@@ -37,8 +37,16 @@ def validate(sample: SampleReady) -> None:
 
 
 def has_signal(sample: SampleReady, method: MethodRule) -> bool:
-    """False for a sample without teacher logprobs in a run whose method needs them."""
-    return not method.needs_teacher_logprobs or sample.teacher_logprobs is not None
+    """False for a sample this run can learn nothing from: one without teacher logprobs in a run
+    whose method needs them, and one whose only term is a precomputed advantage (general
+    agents' group stage) that is 0 or covers no token (a dropped bucket, a group of equal
+    outcomes): its gradient would be zero, and skipping it is what the group stage asks."""
+    if method.needs_teacher_logprobs and sample.teacher_logprobs is None:
+        return False
+    teacher = method.teacher_term and sample.teacher_logprobs is not None
+    if sample.advantage is not None and not teacher:
+        return abs(sample.advantage) > 1e-12 and any(sample.loss_mask)
+    return True
 
 
 def seq_len(sample: SampleReady) -> int:

@@ -198,6 +198,7 @@ def demo(track: str = typer.Option("personal", help="personal (simulated users) 
          tasks_per_round: int = typer.Option(6, help="toolcall: training tasks per round"),
          group_size: int = typer.Option(4, help="toolcall: rollouts per task"),
          heldout: int = typer.Option(16, help="toolcall: held-out tasks evaluated before and after"),
+         task_kinds: str = typer.Option("arithmetic,word", help="toolcall: task kinds, comma-separated"),
          compare: bool = typer.Option(True, help="toolcall: also train on an outcome-only replay and evaluate it"),
          lr: float = typer.Option(1e-3, help="learning rate of the LoRA learners"),
          seed: int = typer.Option(0),
@@ -211,6 +212,7 @@ def demo(track: str = typer.Option("personal", help="personal (simulated users) 
 
         tcfg = ToolcallDemoConfig(model=model, rounds=rounds, tasks_per_round=tasks_per_round, group_size=group_size,
                                   heldout=heldout, concurrency=concurrency, compare=compare, lr=lr, seed=seed,
+                                  kinds=tuple(k.strip() for k in task_kinds.split(",") if k.strip()),
                                   port=port or 30200, max_tokens=40 if max_tokens == 64 else max_tokens)
         try:
             tstate = run_toolcall_demo(load_settings(), tcfg, console)

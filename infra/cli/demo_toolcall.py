@@ -4,7 +4,7 @@ Every part is its own process in a fresh namespace, as in the personal demo: the
 local engine serving the ``demo-step`` run, with its reloader), the processors (sessionize, the
 ``feedback`` judge whose exit-code rule scores each step by its tool run, and the group stage,
 ``step`` estimator) and one learner run (``rl``: the group stage's advantage is trained as it is).
-The runner plays word problems with the Python tool (producers.envs.toolcall, real sandbox):
+The runner plays arithmetic and word problems with the Python tool (producers.envs.toolcall, real sandbox):
 
 1. **Before**: the held-out tasks, one greedy rollout each, recorded as side turns (never trained).
 2. **Rounds**: each round plays ``tasks_per_round`` training tasks, ``group_size`` rollouts each,
@@ -52,6 +52,7 @@ class ToolcallDemoConfig:
     group_size: int = 4
     heldout: int = 16
     max_steps: int = 2
+    kinds: tuple[str, ...] = ("arithmetic", "word")   # producers.envs.toolcall.generate_tasks
     max_tokens: int = 40
     temperature: float = 1.0
     concurrency: int = 8
@@ -96,12 +97,12 @@ class ToolcallDemoState:
 
 
 def _tasks(cfg: ToolcallDemoConfig) -> tuple[list[Any], list[Any]]:
-    """(training tasks, held-out tasks): word problems from two seeds, so none is in both."""
+    """(training tasks, held-out tasks) from two seeds, so none is in both."""
     from producers.envs.toolcall import generate_tasks
 
-    train = generate_tasks(cfg.rounds * cfg.tasks_per_round, seed=cfg.seed * 2 + 1, kinds=("word",),
+    train = generate_tasks(cfg.rounds * cfg.tasks_per_round, seed=cfg.seed * 2 + 1, kinds=cfg.kinds,
                            prefix="train")
-    held = generate_tasks(cfg.heldout, seed=cfg.seed * 2 + 2, kinds=("word",), prefix="heldout")
+    held = generate_tasks(cfg.heldout, seed=cfg.seed * 2 + 2, kinds=cfg.kinds, prefix="heldout")
     return train, held
 
 
@@ -150,8 +151,8 @@ def _wait_served(settings: Settings, url: str, key: str, run_method: str, run: s
     version = None
     while time.monotonic() < deadline:
         parts.check()
-        version = version or _caught_up(settings, run_method, run=run)
-        if version and asyncio.run(_serving_version(url, key)) >= version:
+        version = version if version is not None else _caught_up(settings, run_method, run=run)
+        if version is not None and asyncio.run(_serving_version(url, key)) >= version:
             return version
         time.sleep(2)
     return asyncio.run(_serving_version(url, key))
@@ -314,8 +315,8 @@ def _say_eval(console: Console, e: Evaluation) -> None:
 
 
 def _report(cfg: ToolcallDemoConfig, state: ToolcallDemoState, out: Path, console: Console) -> None:
-    table = Table(title=f"held-out word problems ({cfg.heldout}), one greedy rollout each, replies prefilled "
-                        f"with {PREFILL!r}")
+    table = Table(title=f"held-out tasks ({cfg.heldout}: {' + '.join(cfg.kinds)}), one greedy rollout each, "
+                        f"replies prefilled with {PREFILL!r}")
     for col in ("policy", "checkpoint", "accuracy", "clean tool runs", "tool runs per task"):
         table.add_column(col, justify="left" if col == "policy" else "right")
     labels = {"base": "base model", "step": "demo-step: PRM + outcome, step-wise (served, on-policy)",

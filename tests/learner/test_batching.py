@@ -24,6 +24,16 @@ def test_validate_names_the_mismatch():
         validate(good.model_copy(update={"prompt_token_ids": []}))
 
 
+def test_a_precomputed_advantage_of_zero_or_over_no_token_carries_no_signal():
+    step = make_sample(2).model_copy(update={"advantage": 0.7, "task_group": "g", "step_index": 0})
+    assert has_signal(step, rule("rl")) and has_signal(step, rule("combined"))
+    zero = step.model_copy(update={"advantage": 0.0})                   # a group of equal outcomes
+    dropped = step.model_copy(update={"loss_mask": [0] * len(step.loss_mask)})   # a dropped bucket
+    assert not any(has_signal(s, rule(m)) for s in (zero, dropped) for m in ("rl", "combined"))
+    taught = zero.model_copy(update={"teacher_logprobs": [-0.1] * len(zero.response_token_ids)})
+    assert has_signal(taught, rule("combined")) and not has_signal(taught, rule("rl"))
+
+
 def test_pack_respects_padded_budget_and_keeps_order():
     samples = [make_sample(i, prompt_len=3, response_len=2) for i in range(5)]  # 5 tokens each
     batches = pack(samples, token_budget=10)
