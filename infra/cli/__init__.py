@@ -207,6 +207,13 @@ def demo(track: str = typer.Option("personal", help="personal (simulated users) 
     over groups of rollouts (toolcall); a before/after table and a PNG plot."""
     if track not in ("personal", "toolcall"):
         fail(f"--track must be personal or toolcall, got {track!r}")
+    import signal
+
+    def stop(signum: int, _frame: object) -> None:
+        # like Ctrl-C: the demo's `finally` stops every part it started (no orphans)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
     if track == "toolcall":
         from infra.cli.demo_toolcall import ToolcallDemoConfig, run_toolcall_demo
 
