@@ -190,16 +190,17 @@ def test_the_turns_clock_forgets_what_it_read_when_partitions_are_reassigned():
     offsets = Offsets()
     clock = TurnsClock(offsets)
     q = [{"role": "user", "content": "q"}]
-    for i in range(4):
-        clock.saw(0, i, turn("s", i, q))
-    end = datetime.now(timezone.utc)
+    turns = [turn("s", i, q) for i in range(4)]
+    end = datetime.now(timezone.utc)   # the SESSION_END: after every turn
+    for i, t in enumerate(turns):
+        clock.saw(0, i, t)
     assert asyncio.run(clock.caught_up(0, end))
     offsets.epoch = 2   # reassigned: offsets 0..3 will be read again
     assert not asyncio.run(clock.caught_up(0, end))
-    clock.saw(0, 0, turn("s", 0, q))
+    clock.saw(0, 0, turns[0])
     assert not asyncio.run(clock.caught_up(0, end))
     for i in range(1, 4):
-        clock.saw(0, i, turn("s", i, q))
+        clock.saw(0, i, turns[i])
     assert asyncio.run(clock.caught_up(0, end))
 
 
