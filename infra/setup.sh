@@ -65,6 +65,17 @@ if [ ! -x "$venv/bin/nextstate" ]; then
 fi
 echo "nextstate: environment ready ($venv on $deps)"
 
+# The environments' sandbox (producers/envs/sandbox.py) runs code under util-linux's unshare,
+# prlimit and mount; Debian ships them in every install, a slim image may not.
+if ! command -v unshare >/dev/null 2>&1 || ! command -v prlimit >/dev/null 2>&1 || ! command -v mount >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "nextstate: installing util-linux and mount for the sandbox"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq util-linux mount >/dev/null
+  else
+    echo "nextstate: unshare/prlimit/mount missing: install util-linux and mount to run environments' code" >&2
+  fi
+fi
+
 # --test: what the test suite needs beyond Python: Debian's chromium for the ops-page test.
 if [ "$with_test_tools" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
