@@ -11,8 +11,9 @@ all arrive here on one partition. The stage keeps, in its table:
 | ``t|<transition>``| one step's tokens (what its sample needs), until the group is emitted |
 | ``j|<transition>``| a judgement read before its transition (another topic: any order) |
 
-A rollout is *complete* when it ended (EpisodeEnded) and each of its steps (turn index 0 to
-``steps - 1``) has its transition and, for the ``step`` estimator, its judgement. A rollout that
+A rollout is *complete* when it ended (EpisodeEnded) and each of its steps (turn indices
+``first_turn_index`` to ``first_turn_index + steps - 1`` of its session; the step index is the
+position among them) has its transition and, for the ``step`` estimator, its judgement. A rollout that
 ended in ERROR (the environment, the gateway or the verifier failed: not the agent's doing) is
 counted as ended but never trained on. A group is emitted once one attempt has n ended rollouts
 and all those without an error are complete (the first such attempt wins: a worker killed
@@ -26,7 +27,8 @@ record), and outcome, process reward, normaliser and group size recorded. The sa
 ``derived_id("group", transition id, estimator)``. Afterwards the group leaves a ``done`` mark
 (kept ``done_retention_s``) so late records change nothing.
 
-Transitions that are not steps of a rollout (personal agents) are assemble's, not this stage's.
+Transitions and judgements that are not of a rollout's step (personal agents) are assemble's,
+not this stage's. An outcome that is not a finite number counts as an ERROR rollout.
 Pure: ``on_transition``, ``on_judgement``, ``on_episode_end``, ``on_check`` take the table (a
 mapping) and return the writes and the samples; ``handler`` applies them.
 """
@@ -34,6 +36,7 @@ mapping) and return the writes and the samples; ``handler`` applies them.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,7 +46,7 @@ from pydantic import BaseModel, ConfigDict
 
 from infra.settings import GroupSettings, Settings
 from processors.advantages import StepAdvantage, outcome_only, stepwise
-from processors.dead_letters import validate_sample
+from processors.dead_letters import InvalidRecord, validate_sample
 from processors.stage import Context, ControlSend, Handler, Result, Stage, Timer
 from schemas.events import (
     EpisodeEnded,
@@ -71,6 +74,7 @@ class Ended(_Row):
     session_id: str
     outcome: float
     steps: int
+    first: int = 0               # the gateway's index of its first turn: steps are first .. first+steps-1
     ended: str = "ANSWERED"      # schemas.events.EpisodeEnd; an ERROR rollout is not trained on
 
 
@@ -183,6 +187,8 @@ def on_transition(table: Mapping[str, Any], tf: TransitionFormed, partition: int
 
 def on_judgement(table: Mapping[str, Any], j: RewardJudged, partition: int, now: float,
                  s: GroupSettings) -> Step:
+    if j.group_id is None:
+        return Step(note="judgement of a turn that is not a step of a rollout")
     data = _load(table, step_key(j.transition_id), StepData)
     if data is None:   # its transition is not read yet (or its group was emitted: swept later)
         if judged_key(j.transition_id) in table:
@@ -209,8 +215,10 @@ def on_episode_end(table: Mapping[str, Any], e: EpisodeEnded, partition: int, no
     slot = _slot(e.attempt, e.rollout_index)
     if slot in g.ended:
         return Step(note="duplicate episode end")
-    ended = Ended(event_id=e.event_id, session_id=e.session_id, outcome=max(-1.0, min(1.0, e.outcome)),
-                  steps=e.steps, ended=e.ended.value)
+    finite = math.isfinite(e.outcome)   # a NaN clamped would be +1: a broken verifier is an ERROR
+    ended = Ended(event_id=e.event_id, session_id=e.session_id,
+                  outcome=max(-1.0, min(1.0, e.outcome)) if finite else 0.0, steps=e.steps,
+                  first=e.first_turn_index, ended=e.ended.value if finite else "ERROR")
     size = e.group_size if e.group_size else g.size
     g = g.model_copy(update={"ended": {**g.ended, slot: ended}, "size": size})
     return _settle(table, g, {}, now, s, deadline=False)
@@ -260,7 +268,7 @@ def complete_rollouts(g: Group, attempt: int, need_judgement: bool) -> dict[int,
         a, k = (int(x) for x in slot.split(":"))
         if a != attempt or end.ended == "ERROR":
             continue
-        tids = [by_step.get((end.session_id, t)) for t in range(end.steps)]
+        tids = [by_step.get((end.session_id, end.first + t)) for t in range(end.steps)]
         if all(tids):
             out[k] = (end, tids)
     return out
@@ -287,7 +295,10 @@ def _settle(table: Mapping[str, Any], g: Group, writes: dict[str, Any], now: flo
     if have < least:
         return _finish(g, writes, now, None, f"group dropped{when}: {have} usable rollouts of "
                        f"{g.size or '?'}, fewer than {least}")
-    samples = emit(table, writes, g, usable[chosen], s)
+    try:
+        samples = emit(table, writes, g, usable[chosen], s)
+    except InvalidRecord as exc:   # a step that cannot be a sample: the group ends here, said why
+        return _finish(g, writes, now, None, f"group dropped: a step cannot be trained on: {exc}")
     done = _finish(g, writes, now, chosen, f"group emitted{when}: {have} of {g.size or '?'} rollouts")
     done.outputs = samples
     return done
@@ -315,13 +326,13 @@ def emit(table: Mapping[str, Any], writes: Mapping[str, Any], g: Group,
                                   {k: len(tids) for k, (_, tids) in rollouts.items()})
     samples = []
     for k, (end, tids) in sorted(rollouts.items()):
-        for tid, adv in zip(tids, advantages[k]):
+        for t, (tid, adv) in enumerate(zip(tids, advantages[k])):
             raw = writes.get(step_key(tid)) or table.get(step_key(tid))
-            samples.append(_sample(StepData.model_validate(raw), g, g.steps[tid], end, adv, len(rollouts), s))
+            samples.append(_sample(StepData.model_validate(raw), g, g.steps[tid], end, adv, len(rollouts), t, s))
     return samples
 
 
-def _sample(d: StepData, g: Group, st: StepRef, end: Ended, adv: StepAdvantage, size: int,
+def _sample(d: StepData, g: Group, st: StepRef, end: Ended, adv: StepAdvantage, size: int, step: int,
             s: GroupSettings) -> SampleReady:
     n = len(d.response_token_ids)
     parents = [d.turn_id, d.transition_id, end.event_id] + ([st.judgement_id] if st.judgement_id else [])
@@ -331,7 +342,7 @@ def _sample(d: StepData, g: Group, st: StepRef, end: Ended, adv: StepAdvantage, 
         prompt_token_ids=d.prompt_token_ids, response_token_ids=d.response_token_ids,
         loss_mask=[1 if adv.trained else 0] * n, behaviour_logprobs=d.response_logprobs,
         reward=adv.reward, policy_version=d.policy_version, task_group=g.group_id,
-        step_index=d.turn_index, outcome=end.outcome, process_reward=st.process,
+        step_index=step, outcome=end.outcome, process_reward=st.process,
         step_reward=adv.reward, advantage=adv.advantage, normaliser=adv.normaliser, group_size=size)
     validate_sample(sample)
     return sample

@@ -43,6 +43,7 @@ async def judge_transition(transition: TransitionFormed, judge: RewardJudge, vot
         judge_version=judge.version, prompt_sha256=prompt.sha256, votes=list(cast),
         majority=majority(v.score for v in cast), vote_mean=vote_mean(v.score for v in cast),
         latency_ms=(time.perf_counter() - start) * 1000,
+        group_id=transition.turn.episode.group_id if transition.turn.episode else None,
     )
 
 

@@ -94,13 +94,16 @@ def next_messages(prev: TurnRecorded, nxt: TurnRecorded) -> list[dict[str, Any]]
     """The messages `nxt` sent that `prev` had not: the response itself is skipped, every
     user text and tool result after it is kept. If the client rewrote history (fewer
     messages than before), everything after the last assistant message is the next state.
-    A trailing assistant message is a prefill the response continued (``continue_final_message``):
-    part of the action, not of the state, in either turn."""
-    def unprefilled(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return messages[:-1] if messages and messages[-1].get("role") == "assistant" else messages
+    A turn that continued a prefill (``continue_final_message``) ends with it: part of the
+    action, not of the state."""
+    def unprefilled(turn: TurnRecorded) -> list[dict[str, Any]]:
+        messages = json.loads(turn.messages_json)
+        if turn.continue_final_message and messages and messages[-1].get("role") == "assistant":
+            return messages[:-1]
+        return messages
 
-    before = unprefilled(json.loads(prev.messages_json))
-    after = unprefilled(json.loads(nxt.messages_json))
+    before = unprefilled(prev)
+    after = unprefilled(nxt)
     if len(after) > len(before) and after[:len(before)] == before:
         rest = after[len(before):]
         return rest[1:] if rest and rest[0].get("role") == "assistant" else rest

@@ -31,7 +31,7 @@ class Teacher:
 
     def prompt_ids(self, turn: TurnRecorded, hint: str) -> list[int]:
         """The student's prompt rendered by the same renderer, with the hint added."""
-        return render_turn(self.tokenizer, turn.messages_json, turn.tools_json, hint)
+        return render_turn(self.tokenizer, turn.messages_json, turn.tools_json, hint, turn.continue_final_message)
 
     async def score(self, turn: TurnRecorded, hint: str, top_k: int = 0) -> Scores:
         """The teacher's logprob of each recorded response token (and its top-k if asked)."""

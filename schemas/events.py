@@ -131,6 +131,7 @@ class TurnRecorded(Event):
     model: str
     latency_ms: float = 0.0
     episode: EpisodeRef | None = None
+    continue_final_message: bool = False   # the last message is a prefill the response continues
 
     @property
     def key(self) -> str:
@@ -213,6 +214,7 @@ class RewardJudged(Event):
     majority: int
     vote_mean: float | None = None
     latency_ms: float = 0.0
+    group_id: str | None = None   # the rollout's group, for a step of one (general agents)
 
 
 # -- hints ------------------------------------------------------------------------------
@@ -436,6 +438,7 @@ class EpisodeEnded(Event):
     steps: int
     tenant: str = "default"
     group_size: int | None = None   # the n of its group, as EpisodeStarted says
+    first_turn_index: int = Field(default=0, ge=0, le=2**31 - 1)   # its steps: this index and the next steps - 1
 
     @property
     def key(self) -> str:

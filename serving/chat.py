@@ -133,9 +133,11 @@ def with_hint(messages: list[dict[str, Any]], hint: str) -> list[dict[str, Any]]
     return [*out, {"role": "user", "content": suffix.lstrip()}]
 
 
-def render_turn(tokenizer: Any, messages_json: str, tools_json: str | None, hint: str | None = None) -> list[int]:
-    """The prompt ids of a recorded turn (its messages and tools as the gateway recorded them),
-    with the hint added when one is given."""
+def render_turn(tokenizer: Any, messages_json: str, tools_json: str | None, hint: str | None = None,
+                continue_final: bool = False) -> list[int]:
+    """The prompt ids of a recorded turn (its messages and tools as the gateway recorded them,
+    ending inside its prefill when it continued one), with the hint added when one is given."""
     messages = normalize_messages(json.loads(messages_json))
     tools = json.loads(tools_json) if tools_json else None
-    return render_prompt(tokenizer, with_hint(messages, hint) if hint is not None else messages, tools)
+    return render_prompt(tokenizer, with_hint(messages, hint) if hint is not None else messages, tools,
+                         continue_final)

@@ -193,7 +193,7 @@ def demo(track: str = typer.Option("personal", help="personal (simulated users) 
          model: Optional[str] = typer.Option(None, help="model; default SmolLM2-135M-Instruct (embedded)"),
          methods: str = typer.Option("combined,rl,opd", help="personal: learner runs, comma-separated; the first is served live"),
          personas: str = typer.Option("brief", help="personal: the simulated population: brief, plain, curious, metric"),
-         max_tokens: int = typer.Option(64, help="tokens per answer (toolcall: per step, default 40)"),
+         max_tokens: Optional[int] = typer.Option(None, min=1, help="tokens per answer (default 64; toolcall: per step, 40)"),
          rounds: int = typer.Option(3, help="toolcall: rounds of training tasks"),
          tasks_per_round: int = typer.Option(6, help="toolcall: training tasks per round"),
          group_size: int = typer.Option(4, help="toolcall: rollouts per task"),
@@ -220,7 +220,7 @@ def demo(track: str = typer.Option("personal", help="personal (simulated users) 
         tcfg = ToolcallDemoConfig(model=model, rounds=rounds, tasks_per_round=tasks_per_round, group_size=group_size,
                                   heldout=heldout, concurrency=concurrency, compare=compare, lr=lr, seed=seed,
                                   kinds=tuple(k.strip() for k in task_kinds.split(",") if k.strip()),
-                                  port=port or 30200, max_tokens=40 if max_tokens == 64 else max_tokens)
+                                  port=port or 30200, max_tokens=max_tokens or 40)
         try:
             tstate = run_toolcall_demo(load_settings(), tcfg, console)
         except NextstateError as exc:
@@ -231,7 +231,7 @@ def demo(track: str = typer.Option("personal", help="personal (simulated users) 
     from infra.cli.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(model=model, sessions=sessions, concurrency=concurrency, round_sessions=round_sessions,
-                     max_tokens=max_tokens,
+                     max_tokens=max_tokens or 64,
                      methods=tuple(m.strip() for m in methods.split(",") if m.strip()), lr=lr,
                      personas=tuple(p.strip() for p in personas.split(",") if p.strip()),
                      seed=seed, port=port or 30100)

@@ -16,10 +16,10 @@ envs_app = typer.Typer(no_args_is_help=True, help="General agents: environments,
 
 _NS = typer.Option(None, "--namespace", help="topic prefix; default from settings")
 _ENV = typer.Option("toolcall", "--env", help="the environment (see `nextstate envs list`)")
-_TASKS = typer.Option(8, "--tasks", help="how many tasks to generate")
+_TASKS = typer.Option(8, "--tasks", min=1, help="how many tasks to generate")
 _SEED = typer.Option(0, "--seed", help="the task generator's seed")
 _FILE = typer.Option(None, "--tasks-file", help="JSONL tasks (task_id, env, spec, seed) instead of generated ones")
-_N = typer.Option(None, "--group-size", "-n", help="rollouts per task; default envs.group_size")
+_N = typer.Option(None, "--group-size", "-n", min=1, max=1024, help="rollouts per task; default envs.group_size")
 
 
 def _tasks(env: str, tasks: int, seed: int, tasks_file: Optional[Path]):
@@ -128,8 +128,8 @@ def issue(env: str = _ENV, tasks: int = _TASKS, seed: int = _SEED, tasks_file: O
 
 @envs_app.command("worker")
 def worker(namespace: Optional[str] = _NS,
-           groups_in_flight: int = typer.Option(1, help="tasks played at once (each n rollouts)"),
-           max_tasks: Optional[int] = typer.Option(None, help="stop after this many tasks")) -> None:
+           groups_in_flight: int = typer.Option(1, min=1, help="tasks played at once (each n rollouts)"),
+           max_tasks: Optional[int] = typer.Option(None, min=1, help="stop after this many tasks")) -> None:
     """Consume the `tasks` topic as a consumer group: play each task's n rollouts and commit it
     once every EpisodeEnded is delivered (a killed worker's group is rerun as a new attempt)."""
     from infra.kafka import EventConsumer, OnDecodeError
@@ -145,13 +145,11 @@ def worker(namespace: Optional[str] = _NS,
         ns = settings.kafka.namespace if namespace is None else namespace
         e = settings.envs
         sink = _producer(settings, ns)
-        # a batch of groups may take long: the broker must not think the worker dead meanwhile
-        rounds = -(-e.group_size * groups_in_flight // e.concurrency)
-        poll_ms = int(max(300.0, rounds * (e.episode_wall_s + e.verifier_timeout_s) + 60) * 1000)
+        # the worker polls while its groups play (producers.envs.work), so the default poll
+        # interval holds; the session timeout is how long a killed worker keeps its tasks
         consumer = EventConsumer(settings.kafka, registry_client(settings.registry), f"{ns}envs-worker",
                                  namespace=ns, on_decode_error=OnDecodeError.DEAD_LETTER, dead_letters=sink,
-                                 stage="envs-worker", **{"max.poll.interval.ms": poll_ms,
-                                                           "session.timeout.ms": int(e.session_timeout_s * 1000)})
+                                 stage="envs-worker", **{"session.timeout.ms": int(e.session_timeout_s * 1000)})
         consumer.subscribe(["TaskIssued"])
     except NextstateError as exc:
         fail(exc)

@@ -39,6 +39,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
+import math
+import re
 import secrets
 import json
 import logging
@@ -46,6 +48,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import quote
 
 import httpx
 
@@ -114,8 +117,23 @@ def env_options(name: str, settings: EnvSettings) -> dict[str, Any]:
     return {k: v for k, v in offered.items() if k in accepted}
 
 
+_ID = re.compile(r"[\x21-\x7e]{1,200}")
+
+
+def check_id(kind: str, value: str) -> str:
+    """Task and group ids travel in HTTP headers and name sessions: printable ASCII without
+    spaces, 1-200 characters (the gateway keeps 256 of a session id: `<group>.<attempt>.<k>`)."""
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise EnvError(f"{kind} {str(value)[:60]!r} must be 1-200 printable ASCII characters without spaces")
+    return value
+
+
 def task_of(issued: TaskIssued) -> Task:
-    """The Task a TaskIssued event describes; EnvError if its spec is not a JSON object."""
+    """The Task a TaskIssued event describes; EnvError if its ids or its spec will not do."""
+    check_id("task id", issued.task_id)
+    check_id("group id", issued.group_id)
+    if not 1 <= issued.group_size <= 1024:
+        raise EnvError(f"task {issued.task_id}: group_size must be 1-1024, got {issued.group_size}")
     try:
         spec = json.loads(issued.spec_json)
     except ValueError as exc:
@@ -160,6 +178,13 @@ class Runner:
         await self._post("/v1/feedback", {k: v for k, v in body.items() if v is not None},
                          {"X-Request-Id": ro.request_id(self.nonce, "fb", turn_index, i)})
 
+    def _send(self, event: Event, ro: Rollout) -> None:
+        try:
+            self.sink.send(event, key=ro.group_id)
+        except Exception as exc:   # noqa: BLE001 - said loudly; run_group's flush raises on delivery
+            log.error("could not queue %s of %s: %s", type(event).__name__, ro.session_id, exc)
+            raise
+
     # -- one rollout --------------------------------------------------------------------------
     async def play(self, ro: Rollout) -> Played:
         async with self.slots:
@@ -169,6 +194,7 @@ class Runner:
         task, s = ro.task, self.s
         env = None
         steps, tool_runs, messages = 0, 0, []
+        first: int | None = None   # the gateway's index of the rollout's first turn
         ended, detail, outcome = EpisodeEnd.ERROR, None, None
         env_version = ""
         try:
@@ -177,11 +203,11 @@ class Runner:
         except Exception as exc:   # noqa: BLE001 - an unknown or broken environment ends the rollout
             detail = f"environment {task.env!r} could not be created: {exc}"
         if self.record:
-            self.sink.send(EpisodeStarted(
+            self._send(EpisodeStarted(
                 task_id=task.task_id, group_id=ro.group_id, rollout_index=ro.index, attempt=ro.attempt,
-                session_id=ro.session_id, env=task.env, env_version=env_version, spec_sha256=task.spec_hash(),
+                session_id=ro.session_id, env=task.env, env_version=str(env_version), spec_sha256=task.spec_hash(),
                 seed=task.seed, group_size=ro.group_size,
-                sandbox=getattr(getattr(env, "sandbox", None), "isolation", "")), key=ro.group_id)
+                sandbox=str(getattr(getattr(env, "sandbox", None), "isolation", ""))), ro)
         headers = {"X-Session-Id": ro.session_id, "X-Task-Id": task.task_id, "X-Group-Id": ro.group_id,
                    "X-Rollout-Index": str(ro.index), "X-Attempt": str(ro.attempt), "X-Env": task.env,
                    "X-Env-Version": env_version}
@@ -209,7 +235,9 @@ class Runner:
                                 detail = "the conversation filled the model's context"
                                 break
                             raise
-                        steps = int((reply.get("nextstate") or {}).get("turn_index", steps)) + 1
+                        index = int((reply.get("nextstate") or {}).get("turn_index", (first or 0) + steps))
+                        first = index if first is None else first
+                        steps = index - first + 1
                         message = reply["choices"][0]["message"]
                         assistant = {"role": "assistant", "content": (s.prefill or "") + (message.get("content") or "")}
                         if message.get("tool_calls"):
@@ -231,34 +259,43 @@ class Runner:
                 log.warning("rollout %s of task %s failed: %s", ro.session_id, task.task_id, detail)
         if steps and self.record:
             try:
-                await self._post(f"/v1/sessions/{ro.session_id}/end", {}, {"X-Group-Id": ro.group_id,
-                                                                            "X-Request-Id": ro.request_id(self.nonce, "end")})
+                await self._post(f"/v1/sessions/{quote(ro.session_id, safe='')}/end", {},
+                                 {"X-Group-Id": ro.group_id, "X-Request-Id": ro.request_id(self.nonce, "end")})
             except GatewayFailed as exc:
                 log.warning("ending session %s: %s", ro.session_id, exc)
         judged: Outcome | None = None
         if env is not None and ended is not EpisodeEnd.ERROR:
             try:
                 judged = await asyncio.wait_for(env.evaluate(), s.verifier_timeout_s)
-                outcome = max(-1.0, min(1.0, float(judged.value)))
+                outcome = float(judged.value)
+                if not math.isfinite(outcome):
+                    raise ValueError(f"an outcome must be a number in [-1, 1], got {judged.value!r}")
+                outcome = max(-1.0, min(1.0, outcome))
             except TimeoutError:
+                judged, outcome = None, None
                 ended, detail = EpisodeEnd.ERROR, f"the verifier ran past {s.verifier_timeout_s:.0f}s"
             except Exception as exc:   # noqa: BLE001
+                judged, outcome = None, None
                 ended, detail = EpisodeEnd.ERROR, f"the verifier failed: {type(exc).__name__}: {exc}"
-        if env is not None:
-            try:
-                await env.close()
-            except Exception as exc:   # noqa: BLE001
-                log.warning("closing the environment of %s: %s", ro.session_id, exc)
-        if judged is not None:
-            tool_runs = int(judged.raw.get("tool_runs", 0)) if isinstance(judged.raw, dict) else 0
+        raw = judged.raw if judged is not None and isinstance(judged.raw, dict) else {}
+        try:
+            tool_runs = int(raw.get("tool_runs", 0))
+            result_json = json.dumps(raw, default=str) if judged else None
+        except (TypeError, ValueError) as exc:
+            tool_runs, result_json = 0, json.dumps({"unserialisable": str(exc)})
         event = EpisodeEnded(
             task_id=task.task_id, group_id=ro.group_id, rollout_index=ro.index, attempt=ro.attempt,
             session_id=ro.session_id, outcome=outcome if outcome is not None else 0.0,
-            verifier=judged.verifier if judged else "", verifier_version=judged.verifier_version if judged else "",
-            verifier_result_json=json.dumps(judged.raw, default=str) if judged else None,
-            ended=ended, detail=detail, steps=steps, tenant=self.tenant, group_size=ro.group_size)
+            verifier=str(judged.verifier) if judged else "", verifier_version=str(judged.verifier_version) if judged else "",
+            verifier_result_json=result_json, ended=ended, detail=detail, steps=steps, tenant=self.tenant,
+            group_size=ro.group_size, first_turn_index=first if first is not None else 0)
         if self.record:
-            self.sink.send(event, key=ro.group_id)
+            self._send(event, ro)
+        if env is not None:   # after EpisodeEnded is out: a teardown that hangs holds up no group
+            try:
+                await asyncio.wait_for(env.close(), 30.0)
+            except Exception as exc:   # noqa: BLE001 - including a timeout
+                log.warning("closing the environment of %s: %s", ro.session_id, exc or type(exc).__name__)
         log.info("rollout %s: %s in %d steps, outcome %s (%.1fs)%s", ro.session_id, ended.value, steps,
                  event.outcome, time.monotonic() - started, f": {detail}" if detail else "")
         return Played(event, tool_runs, judged.correct if judged else None, messages)
@@ -266,6 +303,8 @@ class Runner:
     # -- groups -----------------------------------------------------------------------------
     async def run_group(self, task: Task, group_id: str, n: int, attempt: int = 0) -> list[Played]:
         """Play the task's n rollouts and wait until every EpisodeEnded is delivered."""
+        check_id("task id", task.task_id)
+        check_id("group id", group_id)
         played = await asyncio.gather(*(self.play(Rollout(task, group_id, k, attempt, n)) for k in range(n)))
         if self.record:
             await asyncio.to_thread(self.sink.flush, 60.0)

@@ -4,7 +4,9 @@
 **Scale-out on the log.** TaskIssued records are keyed by group, so the `tasks` topic's
 partitions spread groups over a consumer group of workers (parallelism = partitions). A worker
 takes up to ``groups_in_flight`` tasks, plays each group's n rollouts (producers.envs.runner),
-waits until every EpisodeEnded is delivered and only then commits those tasks. A worker killed
+waits until every EpisodeEnded is delivered and only then commits those tasks. While they play
+it keeps polling with its partitions paused, so however long a group takes it stays a member of
+the consumer group. A worker killed
 mid-group never committed it: the task is delivered again and rerun as a new attempt (the
 attempt number is the second the rerun began, counted from 2025-01-01, so it is distinct and
 later), and the group stage takes the first attempt that completes. A TaskIssued whose spec is
@@ -29,7 +31,7 @@ import httpx
 
 from infra.settings import Settings
 from producers.envs.base import EnvError, Task
-from producers.envs.runner import EpisodeSink, Played, Runner, task_of
+from producers.envs.runner import EpisodeSink, Played, Runner, check_id, task_of
 from schemas.events import DeadLettered, EpisodeEnd, TaskIssued
 
 log = logging.getLogger("nextstate.envs")
@@ -62,6 +64,10 @@ def load_tasks(path: Path, default_env: str | None = None) -> list[Task]:
         seed = row.get("seed", 0)
         if not isinstance(seed, int):
             raise EnvError(f"{path}:{n}: 'seed' must be an integer")
+        try:
+            check_id("task id", row["task_id"])
+        except EnvError as exc:
+            raise EnvError(f"{path}:{n}: {exc}") from None
         tasks.append(Task(row["task_id"], env, row["spec"], seed))
     return tasks
 
@@ -117,7 +123,7 @@ async def work(runner: Runner, consumer: Any, dead_letters: Any, stop: asyncio.E
     done = 0
     while not stop.is_set() and (max_tasks is None or done < max_tasks):
         batch = []
-        want = groups_in_flight if max_tasks is None else min(groups_in_flight, max_tasks - done)
+        want = max(1, groups_in_flight if max_tasks is None else min(groups_in_flight, max_tasks - done))
         while len(batch) < want and not stop.is_set():
             record = await asyncio.to_thread(consumer.poll, 0.5 if batch else 1.0)
             if record is None:
@@ -135,17 +141,42 @@ async def work(runner: Runner, consumer: Any, dead_letters: Any, stop: asyncio.E
             try:
                 task = task_of(ev)
             except EnvError as exc:
+                raw = dead_letters.serde("TaskIssued").serialize(ev)   # the record, as it was decoded
                 dead_letters.send(DeadLettered.of("envs-worker", record.topic, record.partition, record.offset,
-                                                  record.key, None, exc), key=ev.group_id)
+                                                  record.key, raw, exc), key=record.key)
                 log.warning("dead-lettered task %s: %s", ev.task_id, exc)
                 continue
             runs.append(runner.run_group(task, ev.group_id, ev.group_size, rerun_attempt()))
-        await asyncio.gather(*runs)
+        playing = asyncio.Event()
+        keeper = asyncio.create_task(_stay_in_group(consumer, playing))
+        try:
+            await asyncio.gather(*runs)
+        finally:
+            playing.set()
+            await keeper
         await asyncio.to_thread(dead_letters.flush, 30.0)
         await asyncio.to_thread(consumer.commit, batch)
         done += len(batch)
         log.info("committed %d task(s), %d in all", len(batch), done)
     return done
+
+
+async def _stay_in_group(consumer: Any, done: asyncio.Event) -> None:
+    """While groups play (minutes), keep polling with the partitions paused: the worker stays a
+    live member of its consumer group however long a group takes, and reads nothing new. A record
+    that arrives anyway (a partition assigned meanwhile) is sought back, to be read after."""
+    from confluent_kafka import TopicPartition
+
+    raw = consumer.raw
+    raw.pause(raw.assignment())
+    try:
+        while not done.is_set():
+            msg = await asyncio.to_thread(raw.poll, 0.5)
+            if msg is not None and not msg.error():
+                raw.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
+                raw.pause([TopicPartition(msg.topic(), msg.partition())])
+    finally:
+        raw.resume(raw.assignment())
 
 
 def issue(sink: EpisodeSink, tasks: Sequence[Task], n: int, tenant: str = "default",

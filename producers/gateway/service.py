@@ -66,6 +66,7 @@ class Turn:
     ends_session: bool
     started: float
     episode: EpisodeRef | None = None
+    continue_final: bool = False      # the last message is a prefill the response continues
 
 
 @dataclass
@@ -156,10 +157,11 @@ class Gateway:
             raise GatewayError(f"X-Turn-Type {kind.lower()!r} is not one of main, side")
         episode = episode_of(headers)   # refused before the session tracker changes
         session_id, source = _explicit_session(req, headers)
-        ref = self.sessions.assign(tenant, messages, session_id, source)
+        ref = self.sessions.assign(tenant, messages, session_id, source, req.continue_final_message)
         done = headers.get("x-session-done", "").strip().lower() in ("1", "true", "yes")
         return Turn(client_request_id(headers) or uuid.uuid4().hex, tenant, ref, TurnType(kind), messages, tools, prompt_ids,
-                    params, self.parser if tools else None, done, time.perf_counter(), episode)
+                    params, self.parser if tools else None, done, time.perf_counter(), episode,
+                    req.continue_final_message)
 
     async def complete(self, turn: Turn) -> Outcome:
         """Run a turn to the end (non-streaming) and record it."""
@@ -234,7 +236,8 @@ class Gateway:
             prompt_token_ids=turn.prompt_ids, response_token_ids=sampled.ids,
             response_logprobs=sampled.logprobs, response_text=text, finish_reason=finish,
             sampling=turn.params, policy_version=sampled.version, engine=self.engine.name,
-            model=self.model_name, latency_ms=(time.perf_counter() - turn.started) * 1000, episode=turn.episode)
+            model=self.model_name, latency_ms=(time.perf_counter() - turn.started) * 1000, episode=turn.episode,
+            continue_final_message=turn.continue_final)
 
     # -- feedback and session ends ------------------------------------------------------------
     async def feedback(self, tenant: str, fb: FeedbackRequest) -> FeedbackReceived:

@@ -79,10 +79,7 @@ def fingerprint(message: dict[str, Any]) -> str:
 
 
 def _assistant_turns(messages: list[dict[str, Any]]) -> int:
-    """Replies already in a new session's history; a trailing assistant message is a prefill the
-    request continues, not a reply."""
-    if messages and messages[-1].get("role") == "assistant":
-        messages = messages[:-1]
+    """Replies already in a new session's history."""
     return sum(1 for m in messages if m.get("role") == "assistant")
 
 
@@ -133,8 +130,12 @@ class SessionTracker:
         return self._sessions.get((tenant, session_id))
 
     def assign(self, tenant: str, messages: list[dict[str, Any]], session_id: str | None = None,
-               source: SessionSource = SessionSource.HEADER) -> SessionRef:
-        """The session a request belongs to; remembers the request as the session's last."""
+               source: SessionSource = SessionSource.HEADER, continue_final: bool = False) -> SessionRef:
+        """The session a request belongs to; remembers the request as the session's last. With
+        `continue_final` the last message is a prefill the response continues: part of the
+        reply being made, not of the history (the next request holds prefill + reply there)."""
+        if continue_final and messages and messages[-1].get("role") == "assistant":
+            messages = messages[:-1]
         prints = tuple(fingerprint(m) for m in messages)
         roles = tuple(m.get("role", "") for m in messages)
         if session_id is not None:

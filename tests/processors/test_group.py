@@ -58,23 +58,25 @@ class Run:
 
 
 def rollout(group: str, k: int, process: list[float], outcome: float, attempt: int = 0,
-            size: int = 3) -> list:
-    """Rollout k of `group`: one transition and one judgement per step, then its end."""
+            size: int = 3, first: int = 0) -> list:
+    """Rollout k of `group`: one transition and one judgement per step (turn indices from
+    `first`), then its end."""
     sid = f"{group}-a{attempt}-r{k}"
     ep = EpisodeRef(task_id=f"task-{group}", group_id=group, rollout_index=k, env="toolcall", attempt=attempt)
     events = []
-    for t, p in enumerate(process):
+    for t, p in enumerate(process, first):
         tr = turn(sid, t, [{"role": "user", "content": "q"}], n=3, episode=ep)
         tf = TransitionFormed(tenant="test", session_id=sid, turn_index=t, turn=tr,
                               next_state_kind=NextStateKind.FEEDBACK)
         votes = [JudgeVote(index=0, raw_text="", score=1 if p > 0 else -1 if p < 0 else None)]
         rj = RewardJudged(tenant="test", session_id=sid, turn_index=t, transition_id=tf.event_id,
                           turn_id=tr.event_id, judge="feedback", judge_model="rule", judge_version="1",
-                          prompt_sha256="0" * 64, votes=votes, majority=0, vote_mean=p)
+                          prompt_sha256="0" * 64, votes=votes, majority=0, vote_mean=p, group_id=group)
         events += [tf, rj]
     events.append(EpisodeEnded(task_id=ep.task_id, group_id=group, rollout_index=k, attempt=attempt,
                                session_id=sid, outcome=outcome, verifier="numeric", verifier_version="1",
-                               ended=EpisodeEnd.ANSWERED, steps=len(process), group_size=size))
+                               ended=EpisodeEnd.ANSWERED, steps=len(process), group_size=size,
+                               first_turn_index=first))
     return events
 
 
@@ -235,3 +237,26 @@ def test_a_rollout_that_ended_in_error_counts_as_ended_but_is_not_trained_on():
         for e in events:
             alone.feed(e)
     assert not alone.samples and alone.notes[-1].startswith("group dropped: 0 usable")
+
+
+def test_steps_are_counted_from_the_rollouts_first_turn_and_personal_judgements_are_ignored():
+    """A session whose history held assistant messages starts at a later turn index: its steps
+    are still steps 0, 1 ... of the group's buckets."""
+    run = Run()
+    for k, first in enumerate([0, 2, 5]):
+        for e in rollout("late-start", k, [1.0, -1.0 + k], 1.0 - k, first=first):
+            run.feed(e)
+    assert len(run.samples) == 6 and {s.step_index for s in run.samples} == {0, 1}
+    assert [s.normaliser for s in run.samples if s.step_index == 0] == ["bucket"] * 3   # one bucket, across
+    judged = rollout("x", 0, [1.0], 1.0)[1].model_copy(update={"group_id": None})
+    step = G.on_judgement({}, judged, 0, 0.0, GroupSettings())
+    assert step.writes == {} and step.note.startswith("judgement of a turn that is not")
+
+
+def test_an_outcome_that_is_not_a_number_is_an_error_not_a_full_reward():
+    run = Run()
+    for k in range(3):
+        events = rollout("nan", k, [1.0], [1.0, -1.0, float("nan")][k])
+        for e in events:
+            run.feed(e)
+    assert {s.session_id for s in run.samples} == {"nan-a0-r0", "nan-a0-r1"}

@@ -209,7 +209,7 @@ def test_a_prefilled_final_message_is_part_of_the_action_not_the_next_state():
 
     task = [{"role": "user", "content": "What is 12*13?"}]
     prefill = {"role": "assistant", "content": "```python\nprint("}
-    first = turn("s", 0, [*task, prefill], response="12*13)\n```")
+    first = turn("s", 0, [*task, prefill], response="12*13)\n```", continue_final_message=True)
     second = turn("s", 1, [*task, {"role": "assistant", "content": "```python\nprint(12*13)\n```"},
-                           {"role": "user", "content": "Output:\n156"}, prefill])
+                           {"role": "user", "content": "Output:\n156"}, prefill], continue_final_message=True)
     assert next_messages(first, second) == [{"role": "user", "content": "Output:\n156"}]

@@ -238,9 +238,18 @@ def test_continue_final_message_prefills_the_reply_as_prompt(make_gateway, engin
     with ServerThread(gw) as server, httpx.Client(base_url=server.url, headers=auth, timeout=60) as c:
         r = c.post("/v1/chat/completions", json=body)
         bad = c.post("/v1/chat/completions", json={**body, "messages": msgs[:1]})
+        # the next step resends prefill + reply as the assistant's message, and a new prefill
+        reply = msgs[-1]["content"] + r.json()["choices"][0]["message"]["content"]
+        nxt = [msgs[0], {"role": "assistant", "content": reply}, {"role": "user", "content": "Output:\n4"},
+               msgs[-1]]
+        r2 = c.post("/v1/chat/completions", json={**body, "messages": nxt})
     assert r.status_code == 200, r.text
+    assert r2.status_code == 200, r2.text
+    first, second = turns(gw)
+    assert (second.session_id, second.turn_index) == (first.session_id, 1)   # one derived session
+    assert first.continue_final_message and second.continue_final_message
     assert bad.status_code == 400 and "continue_final_message" in bad.json()["error"]["message"]
-    [t] = turns(gw)
+    t = first
     assert tokenizer.decode(t.prompt_token_ids).endswith("```python\nprint(")   # the prefill is prompt
     assert r.json()["choices"][0]["message"]["content"] == t.response_text      # the reply continues it
     assert json.loads(t.messages_json)[-1] == msgs[-1]
