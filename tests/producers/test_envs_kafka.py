@@ -21,7 +21,6 @@ from schemas.events import (
     EpisodeEnd,
     EpisodeEnded,
     EpisodeStarted,
-    FeedbackKind,
     FeedbackReceived,
     RewardJudged,
     SampleReady,
