@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -284,13 +285,30 @@ class Gateway:
                 self.metrics.feedback.labels(event.kind.value).inc()
 
 
+SESSION_HEADERS = ("x-session-id", "session_id", "session-id", "x-session-affinity")
+_RUNTIME_SESSION = re.compile(r"^Runtime:.*?\bsessionId=([A-Za-z0-9._:-]{1,128})", re.MULTILINE)
+
+
 def _explicit_session(req: ChatCompletionRequest, headers: dict[str, str]) -> tuple[str | None, SessionSource]:
-    if headers.get("x-session-id", "").strip():
-        return headers["x-session-id"].strip()[:256], SessionSource.HEADER
+    """The session a request names: `X-Session-Id`, or the session headers OpenClaw sends with
+    `compat.sendSessionIdHeader` / `sendSessionAffinityHeaders` (`session_id`,
+    `x-session-affinity`); else the body's `session_id` or `user`; else the `Runtime: ...
+    sessionId=<id>` line OpenClaw writes into the first user message. None: derive one."""
+    for name in SESSION_HEADERS:
+        if headers.get(name, "").strip():
+            return headers[name].strip()[:256], SessionSource.HEADER
     if req.session_id:
         return req.session_id, SessionSource.BODY
     if req.user:
         return req.user[:256], SessionSource.BODY
+    first_user = next((m for m in req.dumped_messages() if m.get("role") == "user"), None)
+    if first_user is not None:
+        content = first_user.get("content")
+        text = content if isinstance(content, str) else "\n".join(
+            p.get("text", "") for p in content or [] if isinstance(p, dict))
+        found = _RUNTIME_SESSION.search(text or "")
+        if found:
+            return found.group(1), SessionSource.BODY
     return None, SessionSource.DERIVED
 
 

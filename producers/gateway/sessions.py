@@ -12,12 +12,15 @@ internal-context user message is not part of the next request's prefix. The rule
 1. A conversation's *anchor* is sha256(tenant, the leading system messages' text, the first
    user message's text). Only sessions with the same anchor are candidates.
 2. Each message is reduced to a fingerprint: sha256 of role, whitespace-trimmed text (string
-   or text parts alike) and, for assistant messages, the tool calls' names and arguments.
+   or text parts alike) and, for assistant messages, the tool calls' names and arguments as
+   canonical JSON. Tool-call ids are left out, and a system prompt's numbers too: real clients
+   renumber call ids, re-serialise arguments, and put the date in the system prompt.
 3. A request N continues candidate S when, with P the fingerprints of S's last request,
    N starts with P (or with P minus its last message, when that message is a user message:
    the dropped internal context) and the message right after that prefix is an assistant
    message (our reply as the client stored it; its text is not required to match, since
-   clients reformat it).
+   clients reformat it). If S's last request got no answer (it failed), N may also be P plus
+   a user message: clients keep the failed turn's message and add the next.
 4. Among several candidates the longest matched prefix wins, then the one whose recorded
    reply text matches that assistant message, then the most recently active.
 5. Nothing matches: a new session `d-<anchor prefix>-<random>` starts at turn 0.
@@ -33,7 +36,9 @@ A session ends on `X-Session-Done`, on `POST /v1/sessions/{id}/end`, or after
 `session_idle_timeout_s` without a request; `expire`/`end` hand back the ended session so
 the caller emits SESSION_END. The tracker lives in memory: after a gateway restart a
 conversation in progress starts a new derived session (its turns are all recorded; the old
-session simply gets no SESSION_END, which the sessionizer's own timeout covers).
+session simply gets no SESSION_END, which the sessionizer's own timeout covers). Clients that name their session (the OpenClaw session
+headers, or the `Runtime: ... sessionId=` line it writes; producers.gateway.service) keep it
+across restarts.
 
 Pure bookkeeping: no HTTP, no Kafka. Not thread-safe; the gateway uses it from its event loop.
 """
@@ -41,6 +46,8 @@ Pure bookkeeping: no HTTP, no Kafka. Not thread-safe; the gateway uses it from i
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import time
 import uuid
 from collections import OrderedDict
@@ -68,13 +75,34 @@ def _text(message: dict[str, Any]) -> str:
     return (content or "").strip()
 
 
+_DIGITS = re.compile(r"\d+")
+
+
+def _stable(message: dict[str, Any]) -> str:
+    """A message's text as far as recognising a conversation goes: a system prompt's numbers
+    are left out (clients put the date in it, so it changes at midnight)."""
+    text = _text(message)
+    return _DIGITS.sub("#", text) if message.get("role") in ("system", "developer") else text
+
+
+def _arguments(raw: Any) -> str:
+    """Tool-call arguments as canonical JSON: clients re-serialise them when they resend history."""
+    try:
+        value = json.loads(raw) if isinstance(raw, str) else raw
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError):
+        return str(raw)
+
+
 def fingerprint(message: dict[str, Any]) -> str:
+    """Role, text and (for the assistant) the tool calls' names and canonical arguments; tool-call
+    ids are left out (clients renumber them: `call_4` comes back as `call4`)."""
     role = message.get("role", "")
-    parts = [role, _text(message)]
+    parts = [role, _stable(message)]
     if role == "assistant":
         for call in message.get("tool_calls") or []:
             fn = call.get("function", {})
-            parts += [str(fn.get("name")), str(fn.get("arguments"))]
+            parts += [str(fn.get("name")), _arguments(fn.get("arguments"))]
     return _h(*parts)[:32]
 
 
@@ -84,7 +112,7 @@ def _assistant_turns(messages: list[dict[str, Any]]) -> int:
 
 
 def anchor(tenant: str, messages: list[dict[str, Any]]) -> str:
-    system = [_text(m) for m in messages if m.get("role") in ("system", "developer")]
+    system = [_stable(m) for m in messages if m.get("role") in ("system", "developer")]
     first_user = next((_text(m) for m in messages if m.get("role") == "user"), "")
     return _h(tenant, *system, "\x01", first_user)
 
@@ -102,6 +130,7 @@ class Session:
     last_active: float = 0.0
     turns: int = 0
     group_id: str | None = None       # a rollout of this group: its records are keyed by it
+    turns_at_assign: int = -1         # `turns` when the last request was assigned: unchanged = unanswered
 
     @property
     def last_index(self) -> int | None:
@@ -147,6 +176,7 @@ class SessionTracker:
                 tenant, f"d-{key[:12]}-{uuid.uuid4().hex[:8]}", SessionSource.DERIVED, key, 0)
         session.last_prefix, session.last_roles = prints, roles
         session.last_reply = None
+        session.turns_at_assign = session.turns
         session.last_active = self.clock()
         return SessionRef(tenant, session.session_id, session.source)
 
@@ -199,6 +229,15 @@ class SessionTracker:
                     if best_rank is None or rank > best_rank:
                         best, best_rank = s, rank
                     break
+            else:
+                # The last request got no answer (it failed): the client keeps its user message
+                # and adds the next one, so the request extends the last one with a user message.
+                keep = len(s.last_prefix)
+                if (s.last_reply is None and s.turns_at_assign == s.turns and len(prints) > keep
+                        and roles[keep] == "user" and prints[:keep] == s.last_prefix):
+                    rank = (keep, False, s.last_active)
+                    if best_rank is None or rank > best_rank:
+                        best, best_rank = s, rank
         return best
 
     def end(self, tenant: str, session_id: str) -> Session | None:

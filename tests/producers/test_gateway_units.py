@@ -192,3 +192,45 @@ def test_explicit_session_precedence_header_then_body_then_user():
     assert _explicit_session(only_user, {}) == ("u-1", SessionSource.BODY)
     bare = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}]})
     assert _explicit_session(bare, {}) == (None, SessionSource.DERIVED)
+
+
+def test_openclaw_session_headers_and_the_runtime_line_name_the_session():
+    from producers.gateway.service import _explicit_session
+
+    def req(first_user):
+        return ChatCompletionRequest.model_validate({"messages": [
+            {"role": "system", "content": "You are OpenClaw."}, {"role": "user", "content": first_user}]})
+
+    plain = req("hello")
+    assert _explicit_session(plain, {"session_id": "oc-7"}) == ("oc-7", SessionSource.HEADER)
+    assert _explicit_session(plain, {"x-session-affinity": "oc-8"}) == ("oc-8", SessionSource.HEADER)
+    runtime = req([{"type": "text", "text": "Runtime: agent=main sessionId=9f2c-11 model=nextstate\nhello"}])
+    assert _explicit_session(runtime, {}) == ("9f2c-11", SessionSource.BODY)
+    assert _explicit_session(req("tell me about sessionId=x"), {}) == (None, SessionSource.DERIVED)
+
+
+def test_a_derived_session_survives_what_real_clients_do_to_history():
+    """Tool-call ids renumbered and arguments re-serialised, the date in the system prompt
+    changing at midnight, a failed turn's user message kept: still one conversation."""
+    tracker = SessionTracker(idle_timeout_s=600)
+    system = {"role": "system", "content": "You are OpenClaw. Today is 2026-11-29."}
+    first = [system, {"role": "user", "content": "list the files"}]
+    ref = tracker.assign("acme", first)
+    tracker.take_index(ref)
+    tracker.record_reply("acme", ref.session_id, "")
+    call = {"id": "call_4", "type": "function", "function": {"name": "exec", "arguments": '{"command": "ls",  "cwd": "/w"}'}}
+    second = [*first, {"role": "assistant", "content": "", "tool_calls": [call]},
+              {"role": "tool", "tool_call_id": "call_4", "content": "a.txt"}]
+    assert tracker.assign("acme", second).session_id == ref.session_id
+    tracker.take_index(ref)
+    tracker.record_reply("acme", ref.session_id, "there is a.txt")
+    # resent after midnight: new date, the call renumbered, its arguments compact, content null
+    resent_call = {"id": "call4", "type": "function", "function": {"name": "exec", "arguments": '{"cwd":"/w","command":"ls"}'}}
+    third = [{"role": "system", "content": "You are OpenClaw. Today is 2026-11-30."}, first[1],
+             {"role": "assistant", "content": None, "tool_calls": [resent_call]}, second[3],
+             {"role": "assistant", "content": "there is a.txt"}, {"role": "user", "content": "open it"}]
+    assert tracker.assign("acme", third).session_id == ref.session_id
+    # that request failed (no turn recorded); the client keeps its message and adds another
+    fourth = [*third, {"role": "user", "content": "are you there?"}]
+    assert tracker.assign("acme", fourth).session_id == ref.session_id
+    assert tracker.take_index(ref) == 2
