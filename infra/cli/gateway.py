@@ -19,6 +19,7 @@ gateway_app = typer.Typer(help="The OpenAI-compatible recording gateway.")
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     """Add `gateway` to the top-level app and `gateway` to `bench`."""
     app.add_typer(gateway_app, name="gateway")
+    app.command("openclaw")(openclaw)
     bench_app.command("gateway")(bench_gateway)
 
 
@@ -90,3 +91,68 @@ def bench_gateway(model: Optional[str] = typer.Option(None, help="model spec; de
         run_gateway_bench(load_settings(), model, levels, max_tokens, rounds, kafka, console)
     except NextstateError as exc:
         fail(exc)
+
+
+def openclaw(url: Optional[str] = typer.Option(None, help="the gateway; default http://<gateway.host>:<gateway.port>"),
+             key: Optional[str] = typer.Option(None, envvar="NEXTSTATE_OPENCLAW_KEY",
+                                               help="the key OpenClaw will send; default: the local development key"),
+             write: Optional[str] = typer.Option(None, help="merge the config into this openclaw.json (plain JSON) "
+                                                            "instead of printing it"),
+             provider: str = typer.Option("nextstate", help="the provider's name in OpenClaw"),
+             model_id: str = typer.Option("policy", help="the model id OpenClaw will use"),
+             check: bool = typer.Option(True, help="send one request (a side turn, never trained on) to check the pairing")) -> None:
+    """OpenClaw's provider config for the served model: key, context window, session headers on, and
+    the small profile when the context is too small for OpenClaw's stock prompt."""
+    import asyncio
+    import json
+    from pathlib import Path
+
+    import httpx
+
+    from infra.settings import Profile, load_settings
+    from producers.gateway.auth import dev_key
+    from producers.openclaw import PairingError, check_pairing, openclaw_config, served
+
+    settings = load_settings()
+    g = settings.gateway
+    base = url or f"http://{g.host}:{g.port}"
+    if key is None:
+        if settings.profile is not Profile.LOCAL or g.api_keys:
+            fail("give the key OpenClaw will send (--key or NEXTSTATE_OPENCLAW_KEY): the gateway stores only hashes")
+        key = dev_key(g.dev_key_file)
+
+    async def ask():
+        async with httpx.AsyncClient(base_url=base, timeout=120, headers={"Authorization": f"Bearer {key}"}) as c:
+            what = await served(c)
+            return what, (await check_pairing(c, model_id) if check else None)
+
+    try:
+        what, pairing = asyncio.run(ask())
+    except (httpx.HTTPError, PairingError) as exc:
+        fail(f"the gateway at {base} did not answer as expected: {exc}")
+    config, dropped = openclaw_config(base, key, what, provider, model_id)
+    if write:
+        path = Path(write).expanduser()
+        try:
+            current = json.loads(path.read_text()) if path.exists() else {}
+        except ValueError:
+            fail(f"{path} is not plain JSON (OpenClaw also reads JSON5): merge the printed config by hand")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_merge(current, config), indent=2) + "\n")
+        console.print(f"wrote the {provider!r} provider into {path}", markup=False)
+    else:
+        console.print_json(json.dumps(config))
+    console.print(f"served: {what.model}, context {what.context} tokens, policy v{what.policy_version}", markup=False)
+    if dropped:
+        console.print(f"the context is under OpenClaw's stock prompt, so the config carries the small profile; "
+                      f"it drops: {'; '.join(dropped)}", markup=False)
+    if pairing is not None:
+        console.print(f"pairing checked: a chat request was answered ({pairing['reply']!r}), session "
+                      f"{pairing['session']}; recorded as a side turn, never trained on", markup=False)
+
+
+def _merge(into: dict, new: dict) -> dict:
+    out = dict(into)
+    for k, v in new.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

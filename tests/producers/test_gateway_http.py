@@ -254,3 +254,40 @@ def test_continue_final_message_prefills_the_reply_as_prompt(make_gateway, engin
     assert r.json()["choices"][0]["message"]["content"] == t.response_text      # the reply continues it
     assert json.loads(t.messages_json)[-1] == msgs[-1]
     assert t.turn_index == 0   # the prefill is not a reply already in the session's history
+
+
+def test_nextstate_openclaw_writes_the_provider_and_checks_the_pairing(make_gateway, engine, tmp_path):
+    """The command against a running gateway: the config carries the key, the served context and
+    the session headers; a small context brings the small profile; the check is a side turn."""
+    import subprocess
+    import sys
+
+    from producers.openclaw import SMALL_PROFILE_BELOW, Served, openclaw_config
+    from tests.processors.helpers import REPO
+
+    gw = make_gateway(engine)
+    target = tmp_path / "openclaw.json"
+    target.write_text(json.dumps({"gateway": {"port": 18789}, "models": {"providers": {"other": {"api": "x"}}}}))
+    with ServerThread(gw) as server:
+        run = subprocess.run([sys.executable, "-m", "infra.cli", "openclaw", "--url", server.url, "--key", KEYS["acme"],
+                              "--write", str(target)], cwd=REPO, capture_output=True, text=True, timeout=120)
+        refused = subprocess.run([sys.executable, "-m", "infra.cli", "openclaw", "--url", server.url, "--key", "wrong"],
+                                 cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    written = json.loads(target.read_text())
+    provider = written["models"]["providers"]["nextstate"]
+    assert written["gateway"] == {"port": 18789} and "other" in written["models"]["providers"]   # merged, kept
+    assert provider["apiKey"] == KEYS["acme"] and provider["baseUrl"] == f"{server.url}/v1"
+    [model] = provider["models"]
+    assert model["contextWindow"] == engine.info().max_context
+    assert model["compat"] == {"sendSessionIdHeader": True, "sendSessionAffinityHeaders": True}
+    assert written["agents"]["defaults"]["model"]["primary"] == "nextstate/policy"
+    assert "pairing checked" in run.stdout
+    [checked] = turns(gw)
+    assert checked.turn_type is TurnType.SIDE   # the check never trains
+    assert refused.returncode == 1 and "401" in refused.stderr
+    small, dropped = openclaw_config("http://x", "k", Served("m", 8192, 0))
+    assert small["tools"]["allow"] == ["read", "write", "edit", "exec"] and dropped
+    assert small["agents"]["defaults"]["skipBootstrap"] is True
+    big, none = openclaw_config("http://x", "k", Served("m", SMALL_PROFILE_BELOW, 0))
+    assert "tools" not in big and none == []
