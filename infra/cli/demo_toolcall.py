@@ -131,7 +131,7 @@ async def _evaluate(url: str, key: str, settings: Settings, tasks: list[Any], la
 
 class _NoSink:
     def send(self, event: Any, key: Any = None) -> None:
-        raise AssertionError("an evaluation records no episodes")
+        raise RuntimeError("an evaluation records no episodes")
 
     def flush(self, timeout: float = 30.0) -> int:
         return 0

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from confluent_kafka import KafkaException
 
 from infra.settings import Settings
 from producers.envs.base import EnvError, Task
@@ -155,9 +156,14 @@ async def work(runner: Runner, consumer: Any, dead_letters: Any, stop: asyncio.E
             playing.set()
             await keeper
         await asyncio.to_thread(dead_letters.flush, 30.0)
-        await asyncio.to_thread(consumer.commit, batch)
+        try:
+            await asyncio.to_thread(consumer.commit, batch)
+        except KafkaException as exc:
+            # the partitions moved to another worker meanwhile (a rebalance): it plays these
+            # tasks again as a new attempt, and the group stage takes the first complete one
+            log.warning("could not commit %d task(s) (%s); their new owner reruns them", len(batch), exc)
         done += len(batch)
-        log.info("committed %d task(s), %d in all", len(batch), done)
+        log.info("played %d task(s), %d in all", len(batch), done)
     return done
 
 
