@@ -156,7 +156,7 @@ def test_a_worker_killed_mid_group_leaves_the_task_to_the_next_attempt(settings,
         workers(stage)
     gw = make_gateway(engine, namespace=namespace, drain=True)
     issue(EventProducer(settings.kafka, registry, namespace=namespace),
-          [Task("slow", "slow-test", {"q": "take your time", "sleep_s": 2.0})], 3)
+          [Task("slow", "slow-test", {"q": "take your time", "sleep_s": 3.0})], 3)
     out = Collector(settings, registry, namespace, "SampleReady", "EpisodeEnded", "EpisodeStarted")
     with ServerThread(gw) as server:
         env = {**os.environ, "PYTHONPATH": str(REPO), "NEXTSTATE_ENVS__GATEWAY_URL": server.url,
