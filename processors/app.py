@@ -94,15 +94,32 @@ class StageApp(faust.App):
         self.committed_at: dict[TP, int | None] = {}   # per input partition, at each (re)assignment
         self.assignments = 0
 
+        seeking = False
+
         async def seek_to_committed() -> Any:
-            committed = await seek_committed()
-            self.assignments += 1
-            self.committed_at.update({tp: offset or None for tp, offset in committed.items()})
-            never = [tp for tp, offset in committed.items() if not offset and tp.topic in self.stream_topics]
-            if never:
-                log.info("%s: no committed offset for %s, reading them from the start",
-                         self.conf.id, sorted(f"{tp.topic}[{tp.partition}]" for tp in never))
-                await consumer._thread.seek_to_beginning(*never)
+            # faust resumes the flow before it seeks (recovery), so records fetched at the old
+            # positions would be handed on while the positions move: their read offsets then
+            # make faust drop the re-read records below them as duplicates, for good (measured:
+            # a restarted sessionize lost two turns). No record moves on while we seek; faust
+            # resets its read offsets when this returns, before the flow runs again.
+            nonlocal seeking
+            if seeking:
+                return await seek_committed()
+            seeking, active = True, consumer.flow_active
+            consumer.stop_flow()
+            try:
+                committed = await seek_committed()
+                self.committed_at.update({tp: offset or None for tp, offset in committed.items()})
+                never = [tp for tp, offset in committed.items() if not offset and tp.topic in self.stream_topics]
+                if never:
+                    log.info("%s: no committed offset for %s, reading them from the start",
+                             self.conf.id, sorted(f"{tp.topic}[{tp.partition}]" for tp in never))
+                    await consumer._thread.seek_to_beginning(*never)
+                self.assignments += 1
+            finally:
+                seeking = False
+                if active:
+                    consumer.resume_flow()
             return committed
 
         consumer.seek_to_committed = seek_to_committed

@@ -271,6 +271,11 @@ class TurnsClock:
 
     def saw(self, partition: int, offset: int, turn: TurnRecorded) -> None:
         self._current()
+        if offset <= self.last_offset.get(partition, -1):
+            # read again from an earlier offset (a seek we were not told of, or records of the
+            # old positions handed on before it): what this partition read before is void
+            self.last_offset.pop(partition, None)
+            self.max_time.pop(partition, None)
         self.last_offset[partition] = max(offset, self.last_offset.get(partition, -1))
         t = self.max_time.get(partition)
         self.max_time[partition] = turn.occurred_at if t is None else max(t, turn.occurred_at)
