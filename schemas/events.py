@@ -383,7 +383,16 @@ class DeadLettered(Event):
 
 # -- general agents: tasks and episodes ----------------------------------------------------
 
-class TaskIssued(Event):
+class GroupKeyed:
+    """A task's or a rollout's event (it has a `group_id` field): keyed by its group
+    (schemas.events.session_key)."""
+
+    @property
+    def key(self) -> str:
+        return session_key("", self.group_id)  # type: ignore[attr-defined]
+
+
+class TaskIssued(GroupKeyed, Event):
     task_id: str
     group_id: str
     env: str
@@ -393,12 +402,8 @@ class TaskIssued(Event):
     seed: int = 0
     tenant: str = "default"
 
-    @property
-    def key(self) -> str:
-        return session_key("", self.group_id)
 
-
-class EpisodeStarted(Event):
+class EpisodeStarted(GroupKeyed, Event):
     task_id: str
     group_id: str
     rollout_index: int
@@ -411,10 +416,6 @@ class EpisodeStarted(Event):
     group_size: int
     sandbox: str = ""
 
-    @property
-    def key(self) -> str:
-        return session_key("", self.group_id)
-
 
 class EpisodeEnd(StrEnum):
     ANSWERED = "ANSWERED"
@@ -423,7 +424,7 @@ class EpisodeEnd(StrEnum):
     ERROR = "ERROR"
 
 
-class EpisodeEnded(Event):
+class EpisodeEnded(GroupKeyed, Event):
     task_id: str
     group_id: str
     rollout_index: int
@@ -439,10 +440,6 @@ class EpisodeEnded(Event):
     tenant: str = "default"
     group_size: int | None = None   # the n of its group, as EpisodeStarted says
     first_turn_index: int = Field(default=0, ge=0, le=2**31 - 1)   # its steps: this index and the next steps - 1
-
-    @property
-    def key(self) -> str:
-        return session_key("", self.group_id)
 
 
 EVENT_TYPES: dict[str, type[Event]] = {

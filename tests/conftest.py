@@ -70,14 +70,15 @@ def stack(settings: Settings) -> Iterator[list[Any]]:
     """The real Kafka, schema registry and MinIO; started here unless already running."""
     from infra.stack import down, status, up
 
-    import time
-
     def healthy() -> bool:
         return all(s.state == "healthy" for s in status(settings.stack, settings.storage))
 
-    # asked three times: a health check that times out once under load must not make this
-    # session think it started the stack, and take down one somebody else runs
-    already = any(healthy() or time.sleep(1) for _ in range(3))
+    # polled for a few seconds: a health check that times out once under load must not make
+    # this session think it started the stack, and take down one somebody else runs
+    try:
+        already = wait_for(healthy, timeout=3.0, interval=0.5, what="a running stack")
+    except AssertionError:
+        already = False
     statuses = up(settings.stack, settings.storage)
     yield statuses
     if not already:

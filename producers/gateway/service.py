@@ -157,7 +157,7 @@ class Gateway:
         if kind not in TurnType.__members__:
             raise GatewayError(f"X-Turn-Type {kind.lower()!r} is not one of main, side")
         episode = episode_of(headers)   # refused before the session tracker changes
-        session_id, source = _explicit_session(req, headers)
+        session_id, source = _explicit_session(req, headers, messages)
         ref = self.sessions.assign(tenant, messages, session_id, source, req.continue_final_message)
         done = headers.get("x-session-done", "").strip().lower() in ("1", "true", "yes")
         return Turn(client_request_id(headers) or uuid.uuid4().hex, tenant, ref, TurnType(kind), messages, tools, prompt_ids,
@@ -289,7 +289,8 @@ SESSION_HEADERS = ("x-session-id", "session_id", "session-id", "x-session-affini
 _RUNTIME_SESSION = re.compile(r"^Runtime:.*?\bsessionId=([A-Za-z0-9._:-]{1,128})", re.MULTILINE)
 
 
-def _explicit_session(req: ChatCompletionRequest, headers: dict[str, str]) -> tuple[str | None, SessionSource]:
+def _explicit_session(req: ChatCompletionRequest, headers: dict[str, str],
+                      messages: list[dict[str, Any]] | None = None) -> tuple[str | None, SessionSource]:
     """The session a request names: `X-Session-Id`, or the session headers OpenClaw sends with
     `compat.sendSessionIdHeader` / `sendSessionAffinityHeaders` (`session_id`,
     `x-session-affinity`); else the body's `session_id` or `user`; else the `Runtime: ...
@@ -301,7 +302,8 @@ def _explicit_session(req: ChatCompletionRequest, headers: dict[str, str]) -> tu
         return req.session_id, SessionSource.BODY
     if req.user:
         return req.user[:256], SessionSource.BODY
-    first_user = next((m for m in req.dumped_messages() if m.get("role") == "user"), None)
+    messages = req.dumped_messages() if messages is None else messages   # the caller's, when it has them
+    first_user = next((m for m in messages if m.get("role") == "user"), None)
     if first_user is not None:
         content = first_user.get("content")
         text = content if isinstance(content, str) else "\n".join(
