@@ -142,12 +142,18 @@ def raw_rate(settings: Settings, ns: str, sessions: list[list]) -> float:
     """Produce and consume the same serialized turns through one topic, no processing."""
     registry = registry_client(settings.registry)
     serde = EventSerde(registry, "TurnRecorded", settings.kafka.topic("turns", ns))
-    values = [(s[0].session_id.encode(), serde.serialize(t)) for s in sessions for t in s[:2]]
+    return raw_records_rate(settings, ns, [(s[0].session_id.encode(), serde.serialize(t))
+                                           for s in sessions for t in s[:2]])
+
+
+def raw_records_rate(settings: Settings, ns: str, values: list[tuple[bytes, bytes]]) -> float:
+    """Records per second: `values` (key, serialized value) produced to a fresh topic of the
+    namespace and consumed back, nothing else: the ceiling a processing benchmark is set against."""
     topic = settings.kafka.topic("bench-raw", ns)
-    provision = admin_client(settings.kafka)
+    admin = admin_client(settings.kafka)   # kept: a collected client cancels its futures
     from confluent_kafka.admin import NewTopic
 
-    for fut in provision.create_topics([NewTopic(topic, settings.kafka.partitions, 1)]).values():
+    for fut in admin.create_topics([NewTopic(topic, settings.kafka.partitions, 1)]).values():
         fut.result()
     p = Producer({**settings.kafka.client_config(), "acks": "all", "enable.idempotence": True,
                   "linger.ms": 5, "compression.type": "lz4"})

@@ -128,3 +128,20 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from serving.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture
+def workers(tmp_path, namespace):
+    """Start `nextstate process <stage>` workers on the test's namespace; stopped at the end."""
+    from tests.processors.helpers import StageProcess
+
+    started: list[StageProcess] = []
+
+    def start(stage: str, **env: str) -> StageProcess:
+        w = StageProcess(stage, namespace, tmp_path / "faust", tmp_path / f"{stage}-{len(started)}.log", **env)
+        started.append(w.start())
+        return w
+
+    yield start
+    for w in started:
+        w.stop()

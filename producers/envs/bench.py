@@ -28,7 +28,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from rich.console import Console
 
 from infra.settings import Settings
@@ -239,9 +238,7 @@ def _key_of(e: Any) -> str:
 
 def raw_group_rate(settings: Settings, ns: str, groups: list[list[Any]]) -> float:
     """Records per second: the same serialized records produced and consumed through one topic."""
-    from confluent_kafka.admin import NewTopic
-
-    from infra.provision import admin_client
+    from processors.bench_pipeline import raw_records_rate
     from schemas.catalog import TOPICS
     from schemas.serde import EventSerde, registry_client
 
@@ -253,32 +250,7 @@ def raw_group_rate(settings: Settings, ns: str, groups: list[list[Any]]) -> floa
             name = type(e).__name__
             serde = serdes.setdefault(name, EventSerde(registry, name, settings.kafka.topic(TOPICS[name], ns)))
             values.append((_key_of(e).encode(), serde.serialize(e)))
-    topic = settings.kafka.topic("bench-raw", ns)
-    admin = admin_client(settings.kafka)   # kept: a collected client cancels its futures
-    for fut in admin.create_topics([NewTopic(topic, settings.kafka.partitions, 1)]).values():
-        fut.result()
-    p = Producer({**settings.kafka.client_config(), "acks": "all", "enable.idempotence": True,
-                  "linger.ms": 5, "compression.type": "lz4"})
-    c = Consumer({**settings.kafka.client_config(), "group.id": f"bench-{uuid.uuid4().hex}",
-                  "enable.auto.commit": False, "fetch.message.max.bytes": settings.kafka.max_message_bytes})
-    c.assign([TopicPartition(topic, i, OFFSET_BEGINNING) for i in range(settings.kafka.partitions)])
-    start = time.perf_counter()
-    for key, value in values:
-        while True:
-            try:
-                p.produce(topic, key=key, value=value)
-                break
-            except BufferError:
-                p.poll(0.1)
-    p.flush(60)
-    got = 0
-    while got < len(values):
-        msg = c.poll(1.0)
-        if msg is not None and not msg.error():
-            got += 1
-    elapsed = time.perf_counter() - start
-    c.close()
-    return len(values) / elapsed
+    return raw_records_rate(settings, ns, values)
 
 
 def run_envs_bench(settings: Settings, model: str | None, levels: list[int], episodes: int, sandbox_runs: int,

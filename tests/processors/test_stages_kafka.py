@@ -11,7 +11,7 @@ from confluent_kafka import Producer
 from infra.kafka import EventProducer
 from schemas.events import DeadLettered, FeedbackKind, HintJudged, Method, RewardJudged, SampleReady, TransitionFormed
 from tests.conftest import wait_for
-from tests.processors.helpers import Collector, StageProcess, conversation, feedback, transition, turn
+from tests.processors.helpers import Collector, conversation, feedback, transition, turn
 
 pytestmark = pytest.mark.stack
 
@@ -21,20 +21,6 @@ def producer(settings, registry, namespace):
     p = EventProducer(settings.kafka, registry, namespace=namespace)
     yield p
     p.flush()
-
-
-@pytest.fixture
-def workers(tmp_path, namespace):
-    started: list[StageProcess] = []
-
-    def start(stage: str, **env: str) -> StageProcess:
-        w = StageProcess(stage, namespace, tmp_path / "faust", tmp_path / f"{stage}-{len(started)}.log", **env)
-        started.append(w.start())
-        return w
-
-    yield start
-    for w in started:
-        w.stop()
 
 
 def raw_send(settings, topic: str, key: bytes, value: bytes) -> None:

@@ -35,22 +35,6 @@ from tests.producers.helpers import KEYS
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 
-@pytest.fixture
-def workers(tmp_path, namespace):
-    from tests.processors.helpers import StageProcess
-
-    started = []
-
-    def start(stage: str, **env: str):
-        w = StageProcess(stage, namespace, tmp_path / "faust", tmp_path / f"{stage}.log", **env)
-        started.append(w.start())
-        return w
-
-    yield start
-    for w in started:
-        w.stop()
-
-
 def test_groups_of_rollouts_become_samples_with_step_wise_advantages(settings, registry, namespace,
                                                                      make_gateway, engine, workers):
     from infra.kafka import EventProducer
