@@ -29,6 +29,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 from rich.console import Console
@@ -164,16 +165,22 @@ async def _await_policy(settings: Settings, cfg: DemoConfig, users: GatewayUsers
     await _probe_now(users, cfg, state, live)
 
 
-def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> DemoState:
+def launch(settings: Settings, prefix: str, title: str, cfg: Any, console: Console, extra: dict[str, str],
+           teacher: bool) -> tuple[str, Path, str, str, Parts]:
+    """What every demo starts from: a fresh namespace (`<prefix><time>.`) provisioned on the
+    running stack, its output directory, the resolved model, a key of its own, and the parts'
+    supervisor with the settings every part shares (`cfg`: model, port, out_dir, lr, seed,
+    checkpoint_every_steps, token_budget), plus `extra`. `teacher`: the hint stage scores with
+    the served base model."""
     from infra.provision import provision
     from infra.stack import up
     from processors.topology import control_topics
     from serving.models import resolve_model
 
-    ns = f"demo{time.strftime('%Y%m%d%H%M%S')}."
+    ns = f"{prefix}{time.strftime('%Y%m%d%H%M%S')}."
     out = cfg.out_dir / ns.rstrip(".")
     out.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]nextstate demo[/bold] · namespace {ns} · output in {out}")
+    console.print(f"[bold]{title}[/bold] · namespace {ns} · output in {out}")
     up(settings.stack, settings.storage)
     provision(settings.kafka, settings.registry, settings.storage, ns, control=control_topics(ns))
     model = str(resolve_model(cfg.model, settings.serving.cache_dir))
@@ -182,22 +189,27 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> DemoState
         "NEXTSTATE_KAFKA__NAMESPACE": ns, "NEXTSTATE_SERVING__MODEL": model,
         "NEXTSTATE_GATEWAY__PORT": str(cfg.port), "NEXTSTATE_GATEWAY__API_KEYS": json.dumps({"demo": key}),
         "NEXTSTATE_GATEWAY__SPOOL_DIR": str(out / "spool"),
-        "NEXTSTATE_SERVING__CHECKPOINT_RUN": f"demo-{cfg.methods[0]}",
         "NEXTSTATE_PROCESSORS__JUDGE": "feedback", "NEXTSTATE_PROCESSORS__HINT_JUDGE": "feedback",
-        "NEXTSTATE_PROCESSORS__TEACHER_MODEL": model,
         "NEXTSTATE_PROCESSORS__FAUST_DATA_DIR": str(out / "faust"),
         "NEXTSTATE_LEARNER__WORK_DIR": str(out / "learner"), "NEXTSTATE_LEARNER__LR": str(cfg.lr),
         "NEXTSTATE_LEARNER__CHECKPOINT_EVERY_STEPS": str(cfg.checkpoint_every_steps),
         "NEXTSTATE_LEARNER__CHECKPOINT_IDLE_S": "2", "NEXTSTATE_LEARNER__CPU_THREADS": "1",
         "NEXTSTATE_LEARNER__TOKEN_BUDGET": str(cfg.token_budget),
-        # A mean/std baseline over each step (measured: RL on raw ±1 learns far slower).
-        "NEXTSTATE_LEARNER__ADV_NORM": "batch",
         "NEXTSTATE_LEARNER__SEED": str(cfg.seed), "PYTHONUNBUFFERED": "1",
+        **({"NEXTSTATE_PROCESSORS__TEACHER_MODEL": model} if teacher else {}), **extra,
     }
     # Each part is its own process group of one: a launcher's variables must not leak in.
-    inherited = {k: v for k, v in os.environ.items()
-                 if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    parts = Parts(out / "parts", {**inherited, **env})
+    leave_out = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                 *(() if teacher else ("NEXTSTATE_PROCESSORS__TEACHER_MODEL",))}
+    inherited = {k: v for k, v in os.environ.items() if k not in leave_out}
+    return ns, out, model, key, Parts(out / "parts", {**inherited, **env})
+
+
+def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> DemoState:
+    ns, out, _, key, parts = launch(settings, "demo", "nextstate demo", cfg, console, {
+        "NEXTSTATE_SERVING__CHECKPOINT_RUN": f"demo-{cfg.methods[0]}",
+        # A mean/std baseline over each step (measured: RL on raw ±1 learns far slower).
+        "NEXTSTATE_LEARNER__ADV_NORM": "batch"}, teacher=True)
     child_settings = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"namespace": ns})})
     state = DemoState()
     try:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from infra.cli.demo import Parts, _caught_up, _describe_failure, _wait_healthy
+from infra.cli.demo import Parts, _caught_up, _describe_failure, _wait_healthy, launch
 from infra.settings import Settings
 
 PREFILL = "```python\nprint("
@@ -160,41 +159,13 @@ def _wait_served(settings: Settings, url: str, key: str, run_method: str, run: s
 
 def run_toolcall_demo(settings: Settings, cfg: ToolcallDemoConfig, console: Console) -> ToolcallDemoState:
     from infra.kafka import EventProducer
-    from infra.provision import provision
-    from infra.stack import up
-    from processors.topology import control_topics
     from producers.envs.runner import Runner
     from schemas.serde import registry_client
-    from serving.models import resolve_model
 
-    ns = f"demotool{time.strftime('%Y%m%d%H%M%S')}."
-    out = cfg.out_dir / ns.rstrip(".")
-    out.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]nextstate demo · tool-call track[/bold] · namespace {ns} · output in {out}")
-    up(settings.stack, settings.storage)
-    provision(settings.kafka, settings.registry, settings.storage, ns, control=control_topics(ns))
-    model = str(resolve_model(cfg.model, settings.serving.cache_dir))
-    key = "demo-" + secrets.token_urlsafe(16)
+    ns, out, _, key, parts = launch(settings, "demotool", "nextstate demo · tool-call track", cfg, console, {
+        "NEXTSTATE_SERVING__CHECKPOINT_RUN": "demo-step", "NEXTSTATE_PROCESSORS__GROUP__ESTIMATOR": "step",
+        "NEXTSTATE_LEARNER__METHOD": "rl", "NEXTSTATE_LEARNER__ADV_NORM": "none"}, teacher=False)
     url = f"http://127.0.0.1:{cfg.port}"
-    env = {
-        "NEXTSTATE_KAFKA__NAMESPACE": ns, "NEXTSTATE_SERVING__MODEL": model,
-        "NEXTSTATE_GATEWAY__PORT": str(cfg.port), "NEXTSTATE_GATEWAY__API_KEYS": json.dumps({"demo": key}),
-        "NEXTSTATE_GATEWAY__SPOOL_DIR": str(out / "spool"), "NEXTSTATE_SERVING__CHECKPOINT_RUN": "demo-step",
-        "NEXTSTATE_PROCESSORS__JUDGE": "feedback", "NEXTSTATE_PROCESSORS__HINT_JUDGE": "feedback",
-        "NEXTSTATE_PROCESSORS__FAUST_DATA_DIR": str(out / "faust"),
-        "NEXTSTATE_PROCESSORS__GROUP__ESTIMATOR": "step",
-        "NEXTSTATE_LEARNER__WORK_DIR": str(out / "learner"), "NEXTSTATE_LEARNER__LR": str(cfg.lr),
-        "NEXTSTATE_LEARNER__METHOD": "rl", "NEXTSTATE_LEARNER__ADV_NORM": "none",
-        "NEXTSTATE_LEARNER__CHECKPOINT_EVERY_STEPS": str(cfg.checkpoint_every_steps),
-        "NEXTSTATE_LEARNER__CHECKPOINT_IDLE_S": "2", "NEXTSTATE_LEARNER__CPU_THREADS": "1",
-        "NEXTSTATE_LEARNER__TOKEN_BUDGET": str(cfg.token_budget),
-        "NEXTSTATE_LEARNER__SEED": str(cfg.seed), "PYTHONUNBUFFERED": "1",
-    }
-    env.pop("NEXTSTATE_PROCESSORS__TEACHER_MODEL", None)
-    inherited = {k: v for k, v in os.environ.items()
-                 if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                              "NEXTSTATE_PROCESSORS__TEACHER_MODEL")}
-    parts = Parts(out / "parts", {**inherited, **env})
     child = settings.model_copy(update={
         "kafka": settings.kafka.model_copy(update={"namespace": ns}),
         "envs": settings.envs.model_copy(update={
