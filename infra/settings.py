@@ -271,9 +271,12 @@ class ProcessorSettings(_Section):
     hint_min_chars: int = Field(default=11, ge=1)
     overlap_top_k: int = Field(default=8, ge=1)
     # Teacher: "base" (frozen base weights + hint) or "current" (the serving policy + hint),
-    # and the model the hint stage loads an engine on (None: no teacher, hints without logprobs).
+    # and the model the hint stage loads an engine on: "served" (the default) is the served
+    # base model (`serving.model`, the embedded default when unset), a path or name another
+    # model, "none" no teacher (hints without logprobs: OPD and the teacher half of combined
+    # then learn nothing).
     teacher_policy: Annotated[TeacherPolicy, BeforeValidator(_lower)] = TeacherPolicy.BASE
-    teacher_model: str | None = None
+    teacher_model: str | None = "served"
     # Feedback judge rule table overrides (regexes over the user's text in the next state).
     correction_patterns: list[str] | None = None
     approval_patterns: list[str] | None = None

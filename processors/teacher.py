@@ -49,12 +49,19 @@ class Teacher:
                                        top_k=top_k, base=False)
 
 
+NO_TEACHER = ("", "none", "off", "false")
+
+
 def build_teacher(settings: Any) -> Teacher | None:
-    """The teacher the hint stage uses: an engine on ``processors.teacher_model``, or None."""
+    """The teacher the hint stage uses: an engine on ``processors.teacher_model`` ("served": the
+    served base model, the default), or None ("none")."""
     p = settings.processors
-    if not p.teacher_model:
+    name = (p.teacher_model or "").strip()
+    if name.lower() in NO_TEACHER:
         return None
-    serving = settings.serving.model_copy(update={"model": p.teacher_model})
+    served = name.lower() == "served"
+    serving = settings.serving if served else settings.serving.model_copy(update={"model": name})
+    name = (serving.model or "") if served else name
     from serving import create_engine
 
     engine = create_engine(serving)
@@ -62,5 +69,5 @@ def build_teacher(settings: Any) -> Teacher | None:
     if tokenizer is None:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(engine.info().details.get("tokenizer", p.teacher_model))
+        tokenizer = AutoTokenizer.from_pretrained(engine.info().details.get("tokenizer", name))
     return Teacher(engine, tokenizer, TeacherPolicy(p.teacher_policy))

@@ -42,7 +42,7 @@ def openclaw_config(base_url: str, key: str, served: Served, provider: str = "ne
                     model_id: str = "policy", max_tokens: int = 1024) -> tuple[dict[str, Any], list[str]]:
     """(the config to merge into openclaw.json, what the small profile drops: empty if none)."""
     model = {"id": model_id, "name": f"nextstate {served.model}", "contextWindow": served.context,
-             "maxTokens": min(max_tokens, max(256, served.context // 4)),
+             "maxTokens": min(max_tokens, max(1, served.context // 4)),
              "compat": {"sendSessionIdHeader": True, "sendSessionAffinityHeaders": True}}
     config: dict[str, Any] = {
         "models": {"providers": {provider: {

@@ -6,6 +6,7 @@ Tests wait on observable conditions (`wait_for`), never on fixed sleeps.
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,6 +18,10 @@ import pytest
 from infra.settings import Settings, load_settings
 
 T = TypeVar("T")
+
+# The hint stage's teacher defaults to the served model (the embedded SmolLM2 unless told); the
+# tests that exercise a teacher name the tiny model, the others' stage workers load none.
+os.environ.setdefault("NEXTSTATE_PROCESSORS__TEACHER_MODEL", "none")
 
 
 def wait_for(condition: Callable[[], T], timeout: float = 30.0, interval: float = 0.05,

@@ -100,6 +100,8 @@ def openclaw(url: Optional[str] = typer.Option(None, help="the gateway; default 
                                                             "instead of printing it"),
              provider: str = typer.Option("nextstate", help="the provider's name in OpenClaw"),
              model_id: str = typer.Option("policy", help="the model id OpenClaw will use"),
+             max_tokens: int = typer.Option(1024, min=1, help="the most tokens OpenClaw asks for in one reply "
+                                                              "(at most a quarter of the context)"),
              check: bool = typer.Option(True, help="send one request (a side turn, never trained on) to check the pairing")) -> None:
     """OpenClaw's provider config for the served model: key, context window, session headers on, and
     the small profile when the context is too small for OpenClaw's stock prompt."""
@@ -130,7 +132,7 @@ def openclaw(url: Optional[str] = typer.Option(None, help="the gateway; default 
         what, pairing = asyncio.run(ask())
     except (httpx.HTTPError, PairingError) as exc:
         fail(f"the gateway at {base} did not answer as expected: {exc}")
-    config, dropped = openclaw_config(base, key, what, provider, model_id)
+    config, dropped = openclaw_config(base, key, what, provider, model_id, max_tokens)
     if write:
         path = Path(write).expanduser()
         try:

@@ -128,3 +128,22 @@ def test_overlap_guided_selection(engine, selection):
         assert out.teacher_logprobs == pytest.approx([per[order[k]][1][i] for i, k in enumerate(picks)])
     assert out.selection is selection and out.teacher_policy == "current"
     assert len(out.teacher_logprobs) == n
+
+
+def test_the_teacher_defaults_to_the_served_model(tiny_model_dir):
+    from infra.settings import Settings
+    from processors.teacher import build_teacher
+
+    assert ProcessorSettings.model_fields["teacher_model"].default == "served"
+    served = Settings(serving=ServingSettings(model=str(tiny_model_dir)),
+                      processors=ProcessorSettings(teacher_model="served"))
+    teacher = build_teacher(served)
+    try:
+        assert teacher is not None and teacher.policy is TeacherPolicy.BASE
+        assert teacher.engine.info().max_context == 2048    # the tiny model, not the embedded 8,192
+        scores = asyncio.run(teacher.score(transition(0).turn, "be brief"))
+        assert len(scores.logprobs) == len(transition(0).turn.response_token_ids)
+    finally:
+        asyncio.run(teacher.engine.close())
+    for off in ("none", "NONE", ""):
+        assert build_teacher(Settings(processors=ProcessorSettings(teacher_model=off))) is None
