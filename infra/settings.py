@@ -302,6 +302,10 @@ class LossSettings(_Section):
     eps: float = 1e-6
 
 
+LORA_LR = 5e-4
+FULL_LR = 1e-5
+
+
 class LearnerSettings(_Section):
     """The learner. `method` is the loss rule applied to every sample (rl | opd | combined,
     schemas.methods); `lora=None` means LoRA on CPU and full-weight training on GPU."""
@@ -318,7 +322,9 @@ class LearnerSettings(_Section):
     model: str | None = None
     lora_rank: int = 16
     lora_alpha: int = 32
-    lr: float = 1e-5
+    # None: by what trains. LoRA (the CPU default) LORA_LR, measured to move SmolLM2-135M within
+    # a few dozen interactions (`nextstate bench personal`); full weights FULL_LR.
+    lr: float | None = Field(default=None, gt=0)
     zero_stage: int = Field(default=0, ge=0, le=3)
     token_budget: int = Field(default=2048, ge=1)
     grad_accum: int = Field(default=1, ge=1)
@@ -329,7 +335,10 @@ class LearnerSettings(_Section):
     checkpoint_every_s: float = 300.0
     checkpoint_idle_s: float = Field(default=5.0, gt=0)   # publish unpublished steps once the feed is this quiet
     work_dir: Path = Field(default_factory=lambda: _state_root() / "learner")
-    adv_norm: Annotated[AdvNorm, BeforeValidator(_lower)] = "none"
+    # How the reward term of a sample without a precomputed advantage is normalised:
+    # "batch" (a mean/std baseline over the step; personal-agent traffic has no task groups),
+    # "group", "step" or "none" (learner.losses). General agents' samples carry their own.
+    adv_norm: Annotated[AdvNorm, BeforeValidator(_lower)] = "batch"
     lr_schedule: Annotated[LrSchedule, BeforeValidator(_lower)] = "constant"
     warmup_steps: int = Field(default=0, ge=0)
     total_steps: int = Field(default=10_000, ge=1)
@@ -339,6 +348,15 @@ class LearnerSettings(_Section):
     bucket: str | None = None
     metrics_port: int | None = None
     seed: int = 0
+
+    def uses_lora(self, device_type: str) -> bool:
+        return self.lora if self.lora is not None else device_type == "cpu"
+
+    def learning_rate(self, device_type: str) -> float:
+        """`lr`, or the default for what trains on this device (LoRA: LORA_LR, full: FULL_LR)."""
+        if self.lr is not None:
+            return self.lr
+        return LORA_LR if self.uses_lora(device_type) else FULL_LR
 
 
 class Settings(BaseSettings):

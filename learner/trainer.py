@@ -132,7 +132,7 @@ class Trainer:
         self.device = resolve_device(ls.device)
         if self.device.type == "cpu" and ls.cpu_threads is not None:
             torch.set_num_threads(ls.cpu_threads)   # process-wide, like the serving engine's
-        self.lora = ls.lora if ls.lora is not None else self.device.type == "cpu"
+        self.lora = ls.uses_lora(self.device.type)
         bf16 = ls.bf16 if ls.bf16 is not None else self.device.type == "cuda"
         self.rule = rule(ls.method)
         normalisation_keys([], [], ls.adv_norm)  # fail at start, not at the first step
@@ -156,7 +156,8 @@ class Trainer:
             self.ref_model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
             self.ref_model.requires_grad_(False).eval().to(self.device)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=ls.lr, weight_decay=ls.weight_decay)
+        self.lr = ls.learning_rate(self.device.type)
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=ls.weight_decay)
         schedule = LR_SCHEDULES[ls.lr_schedule]
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: schedule(step, ls.warmup_steps, ls.total_steps))
@@ -166,23 +167,33 @@ class Trainer:
 
     # -- forward --------------------------------------------------------------------------
 
-    def _logits(self, module: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        out = module(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        return out.logits[:, :-1].float()
+    def _logits(self, module: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+        """(logits at the positions that predict a trained token, the first such position).
+
+        The vocabulary projection of every prompt position would be thrown away: with a 49k
+        vocabulary it is most of a step's memory. Logits start at the batch's first trained
+        target (`logits_to_keep`); everything aligned to targets is padded back in front."""
+        trained = batch.mask.any(0).nonzero()
+        start = int(trained[0]) if len(trained) else batch.mask.shape[1]
+        keep = batch.input_ids.shape[1] - start   # positions start..T-1; the last predicts nothing
+        out = module(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep)
+        return out.logits[:, :-1].float(), start
 
     @staticmethod
-    def _token_logprobs(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        targets = batch.input_ids[:, 1:].unsqueeze(-1)
-        return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    def _token_logprobs(logits: torch.Tensor, start: int, batch: Batch) -> torch.Tensor:
+        """[B, T-1] logprob of each target token (0 before `start`, where nothing is trained)."""
+        targets = batch.input_ids[:, 1 + start:].unsqueeze(-1)
+        logp = logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        return torch.nn.functional.pad(logp, (start, 0))
 
     def _reference_logprobs(self, batch: Batch) -> torch.Tensor:
         with torch.no_grad():
             if self.lora:
                 with self.engine.module.disable_adapter():
-                    logits = self._logits(self.engine, batch)
+                    logits, start = self._logits(self.engine, batch)
             else:
-                logits = self._logits(self.ref_model, batch)
-            return self._token_logprobs(logits, batch)
+                logits, start = self._logits(self.ref_model, batch)
+            return self._token_logprobs(logits, start, batch)
 
     # -- one optimizer step ---------------------------------------------------------------
 
@@ -204,11 +215,12 @@ class Trainer:
         self.engine.train()
         for i, (batch, r) in enumerate(zip(batches, normed)):
             self.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
-            logits = self._logits(self.engine, batch)
-            logp = self._token_logprobs(logits, batch)
+            logits, start = self._logits(self.engine, batch)
+            logp = self._token_logprobs(logits, start, batch)
             adv = advantages(self.rule, r, batch.teacher, batch.behaviour, batch.has_teacher, cfg)
             ref = self._reference_logprobs(batch) if cfg.kl_coef > 0 else None
-            ent = entropy_from_logits(logits) if cfg.entropy_coef > 0 else None
+            ent = (torch.nn.functional.pad(entropy_from_logits(logits), (start, 0))
+                   if cfg.entropy_coef > 0 else None)
             part = micro_batch_loss(logp, batch.behaviour, adv, batch.mask, batch.stale,
                                     step_tokens, cfg, ref_logp=ref, entropy=ent)
             # The loss is already divided by the step's token count: no further /grad_accum.

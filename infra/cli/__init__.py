@@ -55,6 +55,17 @@ def config_show() -> None:
     except NextstateError as exc:
         fail(exc)
     console.print_json(json.dumps(masked(settings), default=str))
+    from learner.trainer import resolve_device
+
+    device = resolve_device(settings.learner.device).type
+    lp = settings.learner
+    teacher = settings.processors.teacher_model
+    console.print(f"decided here: the learner trains on {device} with "
+                  f"{'LoRA (rank ' + str(lp.lora_rank) + ')' if lp.uses_lora(device) else 'full weights'} at lr "
+                  f"{lp.learning_rate(device):g}{'' if lp.lr is not None else ' (the default for that)'}; "
+                  f"the hint stage's teacher is "
+                  f"{'the served base model (' + (settings.serving.model or 'the embedded default') + ')' if (teacher or '').lower() == 'served' else teacher or 'none'}",
+                  markup=False)
 
 
 @app.command()
@@ -88,6 +99,48 @@ def bench_codec(records: int = typer.Option(5000, help="records per measurement"
 
     try:
         run_codec_bench(load_settings(), records, prompt_tokens, response_tokens, broker, console)
+    except NextstateError as exc:
+        fail(exc)
+
+
+@bench_app.command("personal")
+def bench_personal(preferences: str = typer.Option(",".join(("brief", "lowercase", "curious", "formal")),
+                                                   help="hidden preferences, one population each: "
+                                                        "brief, plain, curious, metric, lowercase, formal"),
+                   variant: Optional[list[str]] = typer.Option(None, help="a learner run: METHOD or "
+                                                               "METHOD:name=value,... (learner settings, dotted); "
+                                                               "repeat; the first is served; default combined, rl, opd"),
+                   interactions: int = typer.Option(48, min=1, help="user sessions per preference"),
+                   round_sessions: int = typer.Option(12, min=0, help="sessions per round; every run catches up "
+                                                                     "and is probed after each (0: one round)"),
+                   model: Optional[str] = typer.Option(None, help="model; default SmolLM2-135M-Instruct (embedded)"),
+                   seed: int = typer.Option(0),
+                   port: int = typer.Option(30300, help="the first gateway's port (one per run, consecutive)")) -> None:
+    """Does the personal loop learn a hidden preference with the defaults? Base and hint-conditioned
+    rates, each run's curve, and whether the answers stay answers."""
+    import signal
+
+    from infra.cli.bench_personal import PersonalBenchConfig, Variant, run_personal_bench
+    from producers.simulated.personas import PERSONAS
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)   # like Ctrl-C: every part the benchmark started is stopped
+
+    signal.signal(signal.SIGTERM, stop)
+
+    prefs = tuple(p.strip() for p in preferences.split(",") if p.strip())
+    unknown = [p for p in prefs if p not in PERSONAS]
+    if unknown or not prefs:
+        fail(f"unknown preference(s) {unknown}; known: {', '.join(PERSONAS)}")
+    cfg = PersonalBenchConfig(preferences=prefs, interactions=interactions, round_sessions=round_sessions,
+                              model=model, seed=seed, port=port)
+    if variant:
+        try:
+            cfg.variants = tuple(Variant.parse(v) for v in variant)
+        except ValueError as exc:
+            fail(str(exc))
+    try:
+        run_personal_bench(load_settings(), cfg, console)
     except NextstateError as exc:
         fail(exc)
 

@@ -169,9 +169,9 @@ def launch(settings: Settings, prefix: str, title: str, cfg: Any, console: Conso
            teacher: bool) -> tuple[str, Path, str, str, Parts]:
     """What every demo starts from: a fresh namespace (`<prefix><time>.`) provisioned on the
     running stack, its output directory, the resolved model, a key of its own, and the parts'
-    supervisor with the settings every part shares (`cfg`: model, port, out_dir, lr, seed,
-    checkpoint_every_steps, token_budget), plus `extra`. `teacher`: the hint stage scores with
-    the served base model."""
+    supervisor with the settings every part shares (`cfg`: model, port, out_dir, seed, and if it
+    has them lr, checkpoint_every_steps, token_budget), plus `extra`. `teacher`: the hint stage
+    scores with the served base model (else it has no teacher)."""
     from infra.provision import provision
     from infra.stack import up
     from processors.topology import control_topics
@@ -191,16 +191,16 @@ def launch(settings: Settings, prefix: str, title: str, cfg: Any, console: Conso
         "NEXTSTATE_GATEWAY__SPOOL_DIR": str(out / "spool"),
         "NEXTSTATE_PROCESSORS__JUDGE": "feedback", "NEXTSTATE_PROCESSORS__HINT_JUDGE": "feedback",
         "NEXTSTATE_PROCESSORS__FAUST_DATA_DIR": str(out / "faust"),
-        "NEXTSTATE_LEARNER__WORK_DIR": str(out / "learner"), "NEXTSTATE_LEARNER__LR": str(cfg.lr),
-        "NEXTSTATE_LEARNER__CHECKPOINT_EVERY_STEPS": str(cfg.checkpoint_every_steps),
+        "NEXTSTATE_LEARNER__WORK_DIR": str(out / "learner"),
         "NEXTSTATE_LEARNER__CHECKPOINT_IDLE_S": "2", "NEXTSTATE_LEARNER__CPU_THREADS": "1",
-        "NEXTSTATE_LEARNER__TOKEN_BUDGET": str(cfg.token_budget),
         "NEXTSTATE_LEARNER__SEED": str(cfg.seed), "PYTHONUNBUFFERED": "1",
-        **({"NEXTSTATE_PROCESSORS__TEACHER_MODEL": model} if teacher else {}), **extra,
+        # a demo's own learning settings; a benchmark of the defaults leaves them out
+        **{f"NEXTSTATE_LEARNER__{name.upper()}": str(getattr(cfg, name))
+           for name in ("lr", "checkpoint_every_steps", "token_budget") if getattr(cfg, name, None) is not None},
+        "NEXTSTATE_PROCESSORS__TEACHER_MODEL": model if teacher else "none", **extra,
     }
     # Each part is its own process group of one: a launcher's variables must not leak in.
-    leave_out = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                 *(() if teacher else ("NEXTSTATE_PROCESSORS__TEACHER_MODEL",))}
+    leave_out = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
     inherited = {k: v for k, v in os.environ.items() if k not in leave_out}
     return ns, out, model, key, Parts(out / "parts", {**inherited, **env})
 

@@ -22,6 +22,13 @@ IMPERIAL = re.compile(
     re.IGNORECASE,
 )
 
+# n't, 're, 've, 'll, 'm, 'd anywhere; 's only after pronouns and the like (a possessive is fine).
+CONTRACTION = re.compile(
+    r"\b\w+n['’]t\b|\b\w+['’](re|ve|ll|m|d)\b"
+    r"|\b(it|that|there|here|what|who|where|how|let|he|she)['’]s\b",
+    re.IGNORECASE,
+)
+
 
 def words(text: str) -> int:
     return len(text.split())
@@ -41,6 +48,15 @@ def asks_back(text: str) -> bool:
 
 def metric_only(text: str) -> bool:
     return not IMPERIAL.search(text)
+
+
+def all_lowercase(text: str) -> bool:
+    return any(c.isalpha() for c in text) and text == text.lower()
+
+
+def formal_register(text: str) -> bool:
+    """No contractions (don't, it's, you're, I'm...) and no exclamation marks."""
+    return bool(text.strip()) and not CONTRACTION.search(text) and "!" not in text
 
 
 @dataclass(frozen=True)
@@ -88,6 +104,18 @@ PERSONAS: dict[str, Persona] = {
             ("You didn't ask me anything. Always end your answer with a question for me.",
              "I'd like you to finish by asking me a question back.",
              "No, end with a question to me next time, please."),
+        ),
+        Persona(
+            "lowercase", "everything in lowercase", all_lowercase,
+            ("Please write everything in lowercase, no capital letters at all.",
+             "No capitals please. I only like reading all-lowercase text.",
+             "Again with the capital letters. Use lowercase only, even at the start of sentences."),
+        ),
+        Persona(
+            "formal", "a formal register: no contractions, no exclamation marks", formal_register,
+            ("Please write in a formal register: no contractions like don't or it's, and no exclamation marks.",
+             "That is too casual for me. Write formally, spell out every contraction, and never use exclamation marks.",
+             "No exclamation marks and no contractions, please. Keep the tone formal."),
         ),
         Persona(
             "metric", "metric units only", metric_only,

@@ -68,6 +68,22 @@ def test_config_show_masks_secrets(monkeypatch):
     assert '"bootstrap_servers"' in result.output
 
 
+def test_config_show_says_what_the_device_decides(monkeypatch):
+    from infra.cli import app
+    from infra.settings import FULL_LR, LORA_LR
+
+    monkeypatch.setenv("NEXTSTATE_LEARNER__DEVICE", "cpu")
+    monkeypatch.delenv("NEXTSTATE_PROCESSORS__TEACHER_MODEL", raising=False)
+    out = " ".join(CliRunner().invoke(app, ["config", "show"]).output.split())
+    assert f"trains on cpu with LoRA (rank 16) at lr {LORA_LR:g} (the default for that)" in out
+    assert "teacher is the served base model" in out
+    s = load_settings()
+    assert s.learner.learning_rate("cpu") == LORA_LR and s.learner.learning_rate("cuda") == FULL_LR
+    monkeypatch.setenv("NEXTSTATE_LEARNER__LR", "3e-6")
+    monkeypatch.setenv("NEXTSTATE_LEARNER__LORA", "false")
+    assert load_settings().learner.learning_rate("cpu") == 3e-6 and not load_settings().learner.uses_lora("cpu")
+
+
 def test_client_addresses_follow_the_local_stack_ports(monkeypatch):
     monkeypatch.setenv("NEXTSTATE_STACK__KAFKA_PORT", "19092")
     monkeypatch.setenv("NEXTSTATE_STACK__REGISTRY_PORT", "18081")

@@ -18,14 +18,14 @@ pytestmark = pytest.mark.slow  # DeepSpeed import and engine setup: a few second
 
 
 def settings(**kw) -> LearnerSettings:
-    base = dict(device="cpu", lr=5e-2, lora=True, lora_rank=4, lora_alpha=8, token_budget=64)
+    base = dict(device="cpu", lr=5e-2, lora=True, lora_rank=4, lora_alpha=8, token_budget=64, adv_norm="none")
     return LearnerSettings(**{**base, **kw})
 
 
 def response_logprob(trainer: Trainer, sample) -> float:
     batch = collate([sample], trainer.pad_id)
     with torch.no_grad():
-        logp = trainer._token_logprobs(trainer._logits(trainer.engine, batch), batch)
+        logp = trainer._token_logprobs(*trainer._logits(trainer.engine, batch), batch)
     return float((logp * batch.mask).sum())
 
 
@@ -37,7 +37,7 @@ def test_reward_sign_moves_the_response_logprob(tiny_model_dir, reward):
     before = response_logprob(trainer, sample)
     batch = collate([sample], trainer.pad_id)
     with torch.no_grad():
-        own = trainer._token_logprobs(trainer._logits(trainer.engine, batch), batch)
+        own = trainer._token_logprobs(*trainer._logits(trainer.engine, batch), batch)
     sample = sample.model_copy(update={"behaviour_logprobs": own[0, 3:6].tolist()})
     metrics = trainer.train_step([collate([sample], trainer.pad_id)])
     after = response_logprob(trainer, sample)
@@ -95,3 +95,19 @@ def test_save_restore_resumes_exactly(tiny_model_dir, tmp_path, lora, zero):
         saved = dict(AutoModelForCausalLM.from_pretrained(weights).named_parameters())
         assert set(saved) <= set(at_save)
         assert all(torch.equal(saved[n].detach(), at_save[n]) for n in saved)
+
+
+def test_logits_only_where_trained_give_the_full_forward_logprobs(tiny_model_dir):
+    """The vocabulary projection starts at the batch's first trained target; the logprobs of
+    the trained tokens are those of a full forward, and nothing before it is trained."""
+    trainer = Trainer(settings(method="rl"), tiny_model_dir)
+    batch = collate([make_sample(3, reward=1.0), make_sample(7, reward=-1.0)], trainer.pad_id)
+    with torch.no_grad():
+        logits, start = trainer._logits(trainer.engine, batch)
+        trimmed = trainer._token_logprobs(logits, start, batch)
+        full = trainer.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+        reference = full.log_softmax(-1).gather(-1, batch.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    assert start > 0 and logits.shape[1] == batch.mask.shape[1] - start
+    on = batch.mask > 0
+    assert torch.allclose(trimmed[on], reference[on], atol=1e-5)
+    assert not on[:, :start].any() and (trimmed[:, :start] == 0).all()

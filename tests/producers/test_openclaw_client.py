@@ -3,8 +3,9 @@
 
 OpenClaw 2026.9.6 and the Node 24 it needs come from npm (infra/openclaw.sh, cached per
 machine); the gateway serves the embedded SmolLM2-135M, whose context is 8,192 tokens, so the
-config carries the small profile. What must hold: both messages answered, two main turns of
-one session on Kafka, and the first turn's next state is the second user message.
+config carries the small profile. What must hold, with the gateway restarted between the two
+messages: both answered, two main turns of one session on Kafka, and the first turn's next
+state is the second user message.
 """
 
 from __future__ import annotations
@@ -35,34 +36,51 @@ def openclaw() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
+class Gateway:
+    """`nextstate gateway` on the embedded default model, in its own process; restartable on
+    the same port, spool and namespace."""
+
+    def __init__(self, namespace: str, tmp_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "NEXTSTATE_KAFKA__NAMESPACE": namespace, "NEXTSTATE_GATEWAY__PORT": str(self.port),
+                    "NEXTSTATE_GATEWAY__SPOOL_DIR": str(tmp_path / "spool"),
+                    "NEXTSTATE_GATEWAY__API_KEYS": json.dumps({"openclaw": KEY}), "PYTHONPATH": str(REPO)}
+        self.env.pop("NEXTSTATE_SERVING__MODEL", None)
+        self.log = tmp_path / "gateway.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Gateway":
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "infra.cli", "gateway"], cwd=REPO, env=self.env,
+                                         stdout=out, stderr=subprocess.STDOUT)
+
+        def healthy() -> bool:
+            assert self.proc.poll() is None, f"the gateway exited:\n{self.log.read_text()[-3000:]}"
+            try:
+                return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(healthy, timeout=300, interval=1, what="the gateway to serve")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
 @pytest.fixture
 def gateway(namespace: str, tmp_path: Path):
-    """`nextstate gateway` on the embedded default model, in its own process."""
-    port = free_port()
-    env = {**os.environ, "NEXTSTATE_KAFKA__NAMESPACE": namespace, "NEXTSTATE_GATEWAY__PORT": str(port),
-           "NEXTSTATE_GATEWAY__SPOOL_DIR": str(tmp_path / "spool"),
-           "NEXTSTATE_GATEWAY__API_KEYS": json.dumps({"openclaw": KEY}), "PYTHONPATH": str(REPO)}
-    env.pop("NEXTSTATE_SERVING__MODEL", None)
-    log = tmp_path / "gateway.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "infra.cli", "gateway"], cwd=REPO, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        assert proc.poll() is None, f"the gateway exited:\n{log.read_text()[-3000:]}"
-        try:
-            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(healthy, timeout=300, interval=1, what="the gateway to serve")
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    gw = Gateway(namespace, tmp_path).start()
+    yield gw
+    gw.stop()
 
 
 def _agent(launcher: Path, home: Path, session: str, message: str) -> dict:
@@ -92,7 +110,7 @@ def _visible(result: dict) -> str:
     return found[0] if found else ""
 
 
-def test_openclaw_talks_to_the_gateway_in_one_session(openclaw, gateway, namespace, settings: Settings,
+def test_openclaw_talks_to_the_gateway_in_one_session_across_a_restart(openclaw, gateway, namespace, settings: Settings,
                                                        tmp_path: Path, workers) -> None:
     from infra.eventlog import read_log
     from schemas.events import TransitionFormed, TurnRecorded, TurnType
@@ -100,7 +118,7 @@ def test_openclaw_talks_to_the_gateway_in_one_session(openclaw, gateway, namespa
     home = tmp_path / "home"
     config = home / ".openclaw" / "openclaw.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    made = subprocess.run([sys.executable, "-m", "infra.cli", "openclaw", "--url", gateway, "--key", KEY,
+    made = subprocess.run([sys.executable, "-m", "infra.cli", "openclaw", "--url", gateway.url, "--key", KEY,
                            "--write", str(config), "--max-tokens", "48"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stdout + made.stderr
@@ -111,6 +129,8 @@ def test_openclaw_talks_to_the_gateway_in_one_session(openclaw, gateway, namespa
 
     session = "oc-" + uuid.uuid4().hex[:8]
     first = _agent(openclaw, home, session, "What is the capital of France? Answer in one sentence.")
+    gateway.stop()   # a restart between the messages must not split the conversation
+    gateway.start()
     second = _agent(openclaw, home, session, "And the capital of Germany?")
     assert _visible(first).strip() and _visible(second).strip()
 

@@ -15,11 +15,15 @@ def test_checkers():
     assert not plain("# Heading\ntext") and not plain("use `code`")
     assert curious("It is 42 km. Have you run one before?") and not curious("It is 42 km.")
     assert metric("About 42 kilometres.") and not metric("About 26 miles.") and not metric("350 °F")
+    lowercase, formal = PERSONAS["lowercase"].check, PERSONAS["formal"].check
+    assert lowercase("it is 42 km, about 26 miles.") and not lowercase("It is 42 km.") and not lowercase("42")
+    assert formal("It is 42 km. The runner's pace matters.") and not formal("It's 42 km.")
+    assert not formal("You don't need more.") and not formal("We'll see.") and not formal("Great question!")
 
 
 def test_reaction_reveals_preference_without_the_checker():
     rng = random.Random(0)
-    long_markdown = "**Tips**\n- one\n- two\n" + "more words " * 30
+    long_markdown = "**Tips**\n- one\n- two\nIt's easy!\n" + "more words " * 30
     for persona in PERSONAS.values():
         reaction = persona.react(long_markdown, rng)
         if persona.name == "metric":
@@ -30,9 +34,10 @@ def test_reaction_reveals_preference_without_the_checker():
 
 
 def test_one_response_can_satisfy_everyone():
-    good = "A marathon is about 42 kilometres. Are you planning to run one?"
+    good = "a marathon is about 42 kilometres. are you planning to run one?"
     assert satisfaction(good) == 1.0
-    assert satisfaction("A marathon is **26 miles**.") == 0.25  # short, but bold, imperial, no question
+    # short and formal, but bold, imperial, no question, capitals
+    assert satisfaction("A marathon is **26 miles**.") == 2 / 6
 
 
 def test_probe_questions_are_held_out():

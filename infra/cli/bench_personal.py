@@ -1,0 +1,363 @@
+"""`nextstate bench personal`: does the personal-agent loop learn a user's preference with
+`nextstate up`'s defaults, and do the answers stay answers?
+
+For each hidden preference (one simulated population at a time, a fresh namespace each) it
+starts the loop's parts as `nextstate up` would configure them — the learning settings are the
+defaults or whatever the environment sets, nothing tuned here — with one learner run per method
+on the same sample log and a gateway per run that follows that run's checkpoints. Then:
+
+1. **Ceilings.** 16 held-out probe questions, greedy, as side turns through the gateway: the
+   base model's rate, and the *hint-conditioned* base model's rate (each question with the
+   user's correction appended exactly as the teacher sees a hint, serving.chat's HINT_SUFFIX).
+   The second is what OPD can at most distil.
+2. **Learning.** Simulated users with the preference talk to the served run's gateway (the
+   first method, the default `combined`). Users come in rounds: on 2 CPU cores a learner step
+   is slower than a round of conversations, so before the next round every run trains on what
+   the last one produced and its gateway serves that checkpoint; the rounds stand in for users
+   who take their time. After each round every run is probed the same way.
+3. **Answer quality**, on the probes: the distinct word-bigram share against the base's, answers
+   that repeat a sentence three times, non-answers, and the base model's mean per-token logprob
+   of the answers (the base weights, loaded here after the parts stopped).
+
+The `rl` and `opd` runs (and any variant named METHOD:NAME=VALUE,...) learn from the served
+run's samples: off-policy for them, on-policy for the served run. Results go to
+`<out>/<run>/results.json` and `curves.png`; the table is printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from infra.cli.demo import Parts, _caught_up, _wait_healthy, launch
+from infra.errors import ConfigError
+from infra.settings import Settings
+from producers.simulated.harness import GatewayUsers, ProbeResult
+from producers.simulated.personas import PERSONAS, split_questions
+from producers.simulated.quality import distinct_bigram_share, empty_share, looping
+from serving.chat import HINT_SUFFIX
+
+DEFAULT_PREFERENCES = ("brief", "lowercase", "curious", "formal")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One learner run: a method and, for an ablation, settings of its own."""
+
+    name: str
+    method: str
+    env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, spec: str) -> "Variant":
+        """`combined` or `combined:loss.w_rl=0.25,lr=1e-3` (learner settings, dotted)."""
+        method, _, rest = spec.partition(":")
+        env = {}
+        for item in filter(None, (p.strip() for p in rest.split(","))):
+            key, _, value = item.partition("=")
+            if not value:
+                raise ValueError(f"variant {spec!r}: {item!r} is not name=value")
+            env["NEXTSTATE_LEARNER__" + "__".join(k.upper() for k in key.strip().split("."))] = value.strip()
+        name = method if not env else f"{method}[{rest}]"
+        return cls(name, method.strip(), env)
+
+
+@dataclass
+class PersonalBenchConfig:
+    preferences: tuple[str, ...] = DEFAULT_PREFERENCES
+    variants: tuple[Variant, ...] = (Variant("combined", "combined"), Variant("rl", "rl"), Variant("opd", "opd"))
+    interactions: int = 48
+    round_sessions: int = 12
+    concurrency: int = 6
+    max_tokens: int = 64
+    probe_max_tokens: int = 96
+    temperature: float = 1.0
+    model: str | None = None
+    seed: int = 0
+    port: int = 30300
+    round_wait_s: float = 600.0
+    out_dir: Path = Path("out/bench-personal")
+
+
+@dataclass
+class Probe:
+    variant: str
+    interactions: int
+    version: int
+    rate: float
+    answers: list[str]
+    base_logprob: float | None = None
+
+    def quality(self, base_share: float) -> dict[str, Any]:
+        share = distinct_bigram_share(self.answers)
+        return {"bigram_share": share, "bigram_ratio": share / base_share if base_share else None,
+                "looping": looping(self.answers), "empty": empty_share(self.answers),
+                "base_logprob": self.base_logprob}
+
+
+@dataclass
+class PreferenceResult:
+    preference: str
+    base: Probe
+    hinted: Probe
+    probes: list[Probe] = field(default_factory=list)
+    sessions: int = 0
+    failure: str | None = None
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-")
+
+
+async def _probe(url: str, key: str, questions: list[str], preference: str, max_tokens: int) -> ProbeResult:
+    users = GatewayUsers(url, key)
+    try:
+        return await users.probe(questions, [PERSONAS[preference]], max_tokens)
+    finally:
+        await users.close()
+
+
+async def _serving(url: str, key: str) -> int:
+    users = GatewayUsers(url, key)
+    try:
+        return await users.serving_version()
+    finally:
+        await users.close()
+
+
+def run_preference(settings: Settings, cfg: PersonalBenchConfig, preference: str, console: Console) -> PreferenceResult:
+    import random
+
+    persona = PERSONAS[preference]
+    ns, out, model, key, parts = launch(settings, f"bp{_slug(preference)[:8]}", f"bench personal · {preference}",
+                                        cfg, console, {}, teacher=True)
+    child = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"namespace": ns})})
+    runs = {v.name: f"bench-{_slug(v.name)}" for v in cfg.variants}
+    ports = {v.name: cfg.port + i for i, v in enumerate(cfg.variants)}
+    urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    served = cfg.variants[0].name
+    _, questions = split_questions()
+    hint = HINT_SUFFIX.format(hint=persona.corrections[0])
+    result: PreferenceResult | None = None
+    try:
+        parts.start("processors", ["process", "all"])
+        for v in cfg.variants:
+            slug = _slug(v.name)
+            parts.start(f"gateway-{slug}", ["gateway"], {
+                "NEXTSTATE_SERVING__CHECKPOINT_RUN": runs[v.name], "NEXTSTATE_GATEWAY__PORT": str(ports[v.name]),
+                "NEXTSTATE_GATEWAY__SPOOL_DIR": str(out / f"spool-{slug}")})
+            parts.start(f"learner-{slug}", ["learn", "--run", runs[v.name]],
+                        {"NEXTSTATE_LEARNER__METHOD": v.method, **v.env})
+        for url in urls.values():
+            _wait_healthy(url, parts)
+        base = asyncio.run(_probe(urls[served], key, questions, preference, cfg.probe_max_tokens))
+        hinted = asyncio.run(_probe(urls[served], key, [q + hint for q in questions], preference,
+                                    cfg.probe_max_tokens))
+        result = PreferenceResult(preference, Probe("base", 0, 0, base.satisfaction, base.answers),
+                                  Probe("base+hint", 0, 0, hinted.satisfaction, hinted.answers))
+        console.print(f"  {preference}: base {base.satisfaction:.2f}, hint-conditioned {hinted.satisfaction:.2f}")
+        rng = random.Random(cfg.seed)
+        train, _ = split_questions()
+        plan = [train[rng.randrange(len(train))] for _ in range(cfg.interactions)]
+        size = cfg.round_sessions or len(plan)
+
+        async def talk(chunk: list[str]) -> int:
+            users = GatewayUsers(urls[served], key, max_tokens=cfg.max_tokens, temperature=cfg.temperature)
+            done = 0
+            try:
+                for start in range(0, len(chunk), cfg.concurrency):
+                    batch = chunk[start:start + cfg.concurrency]
+                    done += len(await asyncio.gather(*(users.session(persona, q, rng) for q in batch)))
+            finally:
+                await users.close()
+            return done
+
+        for first in range(0, len(plan), size):
+            result.sessions += asyncio.run(talk(plan[first:first + size]))
+            versions = _await_runs(child, cfg, runs, urls, key, parts)
+            probes = asyncio.run(_probe_all(urls, key, questions, preference, cfg.probe_max_tokens))
+            for name, p in probes.items():
+                result.probes.append(Probe(name, result.sessions, p.policy_version, p.satisfaction, p.answers))
+            console.print(f"  {preference} after {result.sessions}: " + ", ".join(
+                f"{n} v{p.policy_version}{'' if versions.get(n) else ' (behind)'} {p.satisfaction:.2f}"
+                for n, p in probes.items()))
+    except Exception as exc:   # keep what was measured; say what failed
+        from infra.cli.demo import _describe_failure
+
+        if result is None:
+            empty = Probe("base", 0, 0, float("nan"), [])
+            result = PreferenceResult(preference, empty, empty)
+        result.failure = _describe_failure(exc, f"benchmarking {preference}", parts.directory)
+        console.print(f"[red]{result.failure}[/red]", markup=True, highlight=False)
+    finally:
+        parts.stop(grace_s=60)
+    return result
+
+
+def _await_runs(settings: Settings, cfg: PersonalBenchConfig, runs: dict[str, str], urls: dict[str, str],
+                key: str, parts: Parts) -> dict[str, bool]:
+    """Wait until every run has trained on every sample so far and its gateway serves that
+    checkpoint (or round_wait_s passes); which runs got there."""
+    deadline = time.monotonic() + cfg.round_wait_s
+    want: dict[str, int] = {}
+    ready: dict[str, bool] = {name: False for name in runs}
+    variants = {v.name: v for v in cfg.variants}
+    while time.monotonic() < deadline and not all(ready.values()):
+        parts.check()
+        for name, run in runs.items():
+            if ready[name]:
+                continue
+            if name not in want:
+                version = _caught_up(settings, variants[name].method, run=run)
+                if version is not None:
+                    want[name] = version
+            if name in want and asyncio.run(_serving(urls[name], key)) >= want[name]:
+                ready[name] = True
+        time.sleep(2)
+    return ready
+
+
+async def _probe_all(urls: dict[str, str], key: str, questions: list[str], preference: str,
+                     max_tokens: int) -> dict[str, ProbeResult]:
+    names = list(urls)
+    results = await asyncio.gather(*(_probe(urls[n], key, questions, preference, max_tokens) for n in names))
+    return dict(zip(names, results))
+
+
+def _score_base_logprobs(model: str, results: list[PreferenceResult]) -> None:
+    """The base model's mean per-token logprob of every probe's answers (greedy answers to the
+    plain probe questions), with the base weights loaded here."""
+    from infra.settings import ServingSettings
+    from serving.chat import normalize_messages, render_prompt
+    from serving.local import LocalEngine
+
+    engine = LocalEngine(ServingSettings(), model_dir=model)
+    tok = engine.tokenizer
+    _, questions = split_questions()
+    prompts = [render_prompt(tok, normalize_messages([{"role": "user", "content": q}]), None) for q in questions]
+
+    async def mean_logprob(answers: list[str]) -> float | None:
+        total, count = 0.0, 0
+        for prompt, answer in zip(prompts, answers):
+            ids = tok.encode(answer, add_special_tokens=False)
+            if not ids:
+                continue
+            scores = await engine.score(prompt, ids)
+            total += sum(scores.logprobs)
+            count += len(ids)
+        return total / count if count else None
+
+    async def all_of_them() -> None:
+        try:
+            for r in results:
+                for p in [r.base, *r.probes]:
+                    if p.answers and p.base_logprob is None:
+                        p.base_logprob = await mean_logprob(p.answers)
+        finally:
+            await engine.close()
+
+    asyncio.run(all_of_them())
+
+
+def run_personal_bench(settings: Settings, cfg: PersonalBenchConfig, console: Console) -> list[PreferenceResult]:
+    from serving.models import resolve_model
+
+    import socket
+
+    for i in range(len(cfg.variants)):   # another server there would answer in our gateways' place
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", cfg.port + i)) == 0:
+                raise ConfigError(f"port {cfg.port + i} is taken; give --port (the benchmark needs "
+                                  f"{len(cfg.variants)} consecutive free ports)")
+    started = time.monotonic()
+    out = cfg.out_dir / time.strftime("%Y%m%d%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.out_dir = out
+    learner = settings.learner
+    console.print(f"learning settings (defaults unless the environment sets them): method served "
+                  f"{cfg.variants[0].name}, lr {learner.lr or 'default'}, adv_norm {learner.adv_norm}, "
+                  f"token_budget {learner.token_budget}, w_rl {learner.loss.w_rl}, w_opd {learner.loss.w_opd}, "
+                  f"kl_coef {learner.loss.kl_coef}, teacher {settings.processors.teacher_model}", markup=False)
+    results = [run_preference(settings, cfg, p, console) for p in cfg.preferences]
+    console.print("scoring the answers with the base model")
+    _score_base_logprobs(str(resolve_model(cfg.model, settings.serving.cache_dir)), results)
+    report(cfg, results, out, console, time.monotonic() - started)
+    return results
+
+
+def report(cfg: PersonalBenchConfig, results: list[PreferenceResult], out: Path, console: Console,
+           elapsed_s: float) -> None:
+    names = [v.name for v in cfg.variants]
+    table = Table(title="first-response satisfaction on 16 held-out probes (greedy, side turns)")
+    for col in ("preference", "base", "base+hint", "after", *names):
+        table.add_column(col, justify="right" if col != "preference" else "left")
+    quality = Table(title="answer quality on the probes after the last round (base model for reference)")
+    for col in ("preference", "run", "rate", "bigram share ×base", "looping answers", "non-answers",
+                "base logprob/token", "Δ vs base answers"):
+        quality.add_column(col, justify="right" if col not in ("preference", "run") else "left")
+    data = []
+    for r in results:
+        rounds = sorted({p.interactions for p in r.probes})
+        for i, n in enumerate(rounds):
+            row = {p.variant: p for p in r.probes if p.interactions == n}
+            table.add_row(r.preference if i == 0 else "", f"{r.base.rate:.2f}" if i == 0 else "",
+                          f"{r.hinted.rate:.2f}" if i == 0 else "", str(n),
+                          *(f"{row[v].rate:.2f} (v{row[v].version})" if v in row else "-" for v in names))
+        if not rounds:
+            table.add_row(r.preference, f"{r.base.rate:.2f}", f"{r.hinted.rate:.2f}", "-", *("-" for _ in names))
+        base_share = distinct_bigram_share(r.base.answers)
+        base_q = r.base.quality(base_share)
+        quality.add_row(r.preference, "base", f"{r.base.rate:.2f}", "1.00", str(base_q["looping"]),
+                        f"{base_q['empty']:.2f}", _fmt(base_q["base_logprob"]), "")
+        last = max(rounds, default=None)
+        for p in (p for p in r.probes if p.interactions == last):
+            q = p.quality(base_share)
+            drop = (q["base_logprob"] - base_q["base_logprob"]
+                    if q["base_logprob"] is not None and base_q["base_logprob"] is not None else None)
+            quality.add_row("", p.variant, f"{p.rate:.2f}", _fmt(q["bigram_ratio"]), str(q["looping"]),
+                            f"{q['empty']:.2f}", _fmt(q["base_logprob"]), _fmt(drop, signed=True))
+        data.append({"preference": r.preference, "sessions": r.sessions, "failure": r.failure,
+                     "base": {**r.base.__dict__, **base_q}, "hinted": r.hinted.__dict__,
+                     "probes": [{**p.__dict__, **p.quality(base_share)} for p in r.probes]})
+    console.print(table)
+    console.print(quality)
+    (out / "results.json").write_text(json.dumps({"variants": names, "interactions": cfg.interactions,
+                                                  "round_sessions": cfg.round_sessions,
+                                                  "elapsed_s": elapsed_s, "preferences": data}, indent=1))
+    _plot(cfg, results, out / "curves.png")
+    console.print(f"{elapsed_s / 60:.0f} min; results in {out / 'results.json'}, curves in {out / 'curves.png'}")
+
+
+def _fmt(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
+def _plot(cfg: PersonalBenchConfig, results: list[PreferenceResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, max(1, len(results)), figsize=(4.2 * max(1, len(results)), 3.8), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        for v in cfg.variants:
+            pts = sorted((p.interactions, p.rate) for p in r.probes if p.variant == v.name)
+            ax.plot([0, *(x for x, _ in pts)], [r.base.rate, *(y for _, y in pts)], "o-", label=v.name)
+        ax.axhline(r.hinted.rate, linestyle="--", color="grey", label="base + hint (OPD's ceiling)")
+        ax.set_title(r.preference)
+        ax.set_xlabel("interactions")
+        ax.set_ylim(-0.02, 1.02)
+    axes[0][0].set_ylabel("first-response satisfaction")
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,25 @@
+"""The answer-quality measures of the personal-agent benchmark, on hand-made answers."""
+
+from producers.simulated.quality import distinct_bigram_share, empty_share, looping, max_sentence_repeats, sentences
+
+
+def test_distinct_bigrams_fall_with_repetition():
+    varied = ["boil the egg for nine minutes", "a marathon is about 42 kilometres"]
+    assert distinct_bigram_share(varied) == 1.0
+    repeated = ["boil the egg. boil the egg. boil the egg.", "boil the egg"]
+    # bigrams: (boil the) (the egg) (egg boil) ×2 ... 8 in the first answer, 2 in the second; 3 distinct
+    assert distinct_bigram_share(repeated) == 3 / 10
+    assert distinct_bigram_share([]) == 1.0 and distinct_bigram_share(["one"]) == 1.0
+
+
+def test_sentence_repeats_ignore_case_and_punctuation():
+    loop = "1. Boil the egg until it is dry.\n2. Boil the egg until it is dry!\nboil the egg until it is dry"
+    assert sentences("Hi there. How are you?\nFine") == ["hi there", "how are you", "fine"]
+    assert max_sentence_repeats("It is tall. It is tall. Really.") == 2
+    assert max_sentence_repeats(loop) == 3
+    assert looping([loop, "One answer. Another sentence."]) == 1
+    assert max_sentence_repeats("") == 0
+
+
+def test_empty_answers_are_counted():
+    assert empty_share(["The answer.", "Boil it for nine minutes.", ""]) == 2 / 3
