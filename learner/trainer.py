@@ -136,7 +136,7 @@ class Trainer:
         bf16 = ls.bf16 if ls.bf16 is not None else self.device.type == "cuda"
         self.rule = rule(ls.method)
         normalisation_keys([], [], ls.adv_norm)  # fail at start, not at the first step
-        self.loss_cfg = ls.loss
+        self.loss_cfg = ls.loss_for(self.device.type)
         deepspeed = init_distributed(self.device)
         torch.manual_seed(ls.seed)
         try:
@@ -150,7 +150,7 @@ class Trainer:
 
             model = get_peft_model(model, LoraConfig(r=ls.lora_rank, lora_alpha=ls.lora_alpha,
                                                      target_modules="all-linear", lora_dropout=0.0))
-        elif ls.loss.kl_coef > 0:
+        elif self.loss_cfg.kl_coef > 0:
             # Full fine-tuning needs its own frozen copy of the base for the KL reference;
             # with LoRA the reference is the same model with the adapter switched off.
             self.ref_model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)

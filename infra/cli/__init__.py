@@ -62,7 +62,8 @@ def config_show() -> None:
     teacher = settings.processors.teacher_model
     console.print(f"decided here: the learner trains on {device} with "
                   f"{'LoRA (rank ' + str(lp.lora_rank) + ')' if lp.uses_lora(device) else 'full weights'} at lr "
-                  f"{lp.learning_rate(device):g}{'' if lp.lr is not None else ' (the default for that)'}; "
+                  f"{lp.learning_rate(device):g}{'' if lp.lr is not None else ' (the default for that)'} "
+                  f"and KL to the base {lp.loss_for(device).kl_coef:g}; "
                   f"the hint stage's teacher is "
                   f"{'the served base model (' + (settings.serving.model or 'the embedded default') + ')' if (teacher or '').lower() == 'served' else teacher or 'none'}",
                   markup=False)
@@ -245,7 +246,7 @@ def demo(track: str = typer.Option("personal", help="personal (simulated users) 
                                                      "the served run has learned from this one (0: never wait)"),
          model: Optional[str] = typer.Option(None, help="model; default SmolLM2-135M-Instruct (embedded)"),
          methods: str = typer.Option("combined,rl,opd", help="personal: learner runs, comma-separated; the first is served live"),
-         personas: str = typer.Option("brief", help="personal: the simulated population: brief, plain, curious, metric"),
+         personas: str = typer.Option("brief", help="personal: the simulated population: brief, plain, curious, metric, lowercase, formal"),
          max_tokens: Optional[int] = typer.Option(None, min=1, help="tokens per answer (default 64; toolcall: per step, 40)"),
          rounds: int = typer.Option(3, help="toolcall: rounds of training tasks"),
          tasks_per_round: int = typer.Option(6, help="toolcall: training tasks per round"),

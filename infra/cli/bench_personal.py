@@ -84,6 +84,7 @@ class PersonalBenchConfig:
     port: int = 30300
     round_wait_s: float = 600.0
     out_dir: Path = Path("out/bench-personal")
+    keep_checkpoints: bool = False
 
 
 @dataclass
@@ -198,7 +199,23 @@ def run_preference(settings: Settings, cfg: PersonalBenchConfig, preference: str
         console.print(f"[red]{result.failure}[/red]", markup=True, highlight=False)
     finally:
         parts.stop(grace_s=60)
+        if not cfg.keep_checkpoints:
+            _remove_checkpoints(settings, ns)
     return result
+
+
+def _remove_checkpoints(settings: Settings, namespace: str) -> None:
+    """The runs' checkpoint objects (a few GB per preference); the events stay in the log."""
+    from minio.deleteobjects import DeleteObject
+
+    from infra.storage import storage_client
+
+    client = storage_client(settings.storage)
+    bucket = settings.storage.bucket
+    objects = [DeleteObject(o.object_name) for o in
+               client.list_objects(bucket, prefix=namespace.rstrip(".") + "/", recursive=True)]
+    for error in client.remove_objects(bucket, objects):
+        print(f"could not remove {error.name}: {error.message}")
 
 
 def _await_runs(settings: Settings, cfg: PersonalBenchConfig, runs: dict[str, str], urls: dict[str, str],
@@ -282,9 +299,9 @@ def run_personal_bench(settings: Settings, cfg: PersonalBenchConfig, console: Co
     cfg.out_dir = out
     learner = settings.learner
     console.print(f"learning settings (defaults unless the environment sets them): method served "
-                  f"{cfg.variants[0].name}, lr {learner.lr or 'default'}, adv_norm {learner.adv_norm}, "
+                  f"{cfg.variants[0].name}, lr {learner.lr or 'default'}, grad_accum {learner.grad_accum}, adv_norm {learner.adv_norm}, "
                   f"token_budget {learner.token_budget}, w_rl {learner.loss.w_rl}, w_opd {learner.loss.w_opd}, "
-                  f"kl_coef {learner.loss.kl_coef}, teacher {settings.processors.teacher_model}", markup=False)
+                  f"kl_coef {learner.loss.kl_coef if learner.loss.kl_coef is not None else 'default'}, teacher {settings.processors.teacher_model}", markup=False)
     results = [run_preference(settings, cfg, p, console) for p in cfg.preferences]
     console.print("scoring the answers with the base model")
     _score_base_logprobs(str(resolve_model(cfg.model, settings.serving.cache_dir)), results)

@@ -82,6 +82,7 @@ def learner_env(namespace, bucket, work_dir) -> dict[str, str]:
         "NEXTSTATE_LEARNER__LORA_RANK": "4",
         "NEXTSTATE_LEARNER__LR": "0.001",
         "NEXTSTATE_LEARNER__TOKEN_BUDGET": "7",       # 4 + 3 tokens: one sample per step
+        "NEXTSTATE_LEARNER__GRAD_ACCUM": "1",
         "NEXTSTATE_LEARNER__CHECKPOINT_EVERY_STEPS": "2",
         "NEXTSTATE_LEARNER__CHECKPOINT_EVERY_S": "3600",
         "NEXTSTATE_LEARNER__FILL_TIMEOUT_S": "0.2",
