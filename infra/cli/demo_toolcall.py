@@ -164,7 +164,9 @@ def run_toolcall_demo(settings: Settings, cfg: ToolcallDemoConfig, console: Cons
 
     ns, out, _, key, parts = launch(settings, "demotool", "nextstate demo · tool-call track", cfg, console, {
         "NEXTSTATE_SERVING__CHECKPOINT_RUN": "demo-step", "NEXTSTATE_PROCESSORS__GROUP__ESTIMATOR": "step",
-        "NEXTSTATE_LEARNER__METHOD": "rl", "NEXTSTATE_LEARNER__ADV_NORM": "none"}, teacher=False)
+        "NEXTSTATE_LEARNER__METHOD": "rl", "NEXTSTATE_LEARNER__ADV_NORM": "none",
+        # the track's own measured setting: one 2,048-token micro-batch a step, no KL term
+        "NEXTSTATE_LEARNER__GRAD_ACCUM": "1", "NEXTSTATE_LEARNER__LOSS__KL_COEF": "0"}, teacher=False)
     url = f"http://127.0.0.1:{cfg.port}"
     child = settings.model_copy(update={
         "kafka": settings.kafka.model_copy(update={"namespace": ns}),
