@@ -296,9 +296,9 @@ class LossSettings(_Section):
     opd_clip: float = 2.0
     w_rl: float = 1.0
     w_opd: float = 1.0
-    # None: by what trains. LoRA LORA_KL (its reference is the base, the adapter switched off,
-    # one extra forward; measured to keep a 135M model's greedy answers from sharpening into
-    # loops); full weights 0 (a reference would be a second copy of the model).
+    # None: by what trains. LoRA LORA_KL (its reference is the base with the adapter switched
+    # off: one extra forward, no second copy); full weights 0 (a reference would be a second
+    # copy of the model). `nextstate bench personal` reports how far answers drift either way.
     kl_coef: float | None = Field(default=None, ge=0)
     entropy_coef: float = 0.0
     tis_cap: float = 2.0
@@ -326,8 +326,8 @@ class LearnerSettings(_Section):
     model: str | None = None
     lora_rank: int = 16
     lora_alpha: int = 32
-    # None: by what trains. LoRA (the CPU default) LORA_LR, measured to move SmolLM2-135M within
-    # a few dozen interactions (`nextstate bench personal`); full weights FULL_LR.
+    # None: by what trains. LoRA (the CPU default) LORA_LR, which moves SmolLM2-135M within a
+    # few dozen interactions (`nextstate bench personal`; 1e-5 moved nothing); full weights FULL_LR.
     lr: float | None = Field(default=None, gt=0)
     zero_stage: int = Field(default=0, ge=0, le=3)
     # A micro-batch holds at most `token_budget` padded tokens, a step `grad_accum` micro-batches:
