@@ -109,7 +109,7 @@ PERSONAS: dict[str, Persona] = {
             "lowercase", "everything in lowercase", all_lowercase,
             ("Please write everything in lowercase, no capital letters at all.",
              "No capitals please. I only like reading all-lowercase text.",
-             "Again with the capital letters. Use lowercase only, even at the start of sentences."),
+             "Stop using capital letters. Lowercase only, even at the start of sentences."),
         ),
         Persona(
             "formal", "a formal register: no contractions, no exclamation marks", formal_register,
