@@ -31,10 +31,10 @@ if [ ! -f "$dir/.complete" ]; then
   echo "nextstate: installing Node $node_version and OpenClaw $openclaw_version into $dir (once per machine)" >&2
   rm -rf "$dir"
   mkdir -p "$dir/node" "$dir/app"
-  npm install --silent --no-audit --no-fund --prefix "$dir/node" "$node_pkg@$node_version" >&2
+  npm install --loglevel=error --no-audit --no-fund --prefix "$dir/node" "$node_pkg@$node_version" >&2
   node_bin="$dir/node/node_modules/$node_pkg/bin"
   "$node_bin/node" --version >/dev/null
-  PATH="$node_bin:$PATH" npm install --silent --no-audit --no-fund --prefix "$dir/app" \
+  PATH="$node_bin:$PATH" npm install --loglevel=error --no-audit --no-fund --prefix "$dir/app" \
     "openclaw@$openclaw_version" >&2
   cat > "$launcher" <<EOF
 #!/usr/bin/env bash

@@ -61,7 +61,6 @@ def build_teacher(settings: Any) -> Teacher | None:
         return None
     served = name.lower() == "served"
     serving = settings.serving if served else settings.serving.model_copy(update={"model": name})
-    name = (serving.model or "") if served else name
     from serving import create_engine
 
     engine = create_engine(serving)
@@ -69,5 +68,9 @@ def build_teacher(settings: Any) -> Teacher | None:
     if tokenizer is None:
         from transformers import AutoTokenizer
 
+        from serving.models import resolve_model
+
+        if served:   # the served model; unset, the embedded default as the gateway resolves it
+            name = serving.model or str(resolve_model(None, serving.cache_dir))
         tokenizer = AutoTokenizer.from_pretrained(engine.info().details.get("tokenizer", name))
     return Teacher(engine, tokenizer, TeacherPolicy(p.teacher_policy))

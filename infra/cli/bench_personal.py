@@ -200,7 +200,10 @@ def run_preference(settings: Settings, cfg: PersonalBenchConfig, preference: str
     finally:
         parts.stop(grace_s=60)
         if not cfg.keep_checkpoints:
-            _remove_checkpoints(settings, ns)
+            try:
+                _remove_checkpoints(settings, ns)
+            except Exception as exc:   # what was measured matters more than the disk space
+                console.print(f"could not remove the checkpoints of {ns}: {exc}", markup=False)
     return result
 
 
@@ -211,7 +214,7 @@ def _remove_checkpoints(settings: Settings, namespace: str) -> None:
     from infra.storage import storage_client
 
     client = storage_client(settings.storage)
-    bucket = settings.storage.bucket
+    bucket = settings.learner.bucket or settings.storage.bucket   # where the learners wrote them
     objects = [DeleteObject(o.object_name) for o in
                client.list_objects(bucket, prefix=namespace.rstrip(".") + "/", recursive=True)]
     for error in client.remove_objects(bucket, objects):
@@ -304,7 +307,10 @@ def run_personal_bench(settings: Settings, cfg: PersonalBenchConfig, console: Co
                   f"kl_coef {learner.loss.kl_coef if learner.loss.kl_coef is not None else 'default'}, teacher {settings.processors.teacher_model}", markup=False)
     results = [run_preference(settings, cfg, p, console) for p in cfg.preferences]
     console.print("scoring the answers with the base model")
-    _score_base_logprobs(str(resolve_model(cfg.model, settings.serving.cache_dir)), results)
+    try:
+        _score_base_logprobs(str(resolve_model(cfg.model, settings.serving.cache_dir)), results)
+    except Exception as exc:   # report what was measured without the logprobs
+        console.print(f"could not score the answers with the base model: {exc}", markup=False)
     report(cfg, results, out, console, time.monotonic() - started)
     return results
 

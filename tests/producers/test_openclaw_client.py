@@ -26,6 +26,7 @@ from tests.conftest import wait_for
 from tests.processors.helpers import REPO
 
 KEY = "openclaw-test-" + uuid.uuid4().hex
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
