@@ -52,14 +52,29 @@ class Teacher:
 NO_TEACHER = ("", "none", "off", "false")
 
 
+def teacher_spec(settings: Any) -> str | None:
+    """What ``processors.teacher_model`` asks for: "served", a model path or name, or None."""
+    name = (settings.processors.teacher_model or "").strip()
+    if name.lower() in NO_TEACHER:
+        return None
+    return "served" if name.lower() == "served" else name
+
+
+def describe_teacher(settings: Any) -> str:
+    spec = teacher_spec(settings)
+    if spec == "served":
+        return f"the served base model ({settings.serving.model or 'the embedded default'})"
+    return spec or "none"
+
+
 def build_teacher(settings: Any) -> Teacher | None:
     """The teacher the hint stage uses: an engine on ``processors.teacher_model`` ("served": the
     served base model, the default), or None ("none")."""
     p = settings.processors
-    name = (p.teacher_model or "").strip()
-    if name.lower() in NO_TEACHER:
+    name = teacher_spec(settings)
+    if name is None:
         return None
-    served = name.lower() == "served"
+    served = name == "served"
     serving = settings.serving if served else settings.serving.model_copy(update={"model": name})
     from serving import create_engine
 

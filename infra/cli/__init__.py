@@ -56,17 +56,15 @@ def config_show() -> None:
         fail(exc)
     console.print_json(json.dumps(masked(settings), default=str))
     from learner.trainer import resolve_device
+    from processors.teacher import describe_teacher
 
     device = resolve_device(settings.learner.device).type
     lp = settings.learner
-    teacher = settings.processors.teacher_model
-    console.print(f"decided here: the learner trains on {device} with "
-                  f"{'LoRA (rank ' + str(lp.lora_rank) + ')' if lp.uses_lora(device) else 'full weights'} at lr "
-                  f"{lp.learning_rate(device):g}{'' if lp.lr is not None else ' (the default for that)'} "
-                  f"and KL to the base {lp.loss_for(device).kl_coef:g}; "
-                  f"the hint stage's teacher is "
-                  f"{'the served base model (' + (settings.serving.model or 'the embedded default') + ')' if (teacher or '').lower() == 'served' else teacher or 'none'}",
-                  markup=False)
+    trains = f"LoRA (rank {lp.lora_rank})" if lp.uses_lora(device) else "full weights"
+    lr_note = "" if lp.lr is not None else " (the default for that)"
+    console.print(f"decided here: the learner trains on {device} with {trains} at lr "
+                  f"{lp.learning_rate(device):g}{lr_note} and KL to the base {lp.loss_for(device).kl_coef:g}; "
+                  f"the hint stage's teacher is {describe_teacher(settings)}", markup=False)
 
 
 @app.command()

@@ -229,13 +229,16 @@ def _await_runs(settings: Settings, cfg: PersonalBenchConfig, runs: dict[str, st
     want: dict[str, int] = {}
     ready: dict[str, bool] = {name: False for name in runs}
     variants = {v.name: v for v in cfg.variants}
+    from infra.eventlog import read_log
+
     while time.monotonic() < deadline and not all(ready.values()):
         parts.check()
+        log = read_log(settings, timeout=5.0) if len(want) < len(runs) else []
         for name, run in runs.items():
             if ready[name]:
                 continue
             if name not in want:
-                version = _caught_up(settings, variants[name].method, run=run)
+                version = _caught_up(settings, variants[name].method, run=run, log=log)
                 if version is not None:
                     want[name] = version
             if name in want and asyncio.run(_serving(urls[name], key)) >= want[name]:

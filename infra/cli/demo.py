@@ -274,7 +274,8 @@ def _describe_failure(exc: Exception, phase: str, logs: Path) -> str:
             f"Each part's log is in {logs}/<part>.log")
 
 
-def _caught_up(settings: Settings, method: str, quiet_s: float = 2.0, run: str | None = None) -> int | None:
+def _caught_up(settings: Settings, method: str, quiet_s: float = 2.0, run: str | None = None,
+               log: list | None = None) -> int | None:
     """The version of the method's run that has trained on everything the users said so
     far, or None.
 
@@ -295,7 +296,7 @@ def _caught_up(settings: Settings, method: str, quiet_s: float = 2.0, run: str |
     )
     from schemas.methods import rule
 
-    log = read_log(settings, timeout=5.0)
+    log = read_log(settings, timeout=5.0) if log is None else log   # one read can serve several runs
     events = [i.event for i in log]
     turns = {e.event_id for e in events if isinstance(e, TurnRecorded) and e.turn_type is TurnType.MAIN}
     transitions = {e.turn.event_id: e.event_id for e in events if isinstance(e, TransitionFormed)}

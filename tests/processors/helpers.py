@@ -63,6 +63,18 @@ def conversation(session: str, turns: int, n: int = 4) -> list[TurnRecorded]:
     return out
 
 
+def stop_process(proc: subprocess.Popen | None, grace_s: float = 30.0) -> None:
+    """SIGTERM a test's subprocess, SIGKILL it if it is still running after `grace_s`."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
 class StageProcess:
     """`nextstate process <stage>` in a subprocess, with per-test faust data and settings."""
 
@@ -86,13 +98,7 @@ class StageProcess:
             self.proc.wait(timeout=30)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
+        stop_process(self.proc)
 
     def tail(self, n: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""

@@ -23,7 +23,7 @@ import pytest
 from infra.settings import Settings
 from producers.gateway.server import free_port
 from tests.conftest import wait_for
-from tests.processors.helpers import REPO
+from tests.processors.helpers import REPO, stop_process
 
 KEY = "openclaw-test-" + uuid.uuid4().hex
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -67,14 +67,7 @@ class Gateway:
         return self
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
+        stop_process(self.proc, grace_s=60)
 
 
 @pytest.fixture
