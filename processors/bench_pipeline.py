@@ -1,7 +1,7 @@
 """`nextstate bench pipeline`: what the processors sustain, next to what Kafka alone does.
 
-1. Turns → samples per second through every stage (``nextstate process all``: four faust
-   workers; ``feedback`` judges, method ``combined``, no teacher), measured from the first
+1. Turns → samples per second through every stage (``nextstate process all``: one faust
+   worker per stage; ``feedback`` judges, method ``combined``, no teacher), measured from the first
    produced turn to the last consumed sample, in a throwaway namespace. Each session has two
    turns; the user's "thanks" scores the first, a thumbs-up the second, so every turn becomes
    one sample.
@@ -114,7 +114,7 @@ def pipeline_rate(settings: Settings, ns: str, sessions: list[list], console: Co
 
     try:
         warm = sessions[:1]
-        with console.status("starting four workers and warming up..."):
+        with console.status("starting the stage workers and warming up..."):
             for event in warm[0]:
                 producer.send(event, key=event.session_id)
             producer.flush()
@@ -250,8 +250,10 @@ def run_pipeline_bench(settings: Settings, turns: int, response_tokens: int, llm
     table = Table(title=f"turns → samples ({2 * (len(sessions) - 1)} turns, {response_tokens} response tokens)")
     table.add_column("path")
     table.add_column("turns/s", justify="right")
-    table.add_row("pipeline: sessionize → judge + hint → assemble (feedback judges, 4 faust workers)", f"{rate:,.0f}")
+    table.add_row("pipeline: sessionize → judge + hint → assemble, group (feedback judges, "
+                  "a faust worker per stage)", f"{rate:,.0f}")
     table.add_row("raw Kafka produce + consume of the same turns", f"{raw:,.0f}")
+    table.add_row("pipeline / raw", f"{rate / raw:.1%}")
     console.print(table)
     if llm_calls <= 0:
         return

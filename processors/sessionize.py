@@ -371,9 +371,12 @@ async def scan(settings: Settings, pending: Mapping[str, Any], send: ControlSend
     (through the control topic, on the session's partition) to look at idle turns and at turns
     holding a verdict that waits for the turns stream to catch up."""
     now = time.time()
+    timeout_s = settings.processors.transition_timeout_s
     for k, value in list(pending.items()):
+        if not (value.get("feedback") or now - value.get("updated_at", 0.0) >= timeout_s):
+            continue   # neither held feedback nor idle: no need to parse it
         p = Pending.from_table(value)
-        if p is not None and needs_check(p, now, settings.processors.transition_timeout_s):
+        if p is not None and needs_check(p, now, timeout_s):
             req = json.dumps({"session_id": k, "turn_id": pending_id(p)})
             await send(k.encode(), req.encode(), p.partition)
 

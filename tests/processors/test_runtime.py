@@ -1,0 +1,155 @@
+"""The shared stage runner without Kafka: a batch's state reaches the table only after every
+output of the batch was delivered, later records of a batch see earlier records' state, and a
+refused output keeps nothing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from processors.runtime import Raw, StagedState, StageRunner
+from processors.stage import Result
+
+
+class Table(dict):
+    """A dict that records the changelog partition each write names (like StageTable)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.partition = None
+        self.log: list[tuple] = []
+
+    def at_partition(self, partition):
+        self.partition = partition
+
+    def __setitem__(self, key, value):
+        self.log.append(("set", key, value, self.partition))
+        super().__setitem__(key, value)
+
+    def pop(self, key, default=None):
+        self.log.append(("del", key, self.partition))
+        return super().pop(key, default)
+
+
+class FakeSerdes:
+    topics = {"DeadLettered": "dl", "Out": "out"}
+
+    def decode(self, topic, value, partition, offset):
+        return value.decode()
+
+    def encode(self, event):
+        return "out", event.encode()
+
+
+def test_staged_state_reads_its_writes_and_holds_them_back():
+    table = Table()
+    table["a"] = 1
+    staged = StagedState(table)
+    staged.partition = 3
+    staged["b"] = 2
+    staged["a"] = 10
+    del staged["a"]
+    assert "a" not in staged and staged["b"] == 2 and staged.get("a") is None
+    assert sorted(staged) == ["b"] and len(staged) == 1
+    assert dict(table) == {"a": 1}                        # nothing applied yet
+    with pytest.raises(KeyError):
+        del staged["missing"]
+    assert staged.apply() == 2
+    assert dict(table) == {"b": 2}
+    assert ("set", "b", 2, 3) in table.log and ("del", "a", 3) in table.log
+    assert table.partition is None                      # reset after applying
+
+
+def _counting_handler(staged: StagedState):
+    """Counts records per key in the state; emits the running count."""
+
+    async def handle(event, key, partition, offset):
+        n = staged.get(event, 0) + 1
+
+        def keep():
+            staged[event] = n
+
+        return Result([f"{event}={n}"], keep)
+
+    return handle
+
+
+def test_batch_state_waits_for_every_delivery():
+    table = Table()
+    staged = StagedState(table)
+    sent: list[tuple] = []
+    gates: list[asyncio.Future] = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        async def send(topic, key, value, partition):
+            fut = loop.create_future()
+            gates.append(fut)
+            sent.append((value, partition))
+            return fut
+
+        runner = StageRunner("count", _counting_handler(staged), FakeSerdes(), send, state=staged)
+        batch = [Raw("in", p, i, b"k", v.encode()) for i, (v, p) in enumerate([("x", 0), ("x", 0), ("y", 1)])]
+        task = asyncio.create_task(runner.process_batch(batch))
+        await asyncio.sleep(0.01)
+        # every output is queued, later records saw the earlier ones' state, the table has nothing
+        assert sent == [(b"x=1", 0), (b"x=2", 0), (b"y=1", 1)]
+        assert dict(table) == {} and not task.done()
+        for fut in gates[:2]:
+            fut.set_result(None)
+        await asyncio.sleep(0.01)
+        assert dict(table) == {} and not task.done()      # one delivery still outstanding
+        gates[2].set_result(None)
+        await task
+        assert dict(table) == {"x": 2, "y": 1}
+        assert [(k, p) for _, k, _, p in table.log] == [("x", 0), ("y", 1)]
+        assert runner.counts["in"] == 3 and runner.counts["out"] == 3 and runner.counts["batches"] == 1
+
+    asyncio.run(main())
+
+
+def test_a_refused_output_keeps_nothing():
+    table = Table()
+    staged = StagedState(table)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        async def send(topic, key, value, partition):
+            fut = loop.create_future()
+            if value == b"x=2":
+                fut.set_exception(RuntimeError("broker refused"))
+            else:
+                fut.set_result(None)
+            return fut
+
+        runner = StageRunner("count", _counting_handler(staged), FakeSerdes(), send, state=staged)
+        with pytest.raises(RuntimeError, match="refused"):
+            await runner.process_batch([Raw("in", 0, i, b"k", b"x") for i in range(2)])
+        assert dict(table) == {}
+
+    asyncio.run(main())
+
+
+def test_concurrent_stage_keeps_record_order_of_outputs():
+    async def main():
+        order = []
+
+        async def handle(event, key, partition, offset):
+            await asyncio.sleep(0.02 if event == "slow" else 0)
+            order.append(event)
+            return Result([event])
+
+        sent = []
+
+        async def send(topic, key, value, partition):
+            sent.append(value)
+
+        runner = StageRunner("judge", handle, FakeSerdes(), send, concurrency=4)
+        await runner.process_batch([Raw("in", 0, i, b"k", v) for i, v in enumerate([b"slow", b"fast"])])
+        assert order == ["fast", "slow"]           # handled side by side
+        assert sent == [b"slow", b"fast"]          # sent in the records' order
+
+    asyncio.run(main())
