@@ -157,6 +157,11 @@ class ServingSettings(_Section):
     # Local engine: prompts are prefilled in chunks of this many tokens, one chunk between two
     # decode steps, so a long prompt never stalls the running batch for its whole prefill.
     prefill_chunk: int = Field(default=256, ge=1)
+    # Local engine: KV caches of earlier prompts kept for prompts that start the same way
+    # (serving.prefix), up to this many MiB (0: off); matches shorter than min_tokens are not
+    # reused. SmolLM2-135M in float32 holds ~46 KB per token: 1 GiB is ~23,000 tokens.
+    prefix_cache_mb: int = Field(default=1024, ge=0)
+    prefix_cache_min_tokens: int = Field(default=64, ge=1)
     # Where converted models (models/) and downloaded checkpoints (checkpoints/) are cached.
     cache_dir: Path = Field(default_factory=_cache_root)
     # SGLang: extra launch_server arguments, how long to wait for it to come up, and the

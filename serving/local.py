@@ -44,6 +44,7 @@ from infra.settings import ServingSettings
 from schemas.events import SamplingParams
 from serving.engine import EngineInfo, Generation, Scores, TokenDelta, WeightsKind, register_engine
 from serving.localmodel import Policy, Weights, load_adapter_files, load_hf_model, max_context
+from serving.prefix import PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,8 @@ class LocalEngine:
         self._prefilling: list[_Request] = []
         self._batches: dict[int, tuple[Policy, Any]] = {}  # id(policy) -> (policy, Batch)
         self._stats = {"steps": 0, "tokens": 0, "swaps": 0}
+        self._prefix = (PrefixCache(settings.prefix_cache_mb << 20, settings.prefix_cache_min_tokens)
+                        if settings.prefix_cache_mb > 0 else None)
         self._thread = threading.Thread(target=self._run, name="local-engine", daemon=True)
         self._thread.start()
 
@@ -122,8 +125,14 @@ class LocalEngine:
             details={"tokenizer": str(self.model_dir), "device": str(self.device),
                      "dtype": self.settings.dtype, "weights": cur.kind.value,
                      "adapter": cur.adapter, "running": self._running(),
-                     "queued": len(self._pending), **self._stats},
+                     "queued": len(self._pending), **self._stats,
+                     "prefix_cache": self._prefix_stats()},
         )
+
+    def _prefix_stats(self) -> dict[str, int] | None:
+        if self._prefix is None:
+            return None
+        return {**self._prefix.stats, "entries": len(self._prefix.entries), "bytes": self._prefix.nbytes}
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
         ids, logprobs, finish, version = [], [], "length", self._current.version
@@ -286,6 +295,13 @@ class LocalEngine:
             req.policy = self._base_policy if base else self._current
             req.policy.active += 1
             req.cache, req.prefilled = DynamicCache(), 0
+            if self._prefix is not None:
+                # a generation prefills at least its last prompt token; a score everything from
+                # the position that predicts its first continuation token
+                limit = len(req.tokens) - 1 if req.score is None else len(req.prompt_ids) - 1
+                cache, n = self._prefix.lookup(req.policy, req.tokens, limit)
+                if cache is not None:
+                    req.cache, req.prefilled = cache, n
             self._prefilling.append(req)
             admitted = True
             if req.score is not None:
@@ -333,6 +349,11 @@ class LocalEngine:
             return True
         self._prefilling.remove(req)
         cache, req.cache = req.cache, None
+        if self._prefix is not None:
+            try:
+                self._prefix.store(policy, req.tokens, cache)
+            except Exception:  # noqa: BLE001 - a cache that cannot keep an entry serves on
+                log.exception("prefix cache: could not keep a %d-token prompt", len(req.tokens))
         if self._emit_token(req, tok[0], lp[0]):
             self._release(req)
             return True
@@ -421,6 +442,8 @@ class LocalEngine:
 
     def _retire(self, policy: Policy) -> None:
         """The last request on a superseded policy ended: free its adapter or model."""
+        if self._prefix is not None:
+            self._prefix.keep_only([p for p in (self._current, self._base_policy) if p is not None])
         if policy.adapter is not None:
             policy.weights.delete_adapter(policy.adapter)
         log.info("retired policy v%d (%s)", policy.version, policy.adapter or policy.kind.value)
@@ -428,6 +451,8 @@ class LocalEngine:
     def _install(self, policy: Policy) -> None:
         old, self._current = self._current, policy
         self._stats["swaps"] += 1
+        if self._prefix is not None:   # new requests pin to the new policy: old KV is of no use
+            self._prefix.keep_only([p for p in (self._current, self._base_policy) if p is not None])
         if old.active == 0 and old is not self._base_policy:
             self._retire(old)
         self._maybe_drop_base()

@@ -99,13 +99,16 @@ def bench_swap(model: Optional[str] = typer.Option(None, help="model spec; defau
 
 def bench_engine(model: Optional[str] = typer.Option(None, help="model spec; default: settings serving.model"),
                  concurrency: str = typer.Option("1,8", help="concurrency levels, comma-separated"),
-                 max_tokens: int = typer.Option(64, help="tokens asked per request")) -> None:
-    """Decode tokens/s of the configured engine at each concurrency level (aggregate)."""
+                 max_tokens: int = typer.Option(64, help="tokens asked per request"),
+                 prefix_tokens: int = typer.Option(6000, help="system prompt length for the prefix-cache "
+                                                   "measurement (0: skip)")) -> None:
+    """Decode tokens/s of the configured engine at each concurrency level (aggregate), the
+    memory-bandwidth floor, and first-token time with a long system prompt cold vs shared."""
     import asyncio
 
     from infra.settings import load_settings
     from serving import create_engine
-    from serving.bench_engine import run_engine_bench
+    from serving.bench_engine import run_engine_bench, run_prefix_bench
 
     async def main() -> None:
         from transformers import AutoTokenizer
@@ -121,6 +124,8 @@ def bench_engine(model: Optional[str] = typer.Option(None, help="model spec; def
             console.print(f"engine {info.name} | model {info.model} | {info.details.get('device', '')}")
             tokenizer = AutoTokenizer.from_pretrained(info.details["tokenizer"])
             await run_engine_bench(engine, tokenizer, levels, max_tokens, console)
+            if prefix_tokens > 0:
+                await run_prefix_bench(engine, tokenizer, prefix_tokens, console)
         finally:
             await engine.close()
 

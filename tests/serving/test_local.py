@@ -183,7 +183,8 @@ async def test_generation_type(engine) -> None:
 async def test_chunked_prefill_is_exact_and_interleaves_with_decoding(tiny_model_dir, reference) -> None:
     from serving.local import LocalEngine
 
-    eng = LocalEngine(ServingSettings(prefill_chunk=8), model_dir=tiny_model_dir)
+    # no prefix cache: the long prompt is sent twice and must be prefilled chunk by chunk both times
+    eng = LocalEngine(ServingSettings(prefill_chunk=8, prefix_cache_mb=0), model_dir=tiny_model_dir)
     try:
         long_prompt = prompt_of(eng, "a prompt long enough to need many chunks " * 10)
         gen = await eng.generate(long_prompt, GREEDY)
