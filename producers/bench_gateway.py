@@ -1,10 +1,19 @@
 """`nextstate bench gateway`: the latency the gateway adds over calling the engine directly.
 
-For each concurrency level (default 1, 16, 64 clients) the same engine instance serves, in
-the same run, first direct `engine.generate` calls with the prompt ids rendered once, then
-the same chat request through the gateway over HTTP (render, session tracking, engine,
-decode, fsync'd spool append, JSON), the HTTP clients in a separate process. Greedy sampling and a fixed `max_tokens` make both
-sides generate the same tokens. Prints p50/p99 of each side and their difference.
+For each concurrency level (default 1, 16, 64 clients) the same engine serves, in the same
+run, alternately: direct `engine.generate` calls with the prompt ids rendered once, and the
+same chat request through the gateway over HTTP (render, session tracking, engine, decode,
+group-committed spool append, JSON), the HTTP clients in a separate process. Greedy sampling
+and a fixed `max_tokens` make both sides generate the same tokens. Prints p50/p99 of each side
+and their difference.
+
+Two deployments (`--engine`):
+- ``process`` (default): the engine runs in its own process (`nextstate serve`), the gateway
+  reaches it with the remote engine, and the direct side calls the same server from the
+  client process: the difference is what the gateway process adds.
+- ``inline``: the engine runs inside the gateway's process (`nextstate gateway` with
+  engine=local); the direct side calls it in that process. The gateway then shares one
+  interpreter with the engine, so its work and the engine's slow each other down.
 
 The spool goes to a temporary directory; with `--kafka` it is also drained to a fresh
 namespace on the configured Kafka. Default model: the tiny random model (built in a
@@ -72,8 +81,53 @@ def _client_process(url: str, key: str, body: dict[str, Any], clients: int, requ
     return asyncio.run(_through_gateway(url, key, body, clients, requests))
 
 
+def _direct_process(serving: Any, prompt_ids: list[int], params: Any, clients: int, requests: int) -> list[float]:
+    """Direct calls to the engine server from the client process (engine=remote)."""
+    from serving.remote import RemoteEngine
+
+    async def go() -> list[float]:
+        engine = RemoteEngine(serving)
+        try:
+            return await _direct(engine, prompt_ids, params, clients, requests)
+        finally:
+            await engine.close()
+
+    return asyncio.run(go())
+
+
+def _start_engine_server(settings: Any, model_spec: str, max_batch: int, work: Path) -> tuple[Any, str]:
+    """`nextstate serve` on a free port in its own process; (process, url) once it answers."""
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    from producers.gateway.server import free_port
+
+    port = free_port()
+    env = {**os.environ, "NEXTSTATE_SERVING__MAX_BATCH_SIZE": str(max_batch)}
+    log = (work / "serve.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "infra.cli", "serve", "--model", model_spec, "--port", str(port),
+                             "--engine", "local", "--namespace", f"benchgw{uuid.uuid4().hex[:8]}."],
+                            cwd=Path(__file__).resolve().parents[1], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"nextstate serve exited with {proc.returncode}; see {work / 'serve.log'}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"nextstate serve did not answer within 300 s; see {work / 'serve.log'}")
+
+
 def run_gateway_bench(settings: Any, model: str | None, levels: list[int], max_tokens: int,
-                      rounds: int, kafka: bool, console: Any) -> list[dict[str, float]]:
+                      rounds: int, kafka: bool, console: Any, engine_mode: str = "process") -> list[dict[str, float]]:
     from producers.gateway.auth import KeyRing, hash_key
     from producers.gateway.server import ServerThread, build_gateway, load_tokenizer
     from schemas.events import SamplingParams
@@ -84,6 +138,10 @@ def run_gateway_bench(settings: Any, model: str | None, levels: list[int], max_t
     work = Path(tempfile.mkdtemp(prefix="nextstate-bench-gw-"))
     model_spec = model or str(build_tiny_model(work / "tiny"))
     serving = settings.serving.model_copy(update={"model": model_spec, "max_batch_size": max(levels)})
+    server_proc = None
+    if engine_mode == "process":
+        server_proc, engine_url = _start_engine_server(settings, model_spec, max(levels), work)
+        serving = serving.model_copy(update={"engine": "remote", "engine_url": engine_url})
     engine = create_engine(serving)
     tokenizer = load_tokenizer(engine, serving)
     namespace = None
@@ -101,7 +159,8 @@ def run_gateway_bench(settings: Any, model: str | None, levels: list[int], max_t
     params = SamplingParams(temperature=0.0, max_new_tokens=max_tokens, seed=0)
     body = {"messages": MESSAGES, "max_tokens": max_tokens, "temperature": 0.0, "seed": 0}
     console.print(f"model {model_spec} | prompt {len(prompt_ids)} tokens | max_tokens {max_tokens} | "
-                  f"engine {engine.name} | spool {'-> kafka ' + namespace if kafka else 'local only'}")
+                  f"engine {engine.name} ({'its own process' if server_proc else 'in the gateway process'}) | "
+                  f"spool {'-> kafka ' + namespace if kafka else 'local only'}")
     rows = []
     try:
         with ServerThread(gw) as server:
@@ -109,13 +168,17 @@ def run_gateway_bench(settings: Any, model: str | None, levels: list[int], max_t
             # they would compete with the server for the GIL and be counted as gateway cost.
             pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
             http = lambda c, n: pool.submit(_client_process, server.url, key, body, c, n).result()  # noqa: E731
-            asyncio.run(_direct(engine, prompt_ids, params, 2, 4))  # warm up both paths
+            if server_proc is not None:
+                direct_calls = lambda c, n: pool.submit(_direct_process, serving, prompt_ids, params, c, n).result()  # noqa: E731
+            else:
+                direct_calls = lambda c, n: asyncio.run(_direct(engine, prompt_ids, params, c, n))  # noqa: E731
+            direct_calls(2, 4)  # warm up both paths
             http(2, 4)
             for clients in levels:
                 requests = max(rounds * clients, 48)
                 direct, via = [], []
                 for _ in range(4):  # alternate, so drift in machine load hits both sides alike
-                    direct += asyncio.run(_direct(engine, prompt_ids, params, clients, requests // 4))
+                    direct += direct_calls(clients, requests // 4)
                     via += http(clients, requests // 4)
                 row = {"clients": clients, "requests": len(direct),
                        "direct_p50_ms": _pct(direct, 0.5) * 1e3, "direct_p99_ms": _pct(direct, 0.99) * 1e3,
@@ -131,10 +194,16 @@ def run_gateway_bench(settings: Any, model: str | None, levels: list[int], max_t
                     f"p99 {row['gateway_p99_ms']:8.1f} ms | added p50 {row['added_p50_ms']:+7.1f} ms  "
                     f"p99 {row['added_p99_ms']:+7.1f} ms")
             pool.shutdown()
-        console.print(f"turns spooled: {gw.spool.appended}")
+        console.print(f"turns spooled: {gw.spool.appended} with {gw.spool.fsyncs} fsyncs (group commit)")
     finally:
         gw.spool.close()
         asyncio.run(engine.close())
+        if server_proc is not None:
+            server_proc.terminate()
+            try:
+                server_proc.wait(30)
+            except Exception:  # noqa: BLE001
+                server_proc.kill()
         if namespace is not None:
             _drop_namespace(settings, namespace)
     return rows

@@ -81,14 +81,19 @@ def bench_gateway(model: Optional[str] = typer.Option(None, help="model spec; de
                   clients: str = typer.Option("1,16,64", help="concurrency levels, comma-separated"),
                   max_tokens: int = typer.Option(16, help="tokens generated per request"),
                   rounds: int = typer.Option(8, help="requests per client at each level (at least 48 in all)"),
-                  kafka: bool = typer.Option(False, help="also drain the spool to Kafka (a fresh namespace)")) -> None:
+                  kafka: bool = typer.Option(False, help="also drain the spool to Kafka (a fresh namespace)"),
+                  engine: str = typer.Option("process", help="process: the engine in its own process (`nextstate "
+                                                             "serve`, reached with engine=remote); inline: inside "
+                                                             "the gateway's process")) -> None:
     """Added latency of the gateway over calling the engine directly, p50/p99 per concurrency."""
     from infra.settings import load_settings
     from producers.bench_gateway import run_gateway_bench
 
     try:
         levels = [int(c) for c in clients.split(",") if c.strip()]
-        run_gateway_bench(load_settings(), model, levels, max_tokens, rounds, kafka, console)
+        if engine not in ("process", "inline"):
+            raise typer.BadParameter(f"--engine {engine!r}: process or inline")
+        run_gateway_bench(load_settings(), model, levels, max_tokens, rounds, kafka, console, engine)
     except NextstateError as exc:
         fail(exc)
 

@@ -78,3 +78,43 @@ def test_one_process_per_spool(tmp_path):
         Spool(tmp_path)
     spool.close()
     Spool(tmp_path).close()
+
+
+def test_concurrent_appends_share_fsyncs_and_lose_nothing(tmp_path, monkeypatch):
+    import os
+    import threading
+    import time
+
+    import producers.gateway.spool as spool_mod
+
+    spool = Spool(tmp_path, segment_bytes=8192)
+    synced_at_return: list[bool] = []
+    real_fsync = os.fsync
+
+    def slow_fsync(fd):   # a disk that takes a while: callers arrive during each fsync
+        time.sleep(0.002)
+        real_fsync(fd)
+
+    monkeypatch.setattr(spool_mod.os, "fsync", slow_fsync)
+
+    def client(c: int) -> None:
+        for i in range(25):
+            spool.append([(_turn(c * 1000 + i), f"s{c}")])
+            synced_at_return.append(spool._synced >= 1)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert spool.appended == 200 and all(synced_at_return)
+    assert spool._synced == spool._written == 200       # every write is covered by an fsync
+    assert spool.fsyncs + spool.group_commits_joined == 200
+    assert spool.fsyncs < 200 and spool.group_commits_joined > 0
+    got = [b.event.turn_index for b in spool.read(1000)]
+    assert sorted(got) == sorted(c * 1000 + i for c in range(8) for i in range(25))
+    for c in range(8):   # each client's records in the order it appended them
+        mine = [g for g in got if g // 1000 == c]
+        assert mine == sorted(mine)
+    assert len(list(tmp_path.glob("seg-*.log"))) > 1
+    spool.close()

@@ -97,7 +97,9 @@ def test_users_idle_at_the_keep_alive_boundary_lose_nothing_and_each_turn_is_rec
 
     async def run(url: str) -> int:
         client = async_client(url, headers=AUTH, timeout=60)
-        client._transport.pool = httpx.AsyncHTTPTransport(limits=httpx.Limits(keepalive_expiry=keep_alive))
+        transport = client._transport
+        transport.pools = [httpx.AsyncHTTPTransport(limits=httpx.Limits(keepalive_expiry=keep_alive))
+                           for _ in transport.pools]
 
         async def user(i: int) -> None:
             rng = random.Random(i)
