@@ -1,7 +1,11 @@
 """`nextstate bench learner`: numbers for the learner, printed.
 
 1. The same training loop fed from Kafka and from memory, same process, same model and
-   samples: tokens/s of each and their ratio (what the event log costs the learner).
+   samples: tokens/s of each and their ratio (what the event log costs the learner). The
+   sample count is chosen so that one pass takes about `seconds` (30 by default) from a short
+   calibration run; the two feeds alternate A-B, B-A over `rounds` rounds (drift in the
+   machine's load hits both alike) and every round's ratio is printed with the median and the
+   spread.
 2. Time from the end of a step to its CheckpointPublished (save + upload + publish).
 3. SmolLM2-135M-Instruct on this machine, LoRA and full fine-tuning: seconds per 4×128 step.
 
@@ -82,8 +86,11 @@ def _drop_bucket(client, bucket: str) -> None:
     client.remove_bucket(bucket)
 
 
-def kafka_vs_memory(settings: Settings, ls: LearnerSettings, trainer, samples: list[SampleReady],
-                    work: Path, rounds: int = 2) -> dict[str, Any]:
+def kafka_vs_memory(settings: Settings, ls: LearnerSettings, trainer, make_samples, work: Path,
+                    seconds: float = 30.0, rounds: int = 3, console=None) -> dict[str, Any]:
+    """`make_samples(n)` builds n samples; enough are made for one pass of about `seconds`."""
+    import math
+
     from infra.kafka import EventProducer
     from infra.storage import ensure_bucket, storage_client
     from learner.kafka_source import KafkaSampleSource
@@ -94,26 +101,45 @@ def kafka_vs_memory(settings: Settings, ls: LearnerSettings, trainer, samples: l
     client = storage_client(settings.storage)
     ensure_bucket(settings.storage, bucket)
     try:
+        probe = make_samples(64)
+        timed_loop(trainer, MemorySampleSource(probe[:8]), ls, work / "warmup")
+        calib = timed_loop(trainer, MemorySampleSource(probe), ls, work / "calibrate")
+        per_sample = calib["tokens"] / len(probe)
+        n = max(64, math.ceil(seconds * calib["tokens_per_s"] / per_sample))
+        samples = make_samples(n)
+        if console is not None:
+            console.print(f"  {n} samples (~{seconds:.0f} s a pass at {calib['tokens_per_s']:.0f} tokens/s), "
+                          f"{rounds} rounds")
         producer = EventProducer(settings.kafka, registry, ns)
-        for s in samples:
-            producer.send(s, key=s.session_id)
-        producer.flush()
-        timed_loop(trainer, MemorySampleSource(samples[:2]), ls, work / "warmup")
-        # Alternate the two feeds and keep each one's best round: the machine is shared, and
-        # a neighbour's burst should not be billed to either feed.
-        kafka = memory = None
+        for s_ in samples:
+            producer.send(s_, key=s_.session_id)
+        producer.flush(120)
+
+        def kafka_pass(tag: str) -> dict[str, float]:
+            source = KafkaSampleSource(settings.kafka, registry, ns, f"{ls.run}-{tag}", None, "beginning")
+            try:
+                return timed_loop(trainer, source, ls, work / f"kafka-{tag}")
+            finally:
+                source.close()
+
+        passes = []
         for round_ in range(rounds):
-            source = KafkaSampleSource(settings.kafka, registry, ns, f"{ls.run}-{round_}", None,
-                                       "beginning")
-            k = timed_loop(trainer, source, ls, work / f"kafka{round_}")
-            source.close()
-            m = timed_loop(trainer, MemorySampleSource(samples), ls, work / f"memory{round_}")
-            kafka = k if kafka is None or k["tokens_per_s"] > kafka["tokens_per_s"] else kafka
-            memory = m if memory is None or m["tokens_per_s"] > memory["tokens_per_s"] else memory
+            order = ("kafka", "memory") if round_ % 2 == 0 else ("memory", "kafka")
+            got = {}
+            for kind in order:
+                got[kind] = (kafka_pass(str(round_)) if kind == "kafka"
+                             else timed_loop(trainer, MemorySampleSource(samples), ls, work / f"memory{round_}"))
+            got["ratio"] = got["kafka"]["tokens_per_s"] / got["memory"]["tokens_per_s"]
+            passes.append(got)
+            if console is not None:
+                console.print(f"  round {round_ + 1} ({' then '.join(order)}): kafka "
+                              f"{got['kafka']['tokens_per_s']:.0f} tokens/s in {got['kafka']['wall_s']:.1f}s, memory "
+                              f"{got['memory']['tokens_per_s']:.0f} tokens/s in {got['memory']['wall_s']:.1f}s, "
+                              f"ratio {got['ratio']:.3f}")
         store = CheckpointStore(client, bucket, producer, ns, ls.run, work / "ckpt", "bench")
         every_step = ls.model_copy(update={"checkpoint_every_steps": 1})
         ckpt = timed_loop(trainer, MemorySampleSource(samples[:4]), every_step, work / "ckpt", store)
-        return {"kafka": kafka, "memory": memory, "checkpoint_s": ckpt["checkpoint_s"]}
+        return {"passes": passes, "samples": n, "checkpoint_s": ckpt["checkpoint_s"]}
     finally:
         _drop_namespace(settings, ns)
         _drop_bucket(client, bucket)
@@ -136,8 +162,10 @@ def smollm2_steps(settings: Settings, lora: bool, steps: int, work: Path) -> dic
     return out
 
 
-def run_learner_bench(settings: Settings, n: int, prompt: int, response: int, model: str | None,
-                      smollm2: bool, steps: int, console) -> None:
+def run_learner_bench(settings: Settings, prompt: int, response: int, model: str | None,
+                      smollm2: bool, steps: int, console, seconds: float = 30.0, rounds: int = 3) -> None:
+    import statistics
+
     from learner.trainer import Trainer
     from serving.tiny import build_tiny_model
 
@@ -148,18 +176,17 @@ def run_learner_bench(settings: Settings, n: int, prompt: int, response: int, mo
             "run": "bench", "device": "cpu", "lora": True, "grad_accum": 1,
             "token_budget": 4 * (prompt + response), "fill_timeout_s": 0.5})
         trainer = Trainer(ls, path)
-        samples = bench_samples(n, prompt, response, vocab=trainer.engine.module.config.vocab_size)
-        r = kafka_vs_memory(settings, ls, trainer, samples, work)
+        vocab = trainer.engine.module.config.vocab_size
+        name = model or "tiny test model"
+        console.print(f"[bold]loop fed from Kafka vs memory[/bold] ({name}, LoRA, samples of "
+                      f"{prompt}+{response} tokens, 4 per step)")
+        r = kafka_vs_memory(settings, ls, trainer, lambda n: bench_samples(n, prompt, response, vocab), work,
+                            seconds, rounds, console)
         del trainer
         gc.collect()
-        name = model or "tiny test model"
-        console.print(f"[bold]loop fed from Kafka vs memory[/bold] ({name}, LoRA, {n} samples of "
-                      f"{prompt}+{response} tokens, 4 per step)")
-        for kind in ("kafka", "memory"):
-            m = r[kind]
-            console.print(f"  {kind:<7} {m['tokens_per_s']:10.0f} tokens/s  {m['steps']} steps  "
-                          f"{m['step_s'] * 1000:8.1f} ms/step  wall {m['wall_s']:.2f}s")
-        console.print(f"  ratio kafka/memory: {r['kafka']['tokens_per_s'] / r['memory']['tokens_per_s']:.3f}")
+        ratios = [p["ratio"] for p in r["passes"]]
+        console.print(f"  ratio kafka/memory: median {statistics.median(ratios):.3f}, spread "
+                      f"{min(ratios):.3f}..{max(ratios):.3f} over {len(ratios)} rounds")
         console.print(f"  step end -> CheckpointPublished: {r['checkpoint_s'] * 1000:.0f} ms "
                       "(save + sha256 + upload + publish, LoRA)")
         if not smollm2:

@@ -52,7 +52,8 @@ def learn(
 
 
 def bench_learner(
-    samples: int = typer.Option(48, help="samples fed through Kafka and through memory"),
+    seconds: float = typer.Option(30.0, help="about how long one pass of each feed takes (sets the sample count)"),
+    rounds: int = typer.Option(3, help="rounds of both feeds, alternating which goes first"),
     prompt_tokens: int = typer.Option(64),
     response_tokens: int = typer.Option(64),
     model: Optional[str] = typer.Option(None, help="model for the Kafka-vs-memory loop; default: "
@@ -64,8 +65,8 @@ def bench_learner(
     from learner.bench import run_learner_bench
 
     try:
-        run_learner_bench(load_settings(), samples, prompt_tokens, response_tokens, model,
-                          smollm2, full_steps, console)
+        run_learner_bench(load_settings(), prompt_tokens, response_tokens, model,
+                          smollm2, full_steps, console, seconds, rounds)
     except NextstateError as exc:
         fail(exc)
 
