@@ -201,6 +201,10 @@ class GatewaySettings(_Section):
     # None: detected from the template.
     tool_parser: str | None = None
     default_max_tokens: int = Field(default=256, ge=1)
+    # The most new tokens one request gets: one asking for more (but no more than the model's
+    # context) is clamped to this and told so (`X-Max-Tokens-Clamped`); one asking for more
+    # than the context is refused with a 400. None: a quarter of the served context.
+    max_tokens_cap: int | None = Field(default=None, ge=1)
     # Seconds an idle keep-alive connection stays open. Kept above what client pools keep an
     # idle connection (httpx 5 s, Node 4-5 s), so the client gives it up first and never sends
     # a request into a socket the server is closing. uvicorn's own default, 5 s, equals httpx's:

@@ -6,8 +6,10 @@ Routes: `POST /v1/chat/completions` (whole or SSE-streamed token by token), `GET
 
 Only this module turns errors into status codes: malformed JSON 400, invalid fields 422
 (the message names each field), bodies over `max_body_bytes` 413 (Content-Length or the
-bytes actually received), a prompt longer than the context 400 `context_length_exceeded`,
-a broken engine 502. Responses carry `X-Policy-Version`, `X-Session-Id`, `X-Request-Id`.
+bytes actually received), a prompt longer than the context or a max_tokens larger than it 400
+`context_length_exceeded`, a broken engine 502. Responses carry `X-Policy-Version`,
+`X-Session-Id`, `X-Request-Id`, and `X-Max-Tokens-Clamped` when max_tokens was cut to the cap
+(`gateway.max_tokens_cap`) or to the room the prompt leaves.
 
 The POST routes take a client's `X-Request-Id` (or `Idempotency-Key`): a retry with the same
 id gets the first answer (`X-Replayed: true`) and records nothing (producers.gateway.replies).
@@ -30,7 +32,7 @@ from pydantic import ValidationError
 from infra.errors import ChatError, ContextLengthError, GatewayError, NextstateError, ServingError
 from producers.gateway.auth import bearer
 from producers.gateway.replies import ReplayConflict, Reply, client_request_id
-from producers.gateway.service import Gateway, Outcome, Turn
+from producers.gateway.service import Gateway, MaxTokensError, Outcome, Turn
 from producers.gateway.streaming import ClosingStreamingResponse, sse_stream
 from producers.gateway.wire import ChatCompletionRequest, FeedbackRequest, describe, error_body
 
@@ -206,9 +208,13 @@ def create_app(gw: Gateway, settings: Any = None, namespace: str | None = None,
             raise ApiError(400, f"the prompt is {exc.prompt_tokens} tokens but the model's context is "
                            f"{exc.max_context} tokens; shorten the conversation",
                            code="context_length_exceeded") from None
+        except MaxTokensError as exc:
+            raise ApiError(400, str(exc), code="context_length_exceeded") from None
         except (ChatError, GatewayError) as exc:
             raise ApiError(400, str(exc)) from None
         headers = {"X-Session-Id": turn.session.session_id, "X-Request-Id": turn.request_id}
+        if turn.asked_tokens is not None:   # clamped (cap or room left): say so, the body says it too
+            headers["X-Max-Tokens-Clamped"] = f"{turn.asked_tokens} -> {turn.params.max_new_tokens}"
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             headers["X-Policy-Version"] = str(gw.engine.info().policy_version)
@@ -270,5 +276,7 @@ def completion_body(gw: Gateway, turn: Turn, outcome: Outcome) -> dict[str, Any]
         "usage": {"prompt_tokens": len(turn.prompt_ids), "completion_tokens": outcome.completion_tokens,
                   "total_tokens": len(turn.prompt_ids) + outcome.completion_tokens},
         "nextstate": {"session_id": turn.session.session_id, "turn_index": outcome.turn_index,
-                      "policy_version": outcome.policy_version},
+                      "policy_version": outcome.policy_version,
+                      **({"max_tokens_clamped": {"asked": turn.asked_tokens, "to": turn.params.max_new_tokens}}
+                         if turn.asked_tokens is not None else {})},
     }

@@ -27,6 +27,15 @@ from typing import Any
 import orjson
 
 from infra.errors import ContextLengthError, GatewayError
+
+
+class MaxTokensError(GatewayError):
+    """max_tokens larger than the model's whole context: no prompt could leave that much room."""
+
+    def __init__(self, asked: int, max_context: int) -> None:
+        super().__init__(f"max_tokens is {asked} but the model's context is {max_context} tokens "
+                         f"(prompt and completion together); ask for fewer")
+        self.asked, self.max_context = asked, max_context
 from infra.settings import GatewaySettings
 from producers.gateway.auth import KeyRing
 from producers.gateway.chat import ToolCallParser, parser_for
@@ -68,6 +77,7 @@ class Turn:
     started: float
     episode: EpisodeRef | None = None
     continue_final: bool = False      # the last message is a prefill the response continues
+    asked_tokens: int | None = None   # what the client asked for, when it was clamped (cap or room left)
 
 
 @dataclass
@@ -146,12 +156,16 @@ class Gateway:
         info = self.engine.info()
         if len(prompt_ids) >= info.max_context:
             raise ContextLengthError(len(prompt_ids), 0, info.max_context)
-        asked = req.max_completion_tokens or req.max_tokens or self.settings.default_max_tokens
-        # Documented: max_new_tokens is clamped to the room left in the context.
+        explicit = req.max_completion_tokens or req.max_tokens
+        asked = explicit or self.settings.default_max_tokens
+        if asked > info.max_context:
+            raise MaxTokensError(asked, info.max_context)
+        cap = self.max_tokens_cap(info.max_context)
+        # Documented: max_new_tokens is clamped to the cap and to the room left in the context.
         params = SamplingParams(
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
-            max_new_tokens=min(asked, info.max_context - len(prompt_ids)),
+            max_new_tokens=min(asked, cap, info.max_context - len(prompt_ids)),
             seed=req.seed, stop=req.stop_list)
         kind = (headers.get("x-turn-type") or req.turn_type or "main").upper()
         if kind not in TurnType.__members__:
@@ -162,7 +176,11 @@ class Gateway:
         done = headers.get("x-session-done", "").strip().lower() in ("1", "true", "yes")
         return Turn(client_request_id(headers) or uuid.uuid4().hex, tenant, ref, TurnType(kind), messages, tools, prompt_ids,
                     params, self.parser if tools else None, done, time.perf_counter(), episode,
-                    req.continue_final_message)
+                    req.continue_final_message,
+                    explicit if explicit and params.max_new_tokens < explicit else None)
+
+    def max_tokens_cap(self, max_context: int) -> int:
+        return self.settings.max_tokens_cap or max(1, max_context // 4)
 
     async def complete(self, turn: Turn) -> Outcome:
         """Run a turn to the end (non-streaming) and record it."""

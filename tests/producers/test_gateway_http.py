@@ -125,6 +125,30 @@ def test_auth_errors_limits_and_models(make_gateway, engine):
     assert turns(gw) == []  # refused requests record nothing
 
 
+def test_max_tokens_beyond_the_context_is_refused_and_beyond_the_cap_clamped(make_gateway, engine):
+    gw = make_gateway(engine, max_tokens_cap=5)
+    context = engine.info().max_context
+    with ServerThread(gw) as server:
+        auth = {"Authorization": f"Bearer {KEYS['acme']}"}
+        url = f"{server.url}/v1/chat/completions"
+        ask = {"messages": [{"role": "user", "content": "count"}], "temperature": 0}
+        huge = httpx.post(url, json={**ask, "max_tokens": 10**12}, headers=auth)
+        assert huge.status_code == 400
+        err = huge.json()["error"]
+        assert err["code"] == "context_length_exceeded" and str(context) in err["message"]
+        assert turns(gw) == []   # refused: nothing recorded
+        clamped = httpx.post(url, json={**ask, "max_tokens": context}, headers=auth)
+        assert clamped.status_code == 200
+        assert clamped.headers["x-max-tokens-clamped"] == f"{context} -> 5"
+        assert clamped.json()["nextstate"]["max_tokens_clamped"] == {"asked": context, "to": 5}
+        assert clamped.json()["usage"]["completion_tokens"] <= 5
+        within = httpx.post(url, json={**ask, "max_tokens": 3}, headers=auth)
+        assert within.status_code == 200 and "x-max-tokens-clamped" not in within.headers
+        assert "max_tokens_clamped" not in within.json()["nextstate"]
+    [first, second] = turns(gw)
+    assert first.sampling.max_new_tokens == 5 and second.sampling.max_new_tokens == 3
+
+
 def test_openclaw_shaped_requests_land_in_one_derived_session(make_gateway, long_engine, tokenizer):
     gw = make_gateway(long_engine)
     convo = OpenClawConversation(system_prompt(1_500), "Set up the project")
