@@ -213,6 +213,10 @@ class GatewaySettings(_Section):
     # Answered request ids remembered per gateway, so a client's retry with the same
     # X-Request-Id (or Idempotency-Key) gets the first answer and records nothing; 0: off.
     replay_window: int = Field(default=10_000, ge=0)
+    # Shutdown (SIGTERM/SIGINT): new requests are refused at once (503 shutting_down); those in
+    # flight get this long to finish, then the rest end with that 503 (a stream with an error
+    # event, its sampled tokens recorded); the spool is then flushed to Kafka.
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
 
 
 class GroupSettings(_Section):

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from infra.errors import ChatError, ContextLengthError, GatewayError, NextstateError, ServingError
 from producers.gateway.auth import bearer
 from producers.gateway.replies import ReplayConflict, Reply, client_request_id
-from producers.gateway.service import Gateway, MaxTokensError, Outcome, Turn
+from producers.gateway.service import Gateway, MaxTokensError, Outcome, ShuttingDown, Turn
 from producers.gateway.streaming import ClosingStreamingResponse, sse_stream
 from producers.gateway.wire import ChatCompletionRequest, FeedbackRequest, describe, error_body
 
@@ -210,6 +210,8 @@ def create_app(gw: Gateway, settings: Any = None, namespace: str | None = None,
                            code="context_length_exceeded") from None
         except MaxTokensError as exc:
             raise ApiError(400, str(exc), code="context_length_exceeded") from None
+        except ShuttingDown as exc:
+            raise shutting_down(exc) from None
         except (ChatError, GatewayError) as exc:
             raise ApiError(400, str(exc)) from None
         headers = {"X-Session-Id": turn.session.session_id, "X-Request-Id": turn.request_id}
@@ -223,6 +225,8 @@ def create_app(gw: Gateway, settings: Any = None, namespace: str | None = None,
                                                        headers={**headers, "Cache-Control": "no-cache"}), headers)
         try:
             outcome = await gw.complete(turn)
+        except ShuttingDown as exc:
+            raise shutting_down(exc) from None
         except ContextLengthError as exc:
             raise ApiError(400, str(exc), code="context_length_exceeded") from None
         except NextstateError as exc:
@@ -262,6 +266,10 @@ def create_app(gw: Gateway, settings: Any = None, namespace: str | None = None,
         return await once(request, tenant, record)
 
     return Edge(app, gw)  # type: ignore[return-value]
+
+
+def shutting_down(exc: ShuttingDown) -> ApiError:
+    return ApiError(503, str(exc), "server_error", "shutting_down", {"Retry-After": "5"})
 
 
 def completion_body(gw: Gateway, turn: Turn, outcome: Outcome) -> dict[str, Any]:

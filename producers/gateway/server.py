@@ -76,12 +76,32 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+class GatewayServer(uvicorn.Server):
+    """uvicorn with the gateway's shutdown: when it stops (a signal, or `should_exit`), the
+    gateway refuses new turns at once and ends the ones still running after
+    ``gateway.shutdown_grace_s`` with a clear 503 (Gateway.begin_drain); uvicorn's own deadline
+    a few seconds later only backs that up. Then the lifespan flushes the spool."""
+
+    def __init__(self, config: uvicorn.Config, gw: Gateway) -> None:
+        super().__init__(config)
+        self.gw = gw
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        self.gw.begin_drain(self.gw.settings.shutdown_grace_s)
+        await super().shutdown(sockets)
+
+
+def server_config(app: Any, gw: Gateway, host: str, port: int, log_level: str, **kw: Any) -> uvicorn.Config:
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                          timeout_keep_alive=gw.settings.keep_alive_timeout_s,
+                          timeout_graceful_shutdown=gw.settings.shutdown_grace_s + 5, **kw)
+
+
 def run_gateway(gw: Gateway, host: str, port: int, log_level: str = "info", settings: Settings | None = None,
                 namespace: str | None = None, reload: bool = False, mount: Callable[..., Any] | None = None) -> None:
     try:
         app = create_app(gw, settings, namespace, reload=reload, mount=mount)
-        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
-                    timeout_keep_alive=gw.settings.keep_alive_timeout_s)
+        GatewayServer(server_config(app, gw, host, port, log_level), gw).run()
     finally:
         gw.spool.close()
 
@@ -91,10 +111,8 @@ class ServerThread:
 
     def __init__(self, gw: Gateway, host: str = "127.0.0.1", port: int | None = None) -> None:
         self.gw, self.host, self.port = gw, host, port or free_port(host)
-        config = uvicorn.Config(create_app(gw), host=self.host, port=self.port, log_level="warning",
-                                access_log=False, lifespan="on",
-                                timeout_keep_alive=gw.settings.keep_alive_timeout_s)
-        self.server = uvicorn.Server(config)
+        config = server_config(create_app(gw), gw, self.host, self.port, "warning", lifespan="on")
+        self.server = GatewayServer(config, gw)
         self.thread = threading.Thread(target=self._run, name="gateway-server", daemon=True)
         self.loop: asyncio.AbstractEventLoop | None = None
 

@@ -29,6 +29,13 @@ import orjson
 from infra.errors import ContextLengthError, GatewayError
 
 
+class ShuttingDown(GatewayError):
+    """The gateway is stopping: a request arrived after it began, or outlived the grace period."""
+
+
+_ABORT = "nextstate: the gateway's shutdown grace period ended"
+
+
 class MaxTokensError(GatewayError):
     """max_tokens larger than the model's whole context: no prompt could leave that much room."""
 
@@ -120,6 +127,43 @@ class Gateway:
                           lambda: drainer.delivered if drainer else 0,
                           lambda: drainer.failures if drainer else 0)
         self._reaper: asyncio.Task | None = None
+        self.draining = False               # shutdown began: no new turns
+        self.aborting = False               # the grace period is over: turns in flight end
+        self._engine_waits: set[asyncio.Task] = set()   # tasks waiting on the engine now
+
+    def begin_drain(self, grace_s: float) -> None:
+        """Refuse new turns now; end the ones in flight with ShuttingDown after `grace_s`."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("shutting down: refusing new requests; those in flight get %.1fs", grace_s)
+        asyncio.get_running_loop().call_later(grace_s, self._abort)
+
+    def _abort(self) -> None:
+        self.aborting = True
+        if self._engine_waits:
+            log.warning("shutting down: ending %d request(s) still waiting on the engine",
+                        len(self._engine_waits))
+        for task in list(self._engine_waits):
+            task.cancel(msg=_ABORT)
+
+    @contextlib.contextmanager
+    def _abortable(self):
+        """Around a wait on the engine: the grace period's end turns it into ShuttingDown."""
+        if self.aborting:
+            raise ShuttingDown("the gateway is shutting down; send the request again in a moment")
+        task = asyncio.current_task()
+        self._engine_waits.add(task)
+        try:
+            yield
+        except asyncio.CancelledError as exc:
+            if not (self.aborting and _ABORT in exc.args):
+                raise
+            task.uncancel()
+            raise ShuttingDown("the gateway is shutting down and this request did not finish within "
+                               "its grace period; send it again (a stream's tokens so far are recorded)") from None
+        finally:
+            self._engine_waits.discard(task)
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -149,7 +193,10 @@ class Gateway:
     # -- turns --------------------------------------------------------------------------------
     def prepare(self, req: ChatCompletionRequest, tenant: str, headers: dict[str, str]) -> Turn:
         """Render the prompt ids once and place the request in a session. Raises ChatError
-        (bad messages) or ContextLengthError (prompt longer than the model's context)."""
+        (bad messages), ContextLengthError (prompt longer than the model's context) or
+        ShuttingDown."""
+        if self.draining:
+            raise ShuttingDown("the gateway is shutting down; send the request again in a moment")
         messages = req.dumped_messages()
         tools = req.dumped_tools()
         prompt_ids = render_prompt(self.tokenizer, normalize_messages(messages), tools, req.continue_final_message)
@@ -190,7 +237,8 @@ class Gateway:
             async for _ in self.stream_tokens(turn, assembler, sampled):
                 pass
         else:
-            gen = await self.engine.generate(turn.prompt_ids, turn.params)
+            with self._abortable():
+                gen = await self.engine.generate(turn.prompt_ids, turn.params)
             sampled = Sampled(gen.policy_version, list(gen.token_ids), list(gen.logprobs), gen.finish_reason)
             assembler.push_many(sampled.ids)
         return await self.finish(turn, assembler.finish(), sampled)
@@ -198,7 +246,11 @@ class Gateway:
     async def stream_tokens(self, turn: Turn, assembler: TextAssembler, out: "Sampled") -> AsyncIterator[str]:
         """Sample step by step, collecting every token into `out`; yields visible text."""
         async with contextlib.aclosing(self.engine.stream(turn.prompt_ids, turn.params)) as deltas:
-            async for d in deltas:
+            while True:
+                with self._abortable():
+                    d = await anext(deltas, None)
+                if d is None:
+                    break
                 out.ids.append(d.token_id)
                 out.logprobs.append(d.logprob)
                 out.version = getattr(d, "policy_version", out.version)  # the weights that sampled it

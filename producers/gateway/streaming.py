@@ -22,7 +22,7 @@ import orjson
 from starlette.responses import StreamingResponse
 
 from producers.gateway.decode import TextAssembler
-from producers.gateway.service import Gateway, Sampled, Turn
+from producers.gateway.service import Gateway, Sampled, ShuttingDown, Turn
 from producers.gateway.wire import error_body
 
 log = logging.getLogger(__name__)
@@ -68,12 +68,15 @@ async def sse_stream(gw: Gateway, turn: Turn, include_usage: bool) -> AsyncItera
                 "prompt_tokens": len(turn.prompt_ids), "completion_tokens": completion,
                 "total_tokens": len(turn.prompt_ids) + completion}})
         yield b"data: [DONE]\n\n"
-    except Exception as exc:  # the engine broke mid-stream: tell the client in-band
-        log.exception("stream %s failed", turn.request_id)
+    except Exception as exc:  # the engine broke mid-stream, or the grace period ended: say so in-band
         if not recorded:
             gw.record_aborted(turn, sampled, assembler)
             recorded = True
-        yield _event(error_body(f"engine failed mid-stream: {exc}", "server_error"))
+        if isinstance(exc, ShuttingDown):
+            yield _event(error_body(str(exc), "server_error", "shutting_down"))
+        else:
+            log.exception("stream %s failed", turn.request_id)
+            yield _event(error_body(f"engine failed mid-stream: {exc}", "server_error"))
         yield b"data: [DONE]\n\n"
     finally:
         if not recorded:  # the client went away (task cancelled): keep what was sampled
