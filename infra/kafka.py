@@ -24,6 +24,26 @@ from schemas.events import DeadLettered, Event
 from schemas.serde import EventSerde, SchemaRegistryClient, TopicSerde
 
 
+# What no retry will change: the record itself is refused (too large, malformed).
+REFUSED_FOR_GOOD = frozenset({
+    KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD,
+    KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_MSG_SIZE, KafkaError.INVALID_MSG,
+})
+
+
+def refused_for_good(exc: BaseException) -> bool:
+    """True if `exc` (from producing one record) says that record can never be delivered: a
+    schema that refuses it, or a Kafka error about the record rather than the cluster."""
+    from infra.errors import SchemaError
+
+    if isinstance(exc, SchemaError):
+        return True
+    if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
+        return exc.args[0].code() in REFUSED_FOR_GOOD
+    errors = getattr(exc, "kafka_errors", None)
+    return bool(errors) and all(e.code() in REFUSED_FOR_GOOD for e in errors)
+
+
 def topic_names(kafka: KafkaSettings, namespace: str | None = None) -> dict[str, str]:
     """Event name -> full topic name under the namespace."""
     return {event: kafka.topic(short, namespace) for event, short in TOPICS.items()}
@@ -49,6 +69,7 @@ class EventProducer:
         self._topics = topic_names(kafka, namespace)
         self._serdes: dict[str, EventSerde] = {}
         self._errors: list[str] = []
+        self._kafka_errors: list[KafkaError] = []
         self.delivered = 0
 
     def serde(self, event_name: str) -> EventSerde:
@@ -64,6 +85,7 @@ class EventProducer:
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
             self._errors.append(f"{msg.topic()}: {err}")
+            self._kafka_errors.append(err)
         else:
             self.delivered += 1
 
@@ -92,10 +114,13 @@ class EventProducer:
         """Wait for every queued record; raise DeliveryError naming what failed."""
         remaining = self._producer.flush(timeout)
         errors, self._errors = self._errors, []
+        kafka_errors, self._kafka_errors = self._kafka_errors, []
         if remaining:
             errors.append(f"{remaining} record(s) still undelivered after {timeout:.0f}s")
         if errors:
-            raise DeliveryError(f"{len(errors)} delivery failure(s): " + "; ".join(errors[:5]))
+            exc = DeliveryError(f"{len(errors)} delivery failure(s): " + "; ".join(errors[:5]))
+            exc.kafka_errors = kafka_errors   # what Kafka said about each, for callers that sort them
+            raise exc
         return self.delivered
 
     def close(self, timeout: float = 30.0) -> None:

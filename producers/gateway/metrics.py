@@ -36,14 +36,18 @@ class GatewayMetrics:
                                      "events delivered to Kafka by this process", registry=r)
         self.spool_failures = Gauge("nextstate_gateway_spool_drain_failures",
                                     "failed attempts to deliver spooled events", registry=r)
+        self.spool_set_aside = Gauge("nextstate_gateway_spool_set_aside",
+                                     "spooled events Kafka refused for good, kept in set-aside.log", registry=r)
 
     def bind(self, sessions: Callable[[], float], depth: Callable[[], float],
-             delivered: Callable[[], float], failures: Callable[[], float]) -> None:
+             delivered: Callable[[], float], failures: Callable[[], float],
+             set_aside: Callable[[], float] = lambda: 0) -> None:
         """Read these gauges from their owners at scrape time."""
         self.sessions.set_function(sessions)
         self.spool_depth.set_function(depth)
         self.spool_delivered.set_function(delivered)
         self.spool_failures.set_function(failures)
+        self.spool_set_aside.set_function(set_aside)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

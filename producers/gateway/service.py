@@ -125,7 +125,8 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.metrics.bind(lambda: len(self.sessions), lambda: self.spool.depth,
                           lambda: drainer.delivered if drainer else 0,
-                          lambda: drainer.failures if drainer else 0)
+                          lambda: drainer.failures if drainer else 0,
+                          lambda: drainer.set_aside if drainer else 0)
         self._reaper: asyncio.Task | None = None
         self.draining = False               # shutdown began: no new turns
         self.aborting = False               # the grace period is over: turns in flight end

@@ -15,6 +15,13 @@ A torn last line (a crash mid-write) is cut off when the spool opens; a corrupt 
 middle is copied to `corrupt.log` and skipped, never silently dropped. Segments wholly
 behind the drain position are deleted.
 
+A record Kafka refuses for good (larger than the broker takes, refused by its schema) would
+block every record behind it. When a batch fails that way, the drainer sends its records one
+by one, copies each refused one to `set-aside.log` (`<json reason>\t<spool line>`, fsync'd
+before the position moves past it), reports it as a `DeadLettered` event (stage
+`gateway-spool`, without the value: that is what was too large) and counts it; the records
+behind it flow. A failure that a retry may cure (Kafka down, a timeout) is retried as before.
+
 Delivery is at-least-once into Kafka and exactly-once for consumers that drop repeated
 `event_id`s: a crash between Kafka's ack and the position update, or a batch that Kafka
 took only partly before failing, is sent again with the same event ids.
@@ -36,7 +43,9 @@ from pathlib import Path
 import orjson
 
 from infra.errors import GatewayError
-from schemas.events import EVENT_TYPES, Event
+from infra.kafka import refused_for_good
+from schemas.catalog import TOPICS
+from schemas.events import EVENT_TYPES, DeadLettered, Event
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +267,8 @@ class SpoolDrainer:
         self.retry_max_s = retry_max_s
         self.delivered = 0
         self.failures = 0
+        self.set_aside = 0
+        self.last_set_aside: str | None = None
         self.last_error: str | None = None
         self.connected = False
         self._producer = None
@@ -288,13 +299,75 @@ class SpoolDrainer:
             return 0
         if self._producer is None:
             self._producer = self.producer_factory()
-        for item in batch:
-            self._producer.send(item.event, key=item.key)
-        self._producer.flush(self.flush_timeout_s)
+        for i, item in enumerate(batch):
+            try:
+                self._producer.send(item.event, key=item.key)
+            except Exception as exc:   # refused before it left (too large here, or by its schema)
+                if not refused_for_good(exc):
+                    raise
+                self._producer.flush(self.flush_timeout_s)   # the ones before it, then past it
+                if i:
+                    self.spool.ack(batch[i - 1].end, i)
+                    self.delivered += i
+                self._set_aside(item, exc)
+                self.spool.ack(item.end, 1)
+                return i
+        try:
+            self._producer.flush(self.flush_timeout_s)
+        except Exception as exc:
+            if not refused_for_good(exc):
+                raise
+            self._producer = None   # refused by the broker: find which, one record at a time
+            return self._one_by_one(batch)
         self.spool.ack(batch[-1].end, len(batch))
         self.delivered += len(batch)
         self.connected = True
         return len(batch)
+
+    def _one_by_one(self, batch: list[Spooled]) -> int:
+        """Deliver `batch` a record at a time, setting aside each one Kafka refuses for good.
+        Records sent again here that had gone through in the batch keep their event ids."""
+        delivered = 0
+        for item in batch:
+            if self._producer is None:
+                self._producer = self.producer_factory()
+            try:
+                self._producer.send(item.event, key=item.key)
+                self._producer.flush(self.flush_timeout_s)
+                delivered += 1
+                self.delivered += 1
+            except Exception as exc:
+                if not refused_for_good(exc):
+                    raise   # retried later from this record; those before it are acknowledged
+                self._producer = None
+                self._set_aside(item, exc)
+            self.spool.ack(item.end, 1)
+        self.connected = True
+        return delivered
+
+    def _set_aside(self, item: Spooled, exc: Exception) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+        name = type(item.event).__name__
+        log.error("spool: %s %s refused for good, set aside in %s: %s", name,
+                  getattr(item.event, "event_id", "?"), self.spool.dir / "set-aside.log", reason)
+        with (self.spool.dir / "set-aside.log").open("ab") as fh:
+            fh.write(orjson.dumps({"reason": reason, "event": name}) + b"\t" + encode(item.event, item.key))
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.set_aside += 1
+        self.last_set_aside = reason
+        letter = DeadLettered.of(
+            "gateway-spool", TOPICS.get(name, name), -1, -1, item.key.encode() if item.key else None, None,
+            f"{reason}; the record is kept in {self.spool.dir / 'set-aside.log'}",
+            parent_ids=[getattr(item.event, "event_id", "")])
+        try:
+            if self._producer is None:
+                self._producer = self.producer_factory()
+            self._producer.send(letter, key=item.key)
+            self._producer.flush(self.flush_timeout_s)
+        except Exception:  # noqa: BLE001 - the record is kept on disk; the report is best effort
+            log.exception("spool: could not report the set-aside record on dead-letters")
+            self._producer = None
 
     def _run(self) -> None:
         backoff = 0.2

@@ -9,6 +9,7 @@ broker listens, then pointed back (the drainer builds a fresh producer after eac
 
 from __future__ import annotations
 
+import json
 import httpx
 import openai
 import pytest
@@ -107,3 +108,52 @@ def test_a_restarted_gateway_drains_what_the_previous_one_spooled(settings, regi
     second.spool.close()
     events = read_events(settings, registry, namespace, ["TurnRecorded"], expect=3, settle_s=2.0)
     assert sorted(e.turn_index for e in events) == [0, 1, 2] and {e.session_id for e in events} == {"s-r"}
+
+
+@pytest.mark.parametrize("where", ["client", "broker"])
+def test_a_record_kafka_refuses_for_good_is_set_aside_and_the_rest_flow(settings, registry, namespace, tmp_path,
+                                                                         where):
+    """client: the producer's own size limit refuses it at send; broker: the topic's limit
+    (kafka.max_message_bytes) refuses it on delivery, and the batch is retried record by record."""
+    from producers.gateway.spool import Spool, SpoolDrainer, decode
+    from schemas.events import DeadLettered, SamplingParams, TurnType
+
+    def turn(i: int, text: str) -> TurnRecorded:
+        return TurnRecorded(tenant="acme", session_id="s-poison", turn_index=i, turn_type=TurnType.MAIN,
+                            request_id=f"r{i}", messages_json=json.dumps([{"role": "user", "content": text}]),
+                            prompt_token_ids=[1, 2], response_token_ids=[3], response_logprobs=[-0.5],
+                            response_text="ok", finish_reason="stop", sampling=SamplingParams(),
+                            policy_version=0, engine="local", model="tiny")
+
+    spool = Spool(tmp_path / "spool")
+    limit = 200_000 if where == "client" else 4 * settings.kafka.max_message_bytes
+    size = 300_000 if where == "client" else settings.kafka.max_message_bytes + 500_000
+    huge = turn(1, "x" * size)
+    spool.append([(turn(0, "before"), "s-poison"), (huge, "s-poison"), (turn(2, "after"), "s-poison")])
+    factory = kafka_producer_factory(settings, namespace)
+
+    def small_limit():
+        producer = factory()
+        producer._producer = type(producer._producer)({**settings.kafka.client_config(),
+                                                       "enable.idempotence": True, "acks": "all",
+                                                       "message.max.bytes": limit})
+        return producer
+
+    drainer = SpoolDrainer(spool, small_limit, flush_timeout_s=10).start()
+    try:
+        wait_for(lambda: spool.depth == 0, timeout=60, what="the spool drained past the refused record")
+    finally:
+        drainer.stop()
+    assert drainer.set_aside == 1 and drainer.delivered == 2
+    reason, line = (tmp_path / "spool" / "set-aside.log").read_bytes().split(b"\t", 1)
+    assert b"MSG_SIZE_TOO_LARGE" in reason
+    assert decode(line)[0] == huge                          # the whole record, kept
+    turns = read_events(settings, registry, namespace, ["TurnRecorded"], expect=2, settle_s=2.0)
+    # the broker's refusal fails the whole batch: what it had taken is sent again, same ids
+    assert sorted({t.event_id: t.turn_index for t in turns}.values()) == [0, 2]
+    if where == "client":
+        assert len(turns) == 2
+    [letter] = read_events(settings, registry, namespace, ["DeadLettered"], expect=1)
+    assert isinstance(letter, DeadLettered) and letter.stage == "gateway-spool"
+    assert letter.parent_ids == [huge.event_id] and "set-aside.log" in letter.error
+    spool.close()
