@@ -197,6 +197,10 @@ class GatewaySettings(_Section):
     tenant: str = "default"
     # The model name /v1/models reports and turns record; default: the engine's.
     served_model_name: str | None = None
+    # Other names a request's `model` may use for the served policy; any other name gets 404
+    # model_not_found. By default the names nextstate's own clients send: `nextstate openclaw`
+    # writes `policy` as OpenClaw's model id, the environment runner sends `nextstate`.
+    model_aliases: list[str] = Field(default_factory=lambda: ["policy", "nextstate"])
     # Tool-call syntax of the model's chat template (producers.gateway.chat.TOOL_PARSERS);
     # None: detected from the template.
     tool_parser: str | None = None

@@ -7,7 +7,8 @@ Routes: `POST /v1/chat/completions` (whole or SSE-streamed token by token), `GET
 Only this module turns errors into status codes: malformed JSON 400, invalid fields 422
 (the message names each field), bodies over `max_body_bytes` 413 (Content-Length or the
 bytes actually received), a prompt longer than the context or a max_tokens larger than it 400
-`context_length_exceeded`, a broken engine 502. Responses carry `X-Policy-Version`,
+`context_length_exceeded`, a `model` the gateway neither serves nor maps
+(`gateway.model_aliases`) 404 `model_not_found`, a broken engine 502. Responses carry `X-Policy-Version`,
 `X-Session-Id`, `X-Request-Id`, and `X-Max-Tokens-Clamped` when max_tokens was cut to the cap
 (`gateway.max_tokens_cap`) or to the room the prompt leaves.
 
@@ -32,7 +33,7 @@ from pydantic import ValidationError
 from infra.errors import ChatError, ContextLengthError, GatewayError, NextstateError, ServingError
 from producers.gateway.auth import bearer
 from producers.gateway.replies import ReplayConflict, Reply, client_request_id
-from producers.gateway.service import Gateway, MaxTokensError, Outcome, ShuttingDown, Turn
+from producers.gateway.service import Gateway, MaxTokensError, Outcome, ShuttingDown, Turn, UnknownModel
 from producers.gateway.streaming import ClosingStreamingResponse, sse_stream
 from producers.gateway.wire import ChatCompletionRequest, FeedbackRequest, describe, error_body
 
@@ -212,6 +213,8 @@ def create_app(gw: Gateway, settings: Any = None, namespace: str | None = None,
             raise ApiError(400, str(exc), code="context_length_exceeded") from None
         except ShuttingDown as exc:
             raise shutting_down(exc) from None
+        except UnknownModel as exc:
+            raise ApiError(404, str(exc), code="model_not_found") from None
         except (ChatError, GatewayError) as exc:
             raise ApiError(400, str(exc)) from None
         headers = {"X-Session-Id": turn.session.session_id, "X-Request-Id": turn.request_id}

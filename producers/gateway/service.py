@@ -36,6 +36,10 @@ class ShuttingDown(GatewayError):
 _ABORT = "nextstate: the gateway's shutdown grace period ended"
 
 
+class UnknownModel(GatewayError):
+    """A request named a model this gateway does not serve (nor map to the policy)."""
+
+
 class MaxTokensError(GatewayError):
     """max_tokens larger than the model's whole context: no prompt could leave that much room."""
 
@@ -119,6 +123,7 @@ class Gateway:
         self.drainer = drainer
         # A model path would leak the server's filesystem layout; report its last component.
         self.model_name = model_name or settings.served_model_name or Path(engine.info().model).name
+        self.model_names = frozenset([self.model_name, *settings.model_aliases])
         self.parser = parser_for(tokenizer, settings.tool_parser)
         self.sessions = SessionTracker(settings.session_idle_timeout_s)
         self.replies = Replies(settings.replay_window)
@@ -198,6 +203,10 @@ class Gateway:
         ShuttingDown."""
         if self.draining:
             raise ShuttingDown("the gateway is shutting down; send the request again in a moment")
+        if req.model is not None and req.model not in self.model_names:
+            raise UnknownModel(f"the model {req.model!r} is not served here: this gateway serves "
+                               f"{self.model_name!r} (also as {', '.join(map(repr, self.settings.model_aliases)) or 'nothing else'}); "
+                               "an operator can add names with gateway.model_aliases")
         messages = req.dumped_messages()
         tools = req.dumped_tools()
         prompt_ids = render_prompt(self.tokenizer, normalize_messages(messages), tools, req.continue_final_message)

@@ -48,7 +48,7 @@ def make_gateway(settings: Settings, tmp_path: Path, tokenizer: Any, keyring: Ke
               **overrides: Any):
         gw_settings = settings.gateway.model_copy(update={
             "spool_dir": spool_dir or tmp_path / f"spool-{uuid.uuid4().hex[:6]}",
-            "delivery_timeout_s": 3.0, **overrides})
+            "delivery_timeout_s": 3.0, "served_model_name": "tiny", **overrides})
         s = settings.model_copy(update={"gateway": gw_settings})
         return build_gateway(s, engine, tokenizer, namespace=namespace, producer_factory=producer_factory,
                              drain=drain, keys=keyring)

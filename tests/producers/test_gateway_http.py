@@ -125,6 +125,23 @@ def test_auth_errors_limits_and_models(make_gateway, engine):
     assert turns(gw) == []  # refused requests record nothing
 
 
+def test_a_model_the_gateway_does_not_serve_is_404_unless_mapped(make_gateway, engine):
+    gw = make_gateway(engine, model_aliases=["policy", "my-agent"])
+    with ServerThread(gw) as server:
+        c = client(server)
+        with pytest.raises(openai.NotFoundError) as err:
+            c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+        assert err.value.code == "model_not_found" and "gateway.model_aliases" in err.value.message
+        for name in ("tiny", "policy", "my-agent"):   # the served name and the operator's names
+            assert c.chat.completions.create(model=name, messages=[{"role": "user", "content": "x"}],
+                                              max_tokens=2).model == "tiny"
+        auth = {"Authorization": f"Bearer {KEYS['acme']}"}
+        omitted = httpx.post(f"{server.url}/v1/chat/completions", headers=auth,
+                             json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
+        assert omitted.status_code == 200
+    assert len(turns(gw)) == 4   # the refused request recorded nothing
+
+
 def test_max_tokens_beyond_the_context_is_refused_and_beyond_the_cap_clamped(make_gateway, engine):
     gw = make_gateway(engine, max_tokens_cap=5)
     context = engine.info().max_context

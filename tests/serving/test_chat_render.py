@@ -65,7 +65,7 @@ def test_a_recorded_turn_renders_back_to_its_prompt_and_the_teacher_adds_only_th
     with ServerThread(gw) as server, httpx.Client(base_url=server.url, timeout=60,
                                                   headers={"Authorization": "Bearer k"}) as client:
         for name, (messages, tools) in SHAPES.items():
-            body = {"model": "m", "messages": messages, "max_tokens": 1, "temperature": 0}
+            body = {"model": "policy", "messages": messages, "max_tokens": 1, "temperature": 0}
             if tools:
                 body["tools"] = tools
             r = client.post("/v1/chat/completions", json=body, headers={"X-Session-Id": name})
