@@ -7,6 +7,7 @@ Heavy imports (torch, transformers, faust) happen inside the commands that need 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -233,6 +234,33 @@ def ops(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(30080),
         fail(exc)
     console.print(f"ops view on http://{host}:{port}/ops/")
     uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
+@app.command()
+def soak(minutes: float = typer.Option(30.0, help="how long the load runs"),
+         users: int = typer.Option(4, help="simulated users talking at once"),
+         think_s: float = typer.Option(1.0, help="each user's pause between requests"),
+         fault_every_s: float = typer.Option(60.0, help="seconds between faults"),
+         faults: Optional[int] = typer.Option(None, help="how many faults (default: as many as fit)"),
+         stack_faults: bool = typer.Option(True, help="also restart the broker and stop MinIO and the registry"),
+         pause_s: float = typer.Option(20.0, help="how long MinIO / the registry stay stopped"),
+         model: Optional[str] = typer.Option(None, help="model spec; default: the embedded default"),
+         port: int = typer.Option(30070, help="the soak's gateway port"),
+         seed: int = typer.Option(7),
+         out: Path = typer.Option(Path("out/soak"), help="results and logs go under here")) -> None:
+    """The loop under load while every part is killed in turn; then the books: nothing answered
+    lost, nothing recorded or trained twice (see infra/cli/soak.py)."""
+    from infra.cli.soak import SoakConfig, print_result, run_soak
+
+    cfg = SoakConfig(minutes=minutes, users=users, think_s=think_s, fault_every_s=fault_every_s, faults=faults,
+                     stack_faults=stack_faults, pause_s=pause_s, model=model, port=port, seed=seed, out_dir=out)
+    try:
+        result = run_soak(load_settings(), cfg, console)
+    except NextstateError as exc:
+        fail(exc)
+    print_result(result, console)
+    if not result.get("ok"):
+        raise typer.Exit(1)
 
 
 @app.command()
