@@ -123,6 +123,10 @@ class StagedState(MutableMapping):
     def __len__(self) -> int:
         return sum(1 for _ in self)
 
+    def discard(self) -> None:
+        """Forget the held writes (their batch's outputs were not all delivered)."""
+        self._writes = {}
+
     def apply(self) -> int:
         """Write the held writes to the table, in the order they were made; how many."""
         writes, self._writes = self._writes, {}
@@ -217,8 +221,13 @@ class StageRunner:
             if result.note:
                 self.counts[result.note.split(":")[0]] += 1
         t1 = time.perf_counter()
-        if deliveries:
-            await asyncio.gather(*deliveries)   # raises if an output was refused: nothing is kept
+        try:
+            if deliveries:
+                await asyncio.gather(*deliveries)   # raises if an output was refused
+        except BaseException:
+            if self.state is not None:
+                self.state.discard()   # nothing of this batch is kept: its records are read again
+            raise
         if self.state is not None:
             self.state.apply()
         self.timing["handle"] += handled

@@ -164,12 +164,12 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def _wait(cond, timeout_s: float) -> bool:
+def _wait(cond, timeout_s: float, interval_s: float = 0.5) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if cond():
             return True
-        time.sleep(0.5)
+        time.sleep(interval_s)
     return False
 
 
@@ -428,9 +428,9 @@ def run_soak(settings: Settings, cfg: SoakConfig, console: Any) -> dict[str, Any
         # every turn closes (the last turn of a session left open closes at the idle timeout,
         # processors.transition_timeout_s) and every stage has consumed its inputs
         drained = _wait(lambda: _all_closed(settings, ns) and all(v == 0 for v in _lags(settings, ns).values()),
-                        cfg.drain_timeout_s)
+                        cfg.drain_timeout_s, interval_s=3.0)   # each look reads the log
         time.sleep(5)   # the learner's idle checkpoint (checkpoint_idle_s) after the last samples
-        _wait(lambda: _learner_caught_up(settings, ns), cfg.drain_timeout_s)
+        _wait(lambda: _learner_caught_up(settings, ns), cfg.drain_timeout_s, interval_s=3.0)
         states = json.loads((out / "parts" / "states.json").read_text())
         books = audit(settings, ns, state)
         books["drained"] = drained
