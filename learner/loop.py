@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from infra.errors import StorageError
 from infra.settings import LearnerSettings, Settings
 from learner.checkpointing import CheckpointStore, RunState, latest_checkpoint
 from learner.feeder import StepFeeder
@@ -60,6 +61,8 @@ class LearnerLoop:
         self.steps_since_checkpoint = 0
         self.last_checkpoint = time.monotonic()
         self.last_step = time.monotonic()
+        self.checkpoint_failures = 0      # publishes the object store refused, in a row
+        self.retry_checkpoint_at = 0.0    # after one, no new try before this
 
     def run(self, until: Until) -> RunState:
         state = self.state
@@ -99,6 +102,8 @@ class LearnerLoop:
         if self.store is None or not self.pending:
             return False
         now = time.monotonic()
+        if now < self.retry_checkpoint_at:
+            return False
         if now - self.last_checkpoint >= self.ls.checkpoint_every_s:
             return True
         if idle:
@@ -111,8 +116,20 @@ class LearnerLoop:
             return
         started = time.monotonic()
         counters = {f"samples_{k}": float(v) for k, v in self.feeder.staleness.verdicts.items()}
-        event = self.store.publish(self.trainer, self.state, self.pending,
-                                   {**self.metrics, **counters})
+        try:
+            event = self.store.publish(self.trainer, self.state, self.pending,
+                                       {**self.metrics, **counters})
+        except StorageError as exc:
+            # The object store is away (measured by `nextstate soak`: MinIO stopped for 20 s
+            # made the learner exit mid-upload). Nothing was published and the state did not
+            # advance: keep training, keep the ledger lines, try again after a backoff.
+            self.checkpoint_failures += 1
+            wait = min(60.0, 2.0 ** self.checkpoint_failures)
+            self.retry_checkpoint_at = time.monotonic() + wait
+            log.warning("checkpoint v%d not published (%s); training goes on, next try in %.0fs",
+                        self.state.version + 1, exc, wait)
+            return
+        self.checkpoint_failures, self.retry_checkpoint_at = 0, 0.0
         self.commit(event.consumed_offsets)   # only now: the event holds these offsets
         seconds = time.monotonic() - started
         self.ledger.append({"published": event.version, "step": event.step, "uri": event.uri,
