@@ -50,7 +50,9 @@ def test_api_needs_a_key_and_reflects_the_log(ops_server):
     assert httpx.get(f"{ops_server}/ops/api/summary").status_code == 401
     assert httpx.get(f"{ops_server}/ops/", auth=("x", "wrong")).status_code == 401
     get = lambda: httpx.get(f"{ops_server}/ops/api/summary", headers={"Authorization": f"Bearer {KEY}"}).json()
-    summary = wait_for(lambda: (d := get())["counts"]["CheckpointPublished"] and d, 30, what="index caught up")
+    # every topic the examples went to is read on its own: wait until each has been seen
+    summary = wait_for(lambda: (d := get())["counts"]["CheckpointPublished"] and d["dead_letters"]
+                       and d["judgements"] and d["sessions"] and d, 30, what="index caught up")
     assert summary["sessions"][0]["session_id"] == "sess-ops-1"
     assert summary["sessions"][0]["reward_mean"] == -1
     assert summary["judgements"][0]["votes"] == [-1, None]

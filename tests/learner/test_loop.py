@@ -112,3 +112,44 @@ def test_a_caught_up_learner_publishes_its_last_steps_without_waiting_for_more_s
     finally:
         until.stop.set()
         runner.join(60)
+
+
+def test_garbage_on_the_samples_topic_is_dead_lettered_and_training_goes_on(
+        settings, registry, namespace, bucket, tiny_model_dir, tmp_path):
+    import threading
+
+    from tests.conftest import wait_for
+    from tests.processors.test_stages_kafka import _garbage, raw_send
+
+    samples = [make_sample(i) for i in range(3)]
+    topic = f"{namespace}samples"
+    garbage = _garbage(settings, registry, namespace)
+    for kind, value in garbage.items():
+        raw_send(settings, topic, kind.encode(), value)
+    producer = EventProducer(settings.kafka, registry, namespace)
+    for s in samples:
+        producer.send(s, key=s.session_id)
+    producer.flush()
+    ls = settings.learner.model_copy(update={
+        "device": "cpu", "lora": True, "lora_rank": 4, "token_budget": 14, "method": "combined",
+        "checkpoint_every_steps": 100, "checkpoint_every_s": 3600.0, "checkpoint_idle_s": 0.5,
+        "fill_timeout_s": 0.2, "bucket": bucket, "work_dir": tmp_path})
+    until = Until()
+    runner = threading.Thread(target=learn, args=(settings.model_copy(update={"learner": ls}),), daemon=True,
+                              kwargs={"run": "junk", "namespace": namespace, "model": str(tiny_model_dir),
+                                      "until": until})
+    runner.start()
+    try:
+        wait_for(lambda: published(settings, registry, namespace, run="junk"), 120, interval=1.0,
+                 what="a checkpoint after the garbage")
+        event = published(settings, registry, namespace, run="junk")[0]
+        # the garbage is consumed too: the checkpoint's offsets are past every record
+        assert sum(o.offset for o in event.consumed_offsets) == len(samples) + len(garbage)
+        ledger = read_ledger(run_dir(ls.model_copy(update={"run": "junk"}), namespace) / "ledger.jsonl")
+        assert {i for line in ledger for i in trained_ids(line)} == {s.event_id for s in samples}
+    finally:
+        until.stop.set()
+        runner.join(60)
+    dead = [r.event for r in read_all(settings, registry, namespace, "DeadLettered")]
+    assert sorted(d.key for d in dead) == sorted(k.encode() for k in garbage)
+    assert all(d.stage.startswith("learner") and d.error_type == "DecodeError" for d in dead)

@@ -24,7 +24,7 @@ def producer(settings, registry, namespace):
 
 
 def raw_send(settings, topic: str, key: bytes, value: bytes) -> None:
-    p = Producer(settings.kafka.client_config())
+    p = Producer({**settings.kafka.client_config(), "message.max.bytes": settings.kafka.max_message_bytes})
     p.produce(topic, key=key, value=value)
     assert p.flush(30) == 0
 
@@ -144,4 +144,58 @@ def test_assemble_dead_letters_wrong_lengths_and_keeps_going(settings, registry,
     # whichever side completed the join is the record that could not be used
     assert dead.source_topic in {f"{namespace}{t}" for t in ("transitions", "judgements", "hints")}
     assert dead.key == bad.session_id.encode() and dead.value and dead.source_offset >= 0
+    out.close()
+
+
+def _garbage(settings, registry, namespace) -> dict[str, bytes]:
+    """Four kinds of record no stage can use: random bytes, a schema id the registry never gave,
+    a valid record of an event no stage reads (a checkpoint), and a huge record."""
+    import os
+
+    from schemas.events import CheckpointKind, CheckpointPublished
+    from schemas.serde import EventSerde
+
+    checkpoint = CheckpointPublished(run="r", version=1, kind=CheckpointKind.LORA, base_model="tiny",
+                                     uri="s3://b/r/v00000001/", files=[], consumed_offsets=[], step=1,
+                                     samples_trained=1)
+    other = EventSerde(registry, "CheckpointPublished", f"{namespace}checkpoints").serialize(checkpoint)
+    return {"random": b"\x07" + os.urandom(63), "unknown-schema": b"\x00" + (987654).to_bytes(4, "big") + b"\x02x",
+            "other-event": other, "huge": b"\x00" + os.urandom(2 * 1024 * 1024)}
+
+
+@pytest.mark.slow
+def test_every_stage_dead_letters_every_kind_of_garbage_on_every_input_and_goes_on(
+        settings, registry, namespace, producer, workers):
+    from processors.topology import stage as stage_spec
+    from schemas.catalog import TOPICS
+
+    stages = ("sessionize", "judge", "hint", "assemble", "group")
+    garbage = _garbage(settings, registry, namespace)
+    inputs = {s: sorted({TOPICS[e] for e in stage_spec(s).inputs}) for s in stages}
+    for topic in sorted({t for ts in inputs.values() for t in ts}):
+        for kind, value in garbage.items():
+            raw_send(settings, f"{namespace}{topic}", kind.encode(), value)
+    # then a conversation the stages must still turn into samples
+    sid = str(uuid.uuid4())
+    t0 = turn(sid, 0, [{"role": "user", "content": "write hello"}], response="print(1)")
+    t1 = turn(sid, 1, [{"role": "user", "content": "write hello"}, {"role": "assistant", "content": "print(1)"},
+                       {"role": "user", "content": "perfect, thanks"}], response="ok")
+    for event in (t0, t1, feedback(sid, FeedbackKind.SESSION_END)):
+        producer.send(event, key=sid)
+    producer.flush()
+    out = Collector(settings, registry, namespace, "SampleReady", "DeadLettered")
+    env = {"NEXTSTATE_PROCESSORS__METHOD": "rl", "NEXTSTATE_PROCESSORS__JUDGE": "feedback",
+           "NEXTSTATE_PROCESSORS__HINT_JUDGE": "feedback", "NEXTSTATE_PROCESSORS__JUDGE_VOTES": "1"}
+    for s in stages:
+        workers(s, **env)
+    want = {(s, f"{namespace}{t}", k.encode()) for s in stages for t in inputs[s] for k in garbage}
+    seen = lambda: {(d.stage, d.source_topic, d.key) for d in out.unique(DeadLettered).values()}  # noqa: E731
+    wait_for(lambda: seen() >= want and {s.parent_ids[0] for s in out.events(SampleReady)} >= {t0.event_id, t1.event_id},
+             240, what=f"{len(want)} dead letters and the conversation's two samples")
+    dead = out.unique(DeadLettered).values()
+    assert {(d.stage, d.source_topic, d.key) for d in dead} == want      # each once, nothing else
+    for d in dead:
+        assert d.error_type == "DecodeError" and d.error, (d.stage, d.key, d.error)
+        if d.key == b"other-event":
+            assert "CheckpointPublished" in d.error or "schema" in d.error.lower(), d.error
     out.close()
