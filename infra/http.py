@@ -62,11 +62,17 @@ class RetryOnFreshConnection(httpx.AsyncBaseTransport):
         i = min(range(len(self.pools)), key=self._busy.__getitem__)
         self._busy[i] += 1
         try:
-            return await self.pools[i].handle_async_request(request)
+            response = await self.pools[i].handle_async_request(request)
         except NOT_DELIVERED as first:
+            self._busy[i] -= 1
             error: Exception = first
-        finally:
-            self._busy[i] -= 1   # until the response headers; a stream's body is not counted
+        except BaseException:
+            self._busy[i] -= 1
+            raise
+        else:
+            # the connection stays taken until the body is read and closed (a stream's too)
+            response.stream = _Released(response.stream, lambda: self._release(i))
+            return response
         for _ in range(self.retries):
             self.retried += 1
             fresh = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_keepalive_connections=0))
@@ -78,9 +84,31 @@ class RetryOnFreshConnection(httpx.AsyncBaseTransport):
                 error = again
         raise error
 
+    def _release(self, i: int) -> None:
+        self._busy[i] -= 1
+
     async def aclose(self) -> None:
         for pool in self.pools:
             await pool.aclose()
+
+
+class _Released(httpx.AsyncByteStream):
+    """A response body that calls `release` once when it is closed."""
+
+    def __init__(self, stream: Any, release: Any) -> None:
+        self.stream, self.release = stream, release
+
+    async def __aiter__(self):
+        async for chunk in self.stream:
+            yield chunk
+
+    async def aclose(self) -> None:
+        release, self.release = self.release, None
+        try:
+            await self.stream.aclose()
+        finally:
+            if release is not None:
+                release()
 
 
 def async_client(base_url: str, *, headers: dict[str, str] | None = None, timeout: Any = 60.0,

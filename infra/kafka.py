@@ -32,12 +32,19 @@ REFUSED_FOR_GOOD = frozenset({
 
 
 def refused_for_good(exc: BaseException) -> bool:
-    """True if `exc` (from producing one record) says that record can never be delivered: a
-    schema that refuses it, or a Kafka error about the record rather than the cluster."""
+    """True if `exc` (from producing one record) says that record can never be delivered: its
+    schema refuses it, or Kafka's error is about the record rather than the cluster."""
+    from confluent_kafka.schema_registry.error import SchemaRegistryError
+
     from infra.errors import SchemaError
 
     if isinstance(exc, SchemaError):
-        return True
+        # the record does not fit its schema, or the registry refused the schema itself; not a
+        # registry that is down or slow (that passes, and the record must wait for it)
+        cause = exc.__cause__
+        if isinstance(cause, SchemaRegistryError):
+            return getattr(cause, "http_status_code", 0) in (409, 422)
+        return isinstance(cause, (ValueError, TypeError, KeyError, OverflowError, AttributeError))
     if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
         return exc.args[0].code() in REFUSED_FOR_GOOD
     errors = getattr(exc, "kafka_errors", None)

@@ -92,7 +92,7 @@ class LearnerLoop:
             if until.max_steps is not None and state.step >= until.max_steps:
                 break
         if self.pending:
-            self.checkpoint()
+            self.checkpoint(final=True)
         return state
 
     def _checkpoint_due(self, idle: bool) -> bool:
@@ -110,7 +110,9 @@ class LearnerLoop:
             return self.steps_since_checkpoint > 0 and now - self.last_step >= self.ls.checkpoint_idle_s
         return self.steps_since_checkpoint >= self.ls.checkpoint_every_steps
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, final: bool = False) -> None:
+        """Publish the steps trained since the last one. `final` (the run is stopping): a store
+        that refuses is an error, not something to retry later."""
         if self.store is None:
             self.pending.clear()
             return
@@ -120,6 +122,8 @@ class LearnerLoop:
             event = self.store.publish(self.trainer, self.state, self.pending,
                                        {**self.metrics, **counters})
         except StorageError as exc:
+            if final:
+                raise
             # The object store is away (measured by `nextstate soak`: MinIO stopped for 20 s
             # made the learner exit mid-upload). Nothing was published and the state did not
             # advance: keep training, keep the ledger lines, try again after a backoff.

@@ -180,6 +180,14 @@ class StageRunner:
         await self.process_batch([Raw(topic, partition, offset, key, value, headers)])
 
     async def process_batch(self, records: Sequence[Raw]) -> None:
+        try:
+            await self._process_batch(records)
+        except BaseException:
+            if self.state is not None:
+                self.state.discard()   # whatever this batch wrote is not kept
+            raise
+
+    async def _process_batch(self, records: Sequence[Raw]) -> None:
         t0 = time.perf_counter()
         results: list[Result] | None = None
         if self.concurrency > 1 and len(records) > 1:
@@ -193,7 +201,7 @@ class StageRunner:
 
             results = list(await asyncio.gather(*(one(r) for r in records)))
         handled = time.perf_counter() - t0
-        deliveries = []
+        deliveries, sent = [], []
         for i, r in enumerate(records):
             if results is not None:
                 result = results[i]
@@ -212,7 +220,8 @@ class StageRunner:
                 self.counts["dead-lettered"] += 1
             for out_topic, data in encoded:
                 dl = out_topic == self.serdes.topics["DeadLettered"]
-                delivery = await self.send(out_topic, r.key, data, 0 if dl else r.partition)
+                sent.append((out_topic, r.key, data, 0 if dl else r.partition))
+                delivery = await self.send(*sent[-1])
                 if delivery is not None:
                     deliveries.append(delivery)
             if result.keep is not None:
@@ -221,13 +230,7 @@ class StageRunner:
             if result.note:
                 self.counts[result.note.split(":")[0]] += 1
         t1 = time.perf_counter()
-        try:
-            if deliveries:
-                await asyncio.gather(*deliveries)   # raises if an output was refused
-        except BaseException:
-            if self.state is not None:
-                self.state.discard()   # nothing of this batch is kept: its records are read again
-            raise
+        await self._delivered(deliveries, sent)
         if self.state is not None:
             self.state.apply()
         self.timing["handle"] += handled
@@ -235,6 +238,24 @@ class StageRunner:
         self.timing["deliver"] += time.perf_counter() - t1
         self.counts["in"] += len(records)
         self.counts["batches"] += 1
+
+    async def _delivered(self, deliveries: list, sent: list[tuple]) -> None:
+        """Wait until every output of the batch is acknowledged, sending them all again (same
+        derived ids: downstream drops the repeats) after a failure. Raising instead would not
+        bring the batch back: faust acks a batch's records even when the agent body fails."""
+        attempt = 0
+        while True:
+            try:
+                if deliveries:
+                    await asyncio.gather(*deliveries)
+                return
+            except Exception as exc:  # noqa: BLE001 - Kafka refused or timed out: retry, never skip
+                attempt += 1
+                delay = min(self.retry_max_s, 0.5 * 2 ** attempt)
+                log.error("%s: %d output(s) of a batch not delivered (%s); sending them again in %.1fs",
+                          self.stage, len(sent), exc, delay)
+                await asyncio.sleep(delay)
+                deliveries = [d for d in [await self.send(*s) for s in sent] if d is not None]
 
     async def _handle(self, r: Raw) -> Result:
         topic, partition, offset, key, value, headers = r.topic, r.partition, r.offset, r.key, r.value, r.headers

@@ -438,6 +438,8 @@ class LocalEngine:
                 or base.active or self._base.adapters):
             return
         self._base_policy, self._base = None, None
+        if self._prefix is not None:   # its entries hold the base model: let it go
+            self._prefix.keep_only([self._current])
         log.info("dropped the base weights (keep_base=false)")
 
     def _retire(self, policy: Policy) -> None:

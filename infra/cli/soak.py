@@ -274,6 +274,9 @@ def read_log(settings: Settings, ns: str, names: list[str]) -> dict[str, list[tu
         if name in names:
             out[name].append((rec.partition, rec.offset, rec.event))
     consumer.close()
+    behind = {f"{t}[{p}]": ends[(t, p)] - seen[(t, p)] - 1 for t, p in ends if seen[(t, p)] + 1 < ends[(t, p)]}
+    if behind:   # a partial read would make turns look lost
+        raise RuntimeError(f"could not read the whole log within 300 s; records left: {behind}")
     return out
 
 
@@ -317,11 +320,13 @@ def audit(settings: Settings, ns: str, state: SoakState) -> dict[str, Any]:
         samples[s.event_id].append((p, o))
     sample_parents = {s.parent_ids[1] for _, _, s in log["SampleReady"] if len(s.parent_ids) > 1}
     checkpoints = sorted((c for _, _, c in log["CheckpointPublished"]), key=lambda c: c.version)
-    trained: Counter = Counter()
+    trained: Counter = Counter()    # trained (fresh, or stale with a corrected weight)
+    dropped: Counter = Counter()    # too stale: not trained, by the staleness policy
     for lines in _ledgers(settings, checkpoints).values():
         for line in lines:
-            for verdict in ("train", "correct", "drop"):
+            for verdict in ("train", "correct"):
                 trained.update(line.get(verdict, []))
+            dropped.update(line.get("drop", []))
     last = {(o.topic, o.partition): o.offset for o in checkpoints[-1].consumed_offsets} if checkpoints else {}
     samples_topic = settings.kafka.topic("samples", ns)
     before_last = {sid for sid, places in samples.items()
@@ -345,7 +350,9 @@ def audit(settings: Settings, ns: str, state: SoakState) -> dict[str, Any]:
         "samples": len(samples),
         "checkpoints": len(checkpoints),
         "samples_trained_twice": sum(1 for n in trained.values() if n > 1),
-        "samples_before_last_checkpoint_not_trained": sum(1 for sid in before_last if trained[sid] == 0),
+        "samples_dropped_as_stale": len(dropped),
+        "samples_before_last_checkpoint_not_trained": sum(1 for sid in before_last
+                                                          if trained[sid] == 0 and dropped[sid] == 0),
         "dead_letters": len(log["DeadLettered"]),
     }
     return books

@@ -305,13 +305,21 @@ class SpoolDrainer:
             except Exception as exc:   # refused before it left (too large here, or by its schema)
                 if not refused_for_good(exc):
                     raise
-                self._producer.flush(self.flush_timeout_s)   # the ones before it, then past it
-                if i:
-                    self.spool.ack(batch[i - 1].end, i)
-                    self.delivered += i
+                delivered = i
+                try:
+                    self._producer.flush(self.flush_timeout_s)   # the ones before it
+                except Exception as before:
+                    if not refused_for_good(before):
+                        raise
+                    self._producer = None        # one before it was refused by the broker too
+                    delivered = self._one_by_one(batch[:i])
+                else:
+                    if i:
+                        self.spool.ack(batch[i - 1].end, i)
+                        self.delivered += i
                 self._set_aside(item, exc)
                 self.spool.ack(item.end, 1)
-                return i
+                return delivered
         try:
             self._producer.flush(self.flush_timeout_s)
         except Exception as exc:

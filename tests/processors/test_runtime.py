@@ -110,25 +110,46 @@ def test_batch_state_waits_for_every_delivery():
     asyncio.run(main())
 
 
-def test_a_refused_output_keeps_nothing():
+def test_a_refused_output_is_sent_again_and_state_waits_for_it():
     table = Table()
     staged = StagedState(table)
+    attempts: list[bytes] = []
 
     async def main():
         loop = asyncio.get_running_loop()
 
         async def send(topic, key, value, partition):
+            attempts.append(value)
             fut = loop.create_future()
-            if value == b"x=2":
-                fut.set_exception(RuntimeError("broker refused"))
+            if value == b"x=2" and attempts.count(b"x=2") == 1:
+                fut.set_exception(RuntimeError("broker refused"))   # only the first time
             else:
                 fut.set_result(None)
             return fut
 
+        runner = StageRunner("count", _counting_handler(staged), FakeSerdes(), send, state=staged,
+                             retry_max_s=0.01)
+        await runner.process_batch([Raw("in", 0, i, b"k", b"x") for i in range(2)])
+        assert attempts == [b"x=1", b"x=2", b"x=1", b"x=2"]   # the whole batch again, same outputs
+        assert dict(table) == {"x": 2}
+
+    asyncio.run(main())
+
+
+def test_an_error_mid_batch_keeps_none_of_its_state():
+    table = Table()
+    staged = StagedState(table)
+
+    async def main():
+        async def send(topic, key, value, partition):
+            if value == b"x=2":
+                raise RuntimeError("producer closed")
+            return None
+
         runner = StageRunner("count", _counting_handler(staged), FakeSerdes(), send, state=staged)
-        with pytest.raises(RuntimeError, match="refused"):
+        with pytest.raises(RuntimeError, match="closed"):
             await runner.process_batch([Raw("in", 0, i, b"k", b"x") for i in range(2)])
-        assert dict(table) == {} and dict(staged) == {}   # the overlay forgot the batch too
+        assert dict(table) == {} and dict(staged) == {}   # record 1's write was not kept either
 
     asyncio.run(main())
 
