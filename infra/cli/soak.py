@@ -216,7 +216,7 @@ def run_fault(target: str, settings: Settings, parts: Any, url: str, cfg: SoakCo
 
 def _lags(settings: Settings, ns: str) -> dict[str, int]:
     """Records each stage's consumer group has not committed yet, over its input topics."""
-    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+    from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
 
     from infra.kafka import topic_names
     from infra.provision import admin_client
@@ -225,21 +225,21 @@ def _lags(settings: Settings, ns: str) -> dict[str, int]:
 
     admin = admin_client(settings.kafka)
     topics = topic_names(settings.kafka, ns)
+    ends = Consumer({**settings.kafka.client_config(), "group.id": f"soak-lag-{uuid.uuid4().hex[:6]}"})
     out = {}
-    for name in STAGES:
-        tps = [TopicPartition(topics[e], p) for e in stage(name).inputs for p in range(settings.kafka.partitions)]
-        fut = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(app_id(ns, name), tps)])
-        committed = {(tp.topic, tp.partition): tp.offset for tp in next(iter(fut.values())).result().topic_partitions}
-        from confluent_kafka import Consumer
-
-        c = Consumer({**settings.kafka.client_config(), "group.id": f"soak-lag-{uuid.uuid4().hex[:6]}"})
-        lag = 0
-        for tp in tps:
-            low, high = c.get_watermark_offsets(tp, timeout=10)
-            done = committed.get((tp.topic, tp.partition), -1)
-            lag += high - max(done, low) if high > 0 else 0
-        c.close()
-        out[name] = lag
+    try:
+        for name in STAGES:
+            tps = [TopicPartition(topics[e], p) for e in stage(name).inputs for p in range(settings.kafka.partitions)]
+            fut = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(app_id(ns, name), tps)])
+            committed = {(tp.topic, tp.partition): tp.offset
+                         for tp in next(iter(fut.values())).result().topic_partitions}
+            lag = 0
+            for tp in tps:
+                low, high = ends.get_watermark_offsets(tp, timeout=10)
+                lag += high - max(committed.get((tp.topic, tp.partition), -1), low) if high > 0 else 0
+            out[name] = lag
+    finally:
+        ends.close()
     return out
 
 

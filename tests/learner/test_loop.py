@@ -81,6 +81,14 @@ def test_invalid_sample_is_dead_lettered_and_a_rerun_from_an_offset_is_separate(
     assert replay.samples_trained == len([i for line in replay_ledger for i in trained_ids(line)])
 
 
+def idle_checkpointing(settings, bucket, work_dir):
+    """Learner settings on the tiny model that publish only once the feed has been quiet."""
+    return settings.learner.model_copy(update={
+        "device": "cpu", "lora": True, "lora_rank": 4, "token_budget": 14, "method": "combined",
+        "checkpoint_every_steps": 100, "checkpoint_every_s": 3600.0, "checkpoint_idle_s": 0.5,
+        "fill_timeout_s": 0.2, "bucket": bucket, "work_dir": work_dir})
+
+
 def test_a_caught_up_learner_publishes_its_last_steps_without_waiting_for_more_samples(
         settings, registry, namespace, bucket, tiny_model_dir, tmp_path):
     import threading
@@ -92,10 +100,7 @@ def test_a_caught_up_learner_publishes_its_last_steps_without_waiting_for_more_s
     for s in samples:
         producer.send(s, key=s.session_id)
     producer.flush()
-    ls = settings.learner.model_copy(update={
-        "device": "cpu", "lora": True, "lora_rank": 4, "token_budget": 14, "method": "combined",
-        "checkpoint_every_steps": 100, "checkpoint_every_s": 3600.0, "checkpoint_idle_s": 0.5,
-        "fill_timeout_s": 0.2, "bucket": bucket, "work_dir": tmp_path})
+    ls = idle_checkpointing(settings, bucket, tmp_path)
     s = settings.model_copy(update={"learner": ls})
     until = Until()
     runner = threading.Thread(target=learn, args=(s,), daemon=True,
@@ -130,10 +135,7 @@ def test_garbage_on_the_samples_topic_is_dead_lettered_and_training_goes_on(
     for s in samples:
         producer.send(s, key=s.session_id)
     producer.flush()
-    ls = settings.learner.model_copy(update={
-        "device": "cpu", "lora": True, "lora_rank": 4, "token_budget": 14, "method": "combined",
-        "checkpoint_every_steps": 100, "checkpoint_every_s": 3600.0, "checkpoint_idle_s": 0.5,
-        "fill_timeout_s": 0.2, "bucket": bucket, "work_dir": tmp_path})
+    ls = idle_checkpointing(settings, bucket, tmp_path)
     until = Until()
     runner = threading.Thread(target=learn, args=(settings.model_copy(update={"learner": ls}),), daemon=True,
                               kwargs={"run": "junk", "namespace": namespace, "model": str(tiny_model_dir),

@@ -93,13 +93,15 @@ def test_batch_state_waits_for_every_delivery():
         runner = StageRunner("count", _counting_handler(staged), FakeSerdes(), send, state=staged)
         batch = [Raw("in", p, i, b"k", v.encode()) for i, (v, p) in enumerate([("x", 0), ("x", 0), ("y", 1)])]
         task = asyncio.create_task(runner.process_batch(batch))
-        await asyncio.sleep(0.01)
+        while len(gates) < 3:                 # every output queued
+            await asyncio.sleep(0)
         # every output is queued, later records saw the earlier ones' state, the table has nothing
         assert sent == [(b"x=1", 0), (b"x=2", 0), (b"y=1", 1)]
         assert dict(table) == {} and not task.done()
         for fut in gates[:2]:
             fut.set_result(None)
-        await asyncio.sleep(0.01)
+        for _ in range(20):                   # let the runner see the two acknowledgements
+            await asyncio.sleep(0)
         assert dict(table) == {} and not task.done()      # one delivery still outstanding
         gates[2].set_result(None)
         await task
@@ -157,10 +159,14 @@ def test_an_error_mid_batch_keeps_none_of_its_state():
 def test_concurrent_stage_keeps_record_order_of_outputs():
     async def main():
         order = []
+        fast_done = asyncio.Event()
 
         async def handle(event, key, partition, offset):
-            await asyncio.sleep(0.02 if event == "slow" else 0)
+            if event == "slow":
+                await fast_done.wait()        # finishes only once the later record has
             order.append(event)
+            if event == "fast":
+                fast_done.set()
             return Result([event])
 
         sent = []
