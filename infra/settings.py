@@ -377,6 +377,9 @@ class LearnerSettings(_Section):
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     fill_timeout_s: float = Field(default=2.0, gt=0)
+    # samples read and decoded ahead of the trainer, in a thread (learner.sources.PrefetchingSource);
+    # 0 reads them between steps
+    prefetch: int = Field(default=256, ge=0)
     bucket: str | None = None
     metrics_port: int | None = None
     seed: int = 0

@@ -26,7 +26,7 @@ from learner.checkpointing import CheckpointStore, RunState
 from learner.feeder import StepFeeder
 from learner.loop import LearnerLoop, Ledger, Until
 from learner.metrics import MetricsSink, read_metrics
-from learner.sources import MemorySampleSource
+from learner.sources import MemorySampleSource, PrefetchingSource
 from schemas.events import Method, SampleReady
 
 
@@ -117,6 +117,8 @@ def kafka_vs_memory(settings: Settings, ls: LearnerSettings, trainer, make_sampl
 
         def kafka_pass(tag: str) -> dict[str, float]:
             source = KafkaSampleSource(settings.kafka, registry, ns, f"{ls.run}-{tag}", None, "beginning")
+            if ls.prefetch:   # as the learner reads it (learner.loop)
+                source = PrefetchingSource(source, ls.prefetch)
             try:
                 return timed_loop(trainer, source, ls, work / f"kafka-{tag}")
             finally:

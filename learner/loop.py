@@ -23,6 +23,7 @@ from infra.settings import LearnerSettings, Settings
 from learner.checkpointing import CheckpointStore, RunState, latest_checkpoint
 from learner.feeder import StepFeeder
 from learner.metrics import MetricsSink
+from learner.sources import PrefetchingSource
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,8 @@ def learn(settings: Settings, run: str | None = None, namespace: str | None = No
         log.info("run %s resumes from v%d (step %d); --from is ignored", ls.run, latest.version, latest.step)
     source = KafkaSampleSource(settings.kafka, registry, ns, ls.run,
                                latest.consumed_offsets if latest else None, start, dead_letters=producer)
+    if ls.prefetch:
+        source = PrefetchingSource(source, ls.prefetch)
     state.positions = source.start_positions()
     sink = MetricsSink(work / "metrics.jsonl", ls.run, ls.metrics_port)
     feeder = StepFeeder(source, ls, trainer.pad_id, dead_letter_invalid(producer, ls.run))

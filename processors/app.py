@@ -30,6 +30,7 @@ from faust.types import TP
 
 from infra.provision import control_plans, ensure_topics
 from infra.settings import Settings
+from processors.order import OffsetOrder, UnfilteredReadOffsets, Verdict
 from processors.runtime import Raw, Serdes, StagedState, StageRunner
 from processors.stage import Context, Stage
 from processors.topology import control_topic, stage
@@ -88,18 +89,23 @@ class StageTable(faust.Table):
 
 
 class StageApp(faust.App):
-    """A faust app whose stream partitions with no committed offset are re-read from the start.
+    """A faust app whose input partitions are read in offset order, from the right place.
 
-    faust acks and commits per record, and at every rebalance (and whenever ``getmany`` runs
-    while the flow is stopped) it drops the records it had fetched but not yet delivered, then
-    calls ``seek_to_committed`` so the dropped ones are fetched again. aiokafka's
-    ``seek_to_committed`` only moves partitions whose committed offset is > 0; a partition this
-    group has never committed stays at the position the dropped records had advanced it to, and
-    they are never read. That happens to a worker killed before its first commit: its successor
-    recovers the tables, drops what it fetched during recovery and skips it for good. Here such
-    input partitions are reset to the earliest offset instead (the group's
-    ``auto_offset_reset``), which is what a fresh consumer would read; re-reading is harmless,
-    every output id is derived from its input. Changelog partitions are left to faust.
+    Two fixes to how faust positions and filters a stage's input partitions (changelog
+    partitions are left to faust):
+
+    - **Never-committed partitions are read from the start.** At every rebalance faust drops
+      the records it had fetched but not yet handed on, then calls ``seek_to_committed`` so they
+      are fetched again. aiokafka's ``seek_to_committed`` only moves partitions whose committed
+      offset is > 0; a partition this group has never committed stayed where the dropped records
+      had moved it, and they were never read (a worker killed before its first commit). Such
+      partitions go back to the earliest offset, which is what a fresh consumer reads.
+    - **Order.** ``processors.order.OffsetOrder`` stands in front of faust's delivery: every
+      record of an input partition is handed on once, in offset order, with no hole; a record
+      that arrives ahead of its predecessors makes the partition rewind (see that module).
+      faust's own read-offset filter is off for inputs. ``order`` is reset at every seek.
+
+    Re-reading is harmless: every output id is derived from its input.
     """
 
     stream_topics: frozenset[str] = frozenset()   # what the stage's agent reads (build_app sets it)
@@ -109,28 +115,69 @@ class StageApp(faust.App):
         seek_committed = consumer.seek_to_committed
         self.committed_at: dict[TP, int | None] = {}   # per input partition, at each (re)assignment
         self.assignments = 0
+        self.order = OffsetOrder()
+        consumer._read_offset = UnfilteredReadOffsets(lambda: self.stream_topics)
+        deliver = consumer.callback
 
+        async def in_order(message: Any) -> Any:
+            tp = message.tp
+            if tp.topic not in self.stream_topics:
+                return await deliver(message)
+            expected = self.order.expected.get(tp)
+            verdict = self.order.admit(tp, message.offset)
+            if verdict is Verdict.DELIVER:
+                return await deliver(message)
+            if verdict is Verdict.GAP:
+                log.warning("%s: %s[%d] has no records at offsets %d..%d; going on from %d",
+                            self.conf.id, tp.topic, tp.partition, expected, message.offset - 1, message.offset)
+                await consumer._add_gap(tp, expected, message.offset - 1)   # so commits can pass it
+                return await deliver(message)
+            if verdict is Verdict.REWIND:
+                log.warning("%s: %s[%d]@%d arrived before @%d; reading from @%d again",
+                            self.conf.id, tp.topic, tp.partition, message.offset, expected, expected)
+                try:
+                    await consumer.seek(tp, expected)
+                except Exception as exc:  # noqa: BLE001 - not assigned any more: its next seek resets it
+                    log.warning("%s: rewinding %s[%d] failed (%s)", self.conf.id, tp.topic, tp.partition, exc)
+            return None
+
+        consumer.callback = in_order
         seeking = False
+
+        async def track(committed: dict[TP, int | None]) -> list[TP]:
+            """Note where each input partition reads from now; the never-committed ones."""
+            self.committed_at.update({tp: offset or None for tp, offset in committed.items()})
+            never = [tp for tp, offset in committed.items() if not offset and tp.topic in self.stream_topics]
+            for tp, offset in committed.items():
+                if offset and tp.topic in self.stream_topics:
+                    self.order.seeked(tp, offset)
+            return never
 
         async def seek_to_committed() -> Any:
             # faust resumes the flow before it seeks (recovery), so records fetched at the old
-            # positions would be handed on while the positions move: their read offsets then
-            # make faust drop the re-read records below them as duplicates, for good (measured:
-            # a restarted sessionize lost two turns). No record moves on while we seek; faust
-            # resets its read offsets when this returns, before the flow runs again.
+            # positions would be handed on while the positions move. No record moves on while we
+            # seek (``order`` drops any that still do); faust resumes when this returns.
             nonlocal seeking
             if seeking:
-                return await seek_committed()
+                committed = await seek_committed()
+                await track(committed)
+                return committed
             seeking, active = True, consumer.flow_active
             consumer.stop_flow()
             try:
                 committed = await seek_committed()
-                self.committed_at.update({tp: offset or None for tp, offset in committed.items()})
-                never = [tp for tp, offset in committed.items() if not offset and tp.topic in self.stream_topics]
+                never = await track(committed)
                 if never:
                     log.info("%s: no committed offset for %s, reading them from the start",
                              self.conf.id, sorted(f"{tp.topic}[{tp.partition}]" for tp in never))
                     await consumer._thread.seek_to_beginning(*never)
+                    try:
+                        earliest = await consumer.earliest_offsets(*never)
+                    except Exception as exc:  # noqa: BLE001 - unknown start: the first record sets it
+                        log.warning("%s: earliest offsets unknown (%s)", self.conf.id, exc)
+                        earliest = {}
+                    for tp in never:
+                        self.order.seeked(tp, earliest.get(tp))
                 self.assignments += 1
             finally:
                 seeking = False
@@ -201,8 +248,8 @@ def build_app(settings: Settings, namespace: str, stage_name: str, teacher: Any 
     @app.timer(interval=30.0)
     async def report() -> None:
         if runner.counts:
-            log.info("%s: %s, seconds %s", spec.name, dict(runner.counts),
-                     {k: round(v, 2) for k, v in runner.timing.items()})
+            log.info("%s: %s, seconds %s, input order %s", spec.name, dict(runner.counts),
+                     {k: round(v, 2) for k, v in runner.timing.items()}, dict(getattr(app, "order", OffsetOrder()).counts))
 
     if spec.teacher and teacher is not None and teacher.policy is TeacherPolicy.CURRENT:
         # "current" is the policy served now: the teacher's engine follows `checkpoints` like
