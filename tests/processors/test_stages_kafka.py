@@ -65,6 +65,46 @@ def test_sessionize_killed_mid_stream_loses_and_duplicates_nothing(settings, reg
     out.close()
 
 
+def test_a_record_ahead_of_its_predecessors_rewinds_the_partition_and_nothing_is_lost(
+        settings, registry, namespace, producer, tmp_path):
+    """processors.order in a live faust worker: its expected offsets are moved back mid-stream
+    (tests/processors/disturbed_worker.py), so the next records arrive ahead of records it
+    has not seen; the partition is rewound, read again, and every turn closes exactly once."""
+    import sys
+
+    from tests.processors.helpers import StageProcess
+
+    w = StageProcess("sessionize", namespace, tmp_path / "faust", tmp_path / "disturbed.log")
+    w.args = [sys.executable, "-m", "tests.processors.disturbed_worker", namespace]
+    sessions = {sid: conversation(sid, 4) for sid in (f"s{i}-{uuid.uuid4().hex[:6]}" for i in range(6))}
+    out = Collector(settings, registry, namespace, "TransitionFormed")
+    w.start()
+    try:
+        for turns in sessions.values():
+            for t in turns[:2]:
+                producer.send(t, key=t.session_id)
+        producer.flush()
+        wait_for(lambda: "DISTURBED" in w.tail(), 90, what=f"the disturbance\n{w.tail()}")
+        for turns in sessions.values():
+            for t in turns[2:]:
+                producer.send(t, key=t.session_id)
+            producer.send(feedback(turns[0].session_id, FeedbackKind.SESSION_END), key=turns[0].session_id)
+        producer.flush()
+        expected = {t.event_id for turns in sessions.values() for t in turns}
+        wait_for(lambda: {e.turn.event_id for e in out.events(TransitionFormed)} >= expected, 120,
+                 what=f"every turn closed\n{w.tail()}")
+        assert "arrived before" in w.tail(20_000), w.tail()        # the rewind happened
+        got = out.unique(TransitionFormed)
+        assert {e.turn.event_id for e in got.values()} == expected and len(got) == len(expected)
+        by_turn = {e.turn.event_id: e for e in got.values()}
+        for turns in sessions.values():
+            for a, b in zip(turns, turns[1:]):
+                assert by_turn[a.event_id].next_turn_event_id == b.event_id   # in order
+    finally:
+        w.stop()
+        out.close()
+
+
 @pytest.mark.slow
 def test_all_stages_turns_to_samples_with_teacher_and_dead_letters(settings, registry, namespace, producer,
                                                                    workers, tiny_model_dir):
