@@ -171,13 +171,11 @@ class StageApp(faust.App):
                     log.info("%s: no committed offset for %s, reading them from the start",
                              self.conf.id, sorted(f"{tp.topic}[{tp.partition}]" for tp in never))
                     await consumer._thread.seek_to_beginning(*never)
-                    try:
-                        earliest = await consumer.earliest_offsets(*never)
-                    except Exception as exc:  # noqa: BLE001 - unknown start: the first record sets it
-                        log.warning("%s: earliest offsets unknown (%s)", self.conf.id, exc)
-                        earliest = {}
                     for tp in never:
-                        self.order.seeked(tp, earliest.get(tp))
+                        # where the start is, the first record says: asking the broker here
+                        # (beginning_offsets while the fetcher resets these partitions) left
+                        # a restarted worker fetching nothing, one run in two
+                        self.order.seeked(tp, None)
                 self.assignments += 1
             finally:
                 seeking = False

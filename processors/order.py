@@ -12,7 +12,7 @@ records in front of it, which come again only after the seek. Two things then go
   commit can pass records that were never processed. A crash then loses them.
 
 ``OffsetOrder`` holds, per input partition, the offset it must see next. It is set at every
-seek: the committed offset, or the earliest offset where the group has none. A record at that
+seek: the committed offset; where the group has none, the first record read sets it. A record at that
 offset is handed on. One below it was handed on already since the seek, so it is dropped.
 One above it means records in front were skipped. It is dropped too, and the partition is
 rewound to the expected offset. If the first record after that rewind is the same one, the
