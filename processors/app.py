@@ -125,13 +125,18 @@ class StageApp(faust.App):
                 return await deliver(message)
             expected = self.order.expected.get(tp)
             verdict = self.order.admit(tp, message.offset)
-            if verdict is Verdict.DELIVER:
-                return await deliver(message)
             if verdict is Verdict.GAP:
                 log.warning("%s: %s[%d] has no records at offsets %d..%d; going on from %d",
                             self.conf.id, tp.topic, tp.partition, expected, message.offset - 1, message.offset)
                 await consumer._add_gap(tp, expected, message.offset - 1)   # so commits can pass it
-                return await deliver(message)
+            if verdict in (Verdict.DELIVER, Verdict.GAP):
+                try:
+                    return await deliver(message)
+                except BaseException:
+                    # faust cancels a delivery when the flow stops (a rebalance): not handed
+                    # on, so it must come again (a later record now rewinds to it)
+                    self.order.undo(tp, message.offset)
+                    raise
             if verdict is Verdict.REWIND:
                 log.warning("%s: %s[%d]@%d arrived before @%d; reading from @%d again",
                             self.conf.id, tp.topic, tp.partition, message.offset, expected, expected)
@@ -144,7 +149,7 @@ class StageApp(faust.App):
         consumer.callback = in_order
         seeking = False
 
-        async def track(committed: dict[TP, int | None]) -> list[TP]:
+        def track(committed: dict[TP, int | None]) -> list[TP]:
             """Note where each input partition reads from now; the never-committed ones."""
             self.committed_at.update({tp: offset or None for tp, offset in committed.items()})
             never = [tp for tp, offset in committed.items() if not offset and tp.topic in self.stream_topics]
@@ -160,13 +165,13 @@ class StageApp(faust.App):
             nonlocal seeking
             if seeking:
                 committed = await seek_committed()
-                await track(committed)
+                track(committed)
                 return committed
             seeking, active = True, consumer.flow_active
             consumer.stop_flow()
             try:
                 committed = await seek_committed()
-                never = await track(committed)
+                never = track(committed)
                 if never:
                     log.info("%s: no committed offset for %s, reading them from the start",
                              self.conf.id, sorted(f"{tp.topic}[{tp.partition}]" for tp in never))

@@ -51,6 +51,13 @@ class OffsetOrder:
         self.expected[tp] = offset
         self._rewound.pop(tp, None)
 
+    def undo(self, tp: Hashable, offset: int) -> None:
+        """The record at `offset` was admitted but never handed on (its delivery was cancelled,
+        at a rebalance): expect it again, unless a seek has moved the partition since."""
+        if self.expected.get(tp) == offset + 1:
+            self.expected[tp] = offset
+            self.counts["undone"] += 1
+
     def admit(self, tp: Hashable, offset: int) -> Verdict:
         expected = self.expected.get(tp)
         if expected is None or offset == expected:

@@ -65,3 +65,16 @@ def test_faust_read_offsets_are_off_for_inputs_only():
     assert offsets[TP("other")] is None                 # a default, as faust's defaultdict gives
     offsets.update({turns: 1})
     assert offsets.pop(turns) == 1
+
+
+def test_a_delivery_that_never_happened_is_expected_again():
+    order = OffsetOrder()
+    order.seeked("t0", 0)
+    assert order.admit("t0", 0) is Verdict.DELIVER
+    assert order.admit("t0", 1) is Verdict.DELIVER
+    order.undo("t0", 1)                                 # offset 1's delivery was cancelled
+    assert order.admit("t0", 2) is Verdict.REWIND       # so 2 may not go before it
+    assert order.admit("t0", 1) is Verdict.DELIVER
+    order.seeked("t0", 7)
+    order.undo("t0", 1)                                 # a seek since: nothing to undo
+    assert order.expected["t0"] == 7
