@@ -16,8 +16,9 @@ records in front of it, which come again only after the seek. Two things then go
 seek to the committed offset; where the group has none, the first record read sets it. A
 record at that offset is handed on. One below it was handed on already since the seek, so it
 is dropped. One above it means records in front were skipped. It is dropped too, and the
-partition is rewound to the expected offset. If the first record after that rewind is the same one, the
-offsets in between do not exist (transaction markers, compaction), and it is handed on.
+partition is rewound to the expected offset. If the first record after that rewind is the
+same one, the offsets in between do not exist (transaction markers, compaction), and it is
+handed on.
 
 ``processors.app.StageApp`` puts it in front of faust's delivery and turns off faust's own
 read-offset filter for the stage's inputs, so this is the only filter. Changelogs are left to
