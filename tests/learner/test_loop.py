@@ -4,6 +4,10 @@ own checkpoints and objects that leaves the live run untouched; metrics reach th
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 from confluent_kafka import TopicPartition
 
@@ -89,10 +93,22 @@ def idle_checkpointing(settings, bucket, work_dir):
         "fill_timeout_s": 0.2, "bucket": bucket, "work_dir": work_dir})
 
 
+@contextmanager
+def learning(settings, ls, run: str, namespace: str, model: str) -> Iterator[threading.Thread]:
+    """`learn` with learner settings `ls` in a thread, stopped (and joined) when the block ends."""
+    until = Until()
+    runner = threading.Thread(target=learn, args=(settings.model_copy(update={"learner": ls}),), daemon=True,
+                              kwargs={"run": run, "namespace": namespace, "model": model, "until": until})
+    runner.start()
+    try:
+        yield runner
+    finally:
+        until.stop.set()
+        runner.join(60)
+
+
 def test_a_caught_up_learner_publishes_its_last_steps_without_waiting_for_more_samples(
         settings, registry, namespace, bucket, tiny_model_dir, tmp_path):
-    import threading
-
     from tests.conftest import wait_for
 
     samples = [make_sample(i) for i in range(3)]
@@ -101,28 +117,17 @@ def test_a_caught_up_learner_publishes_its_last_steps_without_waiting_for_more_s
         producer.send(s, key=s.session_id)
     producer.flush()
     ls = idle_checkpointing(settings, bucket, tmp_path)
-    s = settings.model_copy(update={"learner": ls})
-    until = Until()
-    runner = threading.Thread(target=learn, args=(s,), daemon=True,
-                              kwargs={"run": "idle", "namespace": namespace, "model": str(tiny_model_dir),
-                                      "until": until})
-    runner.start()
-    try:
+    with learning(settings, ls, "idle", namespace, str(tiny_model_dir)) as runner:
         # Neither 100 steps nor an hour: only the quiet feed can make this checkpoint.
         wait_for(lambda: published(settings, registry, namespace, run="idle"), 120, interval=1.0,
                  what="a checkpoint published while the learner keeps running")
         assert runner.is_alive()
         event = published(settings, registry, namespace, run="idle")[0]
         assert event.version == 1 and sum(o.offset for o in event.consumed_offsets) == len(samples)
-    finally:
-        until.stop.set()
-        runner.join(60)
 
 
 def test_garbage_on_the_samples_topic_is_dead_lettered_and_training_goes_on(
         settings, registry, namespace, bucket, tiny_model_dir, tmp_path):
-    import threading
-
     from tests.conftest import wait_for
     from tests.processors.test_stages_kafka import _garbage, raw_send
 
@@ -136,12 +141,7 @@ def test_garbage_on_the_samples_topic_is_dead_lettered_and_training_goes_on(
         producer.send(s, key=s.session_id)
     producer.flush()
     ls = idle_checkpointing(settings, bucket, tmp_path)
-    until = Until()
-    runner = threading.Thread(target=learn, args=(settings.model_copy(update={"learner": ls}),), daemon=True,
-                              kwargs={"run": "junk", "namespace": namespace, "model": str(tiny_model_dir),
-                                      "until": until})
-    runner.start()
-    try:
+    with learning(settings, ls, "junk", namespace, str(tiny_model_dir)):
         wait_for(lambda: published(settings, registry, namespace, run="junk"), 120, interval=1.0,
                  what="a checkpoint after the garbage")
         event = published(settings, registry, namespace, run="junk")[0]
@@ -149,9 +149,6 @@ def test_garbage_on_the_samples_topic_is_dead_lettered_and_training_goes_on(
         assert sum(o.offset for o in event.consumed_offsets) == len(samples) + len(garbage)
         ledger = read_ledger(run_dir(ls.model_copy(update={"run": "junk"}), namespace) / "ledger.jsonl")
         assert {i for line in ledger for i in trained_ids(line)} == {s.event_id for s in samples}
-    finally:
-        until.stop.set()
-        runner.join(60)
     dead = [r.event for r in read_all(settings, registry, namespace, "DeadLettered")]
     assert sorted(d.key for d in dead) == sorted(k.encode() for k in garbage)
     assert all(d.stage.startswith("learner") and d.error_type == "DecodeError" for d in dead)
