@@ -294,6 +294,12 @@ class ProcessorSettings(_Section):
     # then learn nothing).
     teacher_policy: Annotated[TeacherPolicy, BeforeValidator(_lower)] = TeacherPolicy.BASE
     teacher_model: str | None = "served"
+    # The teacher's K most likely tokens at every response position, recorded beside the
+    # logprobs of the sampled ones so the learner can match the teacher's distribution
+    # (learner.loss.opd_form). 0 records only the sampled tokens. A long response gets a
+    # smaller K, so one event's rows stay within teacher_top_max_entries (4 bytes id + 4 logprob).
+    teacher_top_k: int = Field(default=16, ge=0)
+    teacher_top_max_entries: int = Field(default=65_536, ge=1)
     # Feedback judge rule table overrides (regexes over the user's text in the next state).
     correction_patterns: list[str] | None = None
     approval_patterns: list[str] | None = None
@@ -319,6 +325,10 @@ class LossSettings(_Section):
     clip_low: float = 0.2
     clip_high: float = 0.28
     opd_clip: float = 2.0
+    # The teacher term: "token" (the clipped logprob gap of the sampled token as its advantage)
+    # or "topk_forward" / "topk_reverse" (a KL to the teacher's top-K distribution where the
+    # sample carries one: processors.teacher_top_k).
+    opd_form: Literal["token", "topk_forward", "topk_reverse"] = "token"
     w_rl: float = 1.0
     w_opd: float = 1.0
     # None: by what trains. LoRA LORA_KL (its reference is the base with the adapter switched
@@ -360,6 +370,9 @@ class LearnerSettings(_Section):
     # micro-batch (a 135M model's activations and logits: ~3 GB instead of ~6 GB on CPU).
     token_budget: int = Field(default=1024, ge=1)
     grad_accum: int = Field(default=2, ge=1)
+    # Optimizer updates per step's samples (PPO epochs): each pass after the first trains the
+    # same micro-batches again, the clip holding the policy near the one that sampled them.
+    epochs: int = Field(default=1, ge=1)
     max_staleness: int = Field(default=4, ge=0)
     staleness_policy: Annotated[StalenessPolicy, BeforeValidator(_lower)] = "correct"
     loss: LossSettings = LossSettings()

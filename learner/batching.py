@@ -113,6 +113,10 @@ class Batch:
     behaviour: torch.Tensor        # [B, L-1] float
     teacher: torch.Tensor          # [B, L-1] float, 0 where no teacher
     has_teacher: torch.Tensor      # [B] float
+    top_ids: torch.Tensor          # [B, L-1, K] long, the teacher's top-K ids (K = 0: none in the batch)
+    top_logprobs: torch.Tensor     # [B, L-1, K] float, their teacher logprobs
+    top_valid: torch.Tensor        # [B, L-1, K] bool, a real entry (not padding)
+    has_top: torch.Tensor          # [B] float, 1 where the sample carries top-K rows
     rewards: torch.Tensor          # [B] float
     advantage: torch.Tensor        # [B] float, the precomputed advantage (0 where none)
     has_advantage: torch.Tensor    # [B] float, 1 where the sample carries one
@@ -141,6 +145,10 @@ def collate(samples: Sequence[SampleReady], pad_id: int, stale: Sequence[bool] |
     mask = torch.zeros((b, length - 1))
     behaviour = torch.zeros((b, length - 1))
     teacher = torch.zeros((b, length - 1))
+    k = max(s.teacher_top_k for s in samples)
+    top_ids = torch.zeros((b, length - 1, k), dtype=torch.long)
+    top_lp = torch.zeros((b, length - 1, k))
+    top_valid = torch.zeros((b, length - 1, k), dtype=torch.bool)
     for i, s in enumerate(samples):
         ids = [*s.prompt_token_ids, *s.response_token_ids]
         input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
@@ -150,6 +158,11 @@ def collate(samples: Sequence[SampleReady], pad_id: int, stale: Sequence[bool] |
         behaviour[i, start: start + n] = torch.tensor(s.behaviour_logprobs, dtype=torch.float32)
         if s.teacher_logprobs is not None:
             teacher[i, start: start + n] = torch.tensor(s.teacher_logprobs, dtype=torch.float32)
+        if (k_i := s.teacher_top_k) and s.teacher_top_ids is not None and s.teacher_top_logprobs is not None:
+            top_ids[i, start: start + n, :k_i] = torch.tensor(s.teacher_top_ids, dtype=torch.long).view(n, k_i)
+            top_lp[i, start: start + n, :k_i] = torch.tensor(s.teacher_top_logprobs,
+                                                             dtype=torch.float32).view(n, k_i)
+            top_valid[i, start: start + n, :k_i] = True
     return Batch(
         input_ids=input_ids,
         attention_mask=attention,
@@ -157,6 +170,10 @@ def collate(samples: Sequence[SampleReady], pad_id: int, stale: Sequence[bool] |
         behaviour=behaviour,
         teacher=teacher,
         has_teacher=torch.tensor([float(s.teacher_logprobs is not None) for s in samples]),
+        top_ids=top_ids,
+        top_logprobs=top_lp,
+        top_valid=top_valid,
+        has_top=torch.tensor([float(s.teacher_top_k > 0) for s in samples]),
         rewards=torch.tensor([float(s.reward) for s in samples]),
         advantage=torch.tensor([float(s.advantage or 0.0) for s in samples]),
         has_advantage=torch.tensor([float(s.advantage is not None) for s in samples]),

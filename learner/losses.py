@@ -13,6 +13,16 @@ Conventions (documented once, here):
   sampling time (the policy that actually produced the tokens), not a logprob recomputed here.
   RL is the first, OPD the second, Combined both; a sample without teacher logprobs gets no
   teacher term (never ``0 − behaviour``).
+- **Teacher term by distribution** (``opd_form`` ``topk_forward`` / ``topk_reverse``). Where a
+  sample carries the teacher's top-K ids and logprobs at each position, the teacher term is
+  not an advantage on the sampled token but ``w_opd·KL`` between the teacher's and the current
+  policy's next-token distributions on K + 1 bins (the teacher's K tokens and the rest of the
+  vocabulary as one tail bin), added to the loss at every trained position: forward
+  ``KL(teacher‖policy)`` (mode-covering) or reverse ``KL(policy‖teacher)`` (mode-seeking). It
+  moves probability towards every token the teacher prefers (the end of a short answer
+  included), where the sampled-token gap only pushes the one sampled token up or down.
+  Samples without top-K rows keep the sampled-token term. ``token`` is the sampled-token
+  term only.
 - **Surrogate.** PPO clipped, asymmetric: ``max(−ρA, −clip(ρ, 1−ε_low, 1+ε_high)·A)`` with
   ``ρ = π_θ / π_behaviour``.
 - **Stale samples** (older than the allowed lag, under the ``correct`` policy) use the decoupled
@@ -45,6 +55,7 @@ class LossParams(Protocol):
     clip_low: float
     clip_high: float
     opd_clip: float
+    opd_form: str
     w_rl: float
     w_opd: float
     kl_coef: float
@@ -70,6 +81,44 @@ def advantages(rule: MethodRule, rewards: torch.Tensor, teacher: torch.Tensor, b
     if rule.teacher_term:
         adv = adv + cfg.w_opd * opd_term(teacher, behaviour, cfg.opd_clip) * has_teacher[:, None]
     return adv
+
+
+OPD_FORMS = ("token", "topk_forward", "topk_reverse")
+
+# Stands in for log 0 at padded top-K entries: exp() of it is exactly 0 in float32, and unlike
+# -inf it never turns a logsumexp's backward into NaN.
+_LOG_ZERO = -1e4
+
+
+def _with_tail(top: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[..., K] logprobs → [..., K+1] log-probabilities of the K tokens and of everything else."""
+    top = torch.where(valid, top, torch.full_like(top, _LOG_ZERO))
+    covered = torch.clamp(torch.logsumexp(top, dim=-1, keepdim=True), max=-1e-6)
+    tail = torch.log(-torch.expm1(covered))
+    return torch.cat([top, tail], dim=-1)
+
+
+def topk_kl(student_top: torch.Tensor, teacher_top: torch.Tensor, valid: torch.Tensor,
+            direction: str) -> torch.Tensor:
+    """Per-position KL [B, T] on K + 1 bins, from the logprobs both policies give the teacher's
+    top-K ids [B, T, K] (padding marked False in `valid`): ``forward`` KL(teacher‖student),
+    ``reverse`` KL(student‖teacher). A position with no valid entry has KL 0."""
+    s = _with_tail(student_top, valid)
+    t = _with_tail(teacher_top.to(s.dtype), valid)
+    if direction == "forward":
+        p, a, b = t.exp(), t, s
+    elif direction == "reverse":
+        p, a, b = s.exp(), s, t
+    else:
+        raise ValueError(f"unknown KL direction {direction!r}; known: forward, reverse")
+    return (p * (a - b)).sum(-1)
+
+
+def topk_direction(opd_form: str) -> str | None:
+    """forward/reverse for a top-K ``opd_form``, None for ``token``."""
+    if opd_form not in OPD_FORMS:
+        raise ValueError(f"unknown opd_form {opd_form!r}; known: {', '.join(OPD_FORMS)}")
+    return None if opd_form == "token" else opd_form.removeprefix("topk_")
 
 
 # -- reward normalisation -----------------------------------------------------------------
@@ -157,14 +206,19 @@ class PolicyTerms:
 
 
 def policy_terms(logp: torch.Tensor, behaviour: torch.Tensor, adv: torch.Tensor,
-                 mask: torch.Tensor, stale: torch.Tensor, cfg: LossParams) -> PolicyTerms:
-    """PPO clipped surrogate per token, decoupled with truncated IS for stale samples."""
+                 mask: torch.Tensor, stale: torch.Tensor, cfg: LossParams,
+                 proximal_logp: torch.Tensor | None = None) -> PolicyTerms:
+    """PPO clipped surrogate per token, decoupled with truncated IS for stale samples.
+
+    `proximal_logp` is the stale samples' proximal policy: the weights at the step's first
+    pass (the trainer keeps them for its later epochs); None means the weights now."""
     stale_tok = stale[:, None].expand_as(logp)
-    proximal = torch.where(stale_tok, logp.detach(), behaviour)
+    prox = logp.detach() if proximal_logp is None else proximal_logp
+    proximal = torch.where(stale_tok, prox, behaviour)
     ratio = torch.exp(_safe_log_ratio(logp, proximal, mask))
     is_weight = torch.where(
         stale_tok,
-        torch.clamp(torch.exp(_safe_log_ratio(logp.detach(), behaviour, mask)), max=cfg.tis_cap),
+        torch.clamp(torch.exp(_safe_log_ratio(prox, behaviour, mask)), max=cfg.tis_cap),
         torch.ones_like(logp),
     )
     clipped_ratio = torch.clamp(ratio, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
@@ -187,13 +241,21 @@ class MicroLoss:
 def micro_batch_loss(logp: torch.Tensor, behaviour: torch.Tensor, adv: torch.Tensor,
                      mask: torch.Tensor, stale: torch.Tensor, step_tokens: int, cfg: LossParams,
                      ref_logp: torch.Tensor | None = None,
-                     entropy: torch.Tensor | None = None) -> MicroLoss:
-    """policy + kl_coef·KL − entropy_coef·H, summed over mask tokens, / the step's mask tokens."""
+                     entropy: torch.Tensor | None = None,
+                     distill: torch.Tensor | None = None,
+                     proximal_logp: torch.Tensor | None = None) -> MicroLoss:
+    """policy + w_opd·distill + kl_coef·KL − entropy_coef·H, summed over mask tokens, / the
+    step's mask tokens. `distill` is the per-token top-K KL to the teacher (0 where a sample
+    has none)."""
     mask = mask.to(logp.dtype)
     denom = float(max(step_tokens, 1))
-    terms = policy_terms(logp, behaviour, adv, mask, stale, cfg)
+    terms = policy_terms(logp, behaviour, adv, mask, stale, cfg, proximal_logp)
     total = terms.loss.sum()
     sums = {"policy_loss": float(terms.loss.detach().sum())}
+    if distill is not None:
+        d = distill * mask
+        total = total + cfg.w_opd * d.sum()
+        sums["distill"] = float(d.detach().sum())
     if ref_logp is not None:
         kl = k3_kl(logp, ref_logp, mask)
         total = total + cfg.kl_coef * kl.sum()

@@ -32,7 +32,8 @@ import torch
 from infra.errors import LearnerError
 from infra.settings import LearnerSettings
 from learner.batching import Batch
-from learner.losses import advantages, entropy_from_logits, micro_batch_loss, normalisation_keys, sample_rewards
+from learner.losses import (advantages, entropy_from_logits, micro_batch_loss, normalisation_keys, sample_rewards,
+                            topk_direction, topk_kl)
 from schemas.methods import rule
 
 DS_TAG = "ds"
@@ -137,6 +138,7 @@ class Trainer:
         self.rule = rule(ls.method)
         normalisation_keys([], [], ls.adv_norm)  # fail at start, not at the first step
         self.loss_cfg = ls.loss_for(self.device.type)
+        self.topk = topk_direction(self.loss_cfg.opd_form) if self.rule.teacher_term else None
         deepspeed = init_distributed(self.device)
         torch.manual_seed(ls.seed)
         try:
@@ -180,11 +182,23 @@ class Trainer:
         return out.logits[:, :-1].float(), start
 
     @staticmethod
-    def _token_logprobs(logits: torch.Tensor, start: int, batch: Batch) -> torch.Tensor:
+    def _token_logprobs(logits: torch.Tensor, start: int, batch: Batch,
+                        lse: torch.Tensor | None = None) -> torch.Tensor:
         """[B, T-1] logprob of each target token (0 before `start`, where nothing is trained)."""
         targets = batch.input_ids[:, 1 + start:].unsqueeze(-1)
-        logp = logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        lse = torch.logsumexp(logits, dim=-1) if lse is None else lse
+        logp = logits.gather(-1, targets).squeeze(-1) - lse
         return torch.nn.functional.pad(logp, (start, 0))
+
+    def _distill(self, logits: torch.Tensor, lse: torch.Tensor, start: int, batch: Batch) -> torch.Tensor | None:
+        """[B, T-1] top-K KL to the teacher at every position (0 where a sample has no rows),
+        or None when the loss does not use the teacher's distribution or no sample carries one."""
+        if self.topk is None or not bool(batch.has_top.any()):
+            return None
+        ids, valid = batch.top_ids[:, start:], batch.top_valid[:, start:]
+        student = logits.gather(-1, ids) - lse.unsqueeze(-1)
+        kl = topk_kl(student, batch.top_logprobs[:, start:], valid, self.topk)
+        return torch.nn.functional.pad(kl, (start, 0))
 
     def _reference_logprobs(self, batch: Batch) -> torch.Tensor:
         with torch.no_grad():
@@ -198,12 +212,33 @@ class Trainer:
     # -- one optimizer step ---------------------------------------------------------------
 
     def train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
-        """Forward/backward every micro-batch, then one optimizer step; the step's metrics."""
+        """`epochs` times: forward/backward every micro-batch, then one optimizer update. The
+        metrics are the first pass's (the policy that met these samples) and the last pass's
+        policy loss, ratio and clip fraction as ``last_*``."""
         if not micro_batches:
             raise LearnerError("train_step() got no micro-batches")
         started = time.perf_counter()
-        cfg, ls = self.loss_cfg, self.settings
         batches = [b.to(self.device) for b in micro_batches]
+        proximal: list[torch.Tensor] = []
+        totals = self._pass(batches, proximal)
+        last = totals
+        for _ in range(self.settings.epochs - 1):
+            last = self._pass(batches, proximal)
+        elapsed = time.perf_counter() - started
+        metrics = self._step_metrics(totals, batches, torch.cat([b.rewards for b in batches]), elapsed)
+        if self.settings.epochs > 1:
+            n = max(last["tokens"], 1.0)
+            metrics.update(epochs=float(self.settings.epochs), last_policy_loss=last["policy_loss"] / n,
+                           last_ratio_mean=last["ratio_sum"] / n, last_clip_frac=last["clipped"] / n)
+            if "distill" in last:
+                metrics["last_distill_kl"] = last["distill"] / n
+        return metrics
+
+    def _pass(self, batches: list[Batch], proximal: list[torch.Tensor]) -> dict[str, float]:
+        """One forward/backward over every micro-batch and one optimizer update; the sums.
+        The first pass fills `proximal` with its logprobs, which later passes use as the stale
+        samples' proximal policy."""
+        cfg, ls = self.loss_cfg, self.settings
         rewards = torch.cat([b.rewards for b in batches])
         normed = sample_rewards(rewards, torch.cat([b.advantage for b in batches]),
                                 torch.cat([b.has_advantage for b in batches]),
@@ -216,13 +251,21 @@ class Trainer:
         for i, (batch, r) in enumerate(zip(batches, normed)):
             self.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
             logits, start = self._logits(self.engine, batch)
-            logp = self._token_logprobs(logits, start, batch)
-            adv = advantages(self.rule, r, batch.teacher, batch.behaviour, batch.has_teacher, cfg)
+            lse = torch.logsumexp(logits, dim=-1)
+            logp = self._token_logprobs(logits, start, batch, lse)
+            distill = self._distill(logits, lse, start, batch)
+            # a sample whose teacher term is its KL to the teacher's top-K gets no sampled-token gap
+            token_teacher = batch.has_teacher * (1 - batch.has_top) if distill is not None else batch.has_teacher
+            adv = advantages(self.rule, r, batch.teacher, batch.behaviour, token_teacher, cfg)
             ref = self._reference_logprobs(batch) if cfg.kl_coef > 0 else None
             ent = (torch.nn.functional.pad(entropy_from_logits(logits), (start, 0))
                    if cfg.entropy_coef > 0 else None)
+            first = len(proximal) <= i
+            if first:
+                proximal.append(logp.detach())
             part = micro_batch_loss(logp, batch.behaviour, adv, batch.mask, batch.stale,
-                                    step_tokens, cfg, ref_logp=ref, entropy=ent)
+                                    step_tokens, cfg, ref_logp=ref, entropy=ent, distill=distill,
+                                    proximal_logp=None if first else proximal[i])
             # The loss is already divided by the step's token count: no further /grad_accum.
             self.engine.backward(part.loss, scale_wrt_gas=False)
             for k, v in part.sums.items():
@@ -233,8 +276,7 @@ class Trainer:
                 else:
                     totals[k] = totals.get(k, 0.0) + v
         self.engine.step()
-        elapsed = time.perf_counter() - started
-        return self._step_metrics(totals, batches, rewards, elapsed)
+        return totals
 
     def _step_metrics(self, t: dict[str, float], batches: list[Batch], rewards: torch.Tensor,
                       elapsed: float) -> dict[str, float]:
@@ -243,7 +285,8 @@ class Trainer:
         seq_tokens = sum(b.tokens for b in batches)
         grad_norm = self.engine.get_global_grad_norm()
         metrics = {
-            "loss": (t["policy_loss"] + self.loss_cfg.kl_coef * t.get("kl", 0.0)
+            "loss": (t["policy_loss"] + self.loss_cfg.w_opd * t.get("distill", 0.0)
+                     + self.loss_cfg.kl_coef * t.get("kl", 0.0)
                      - self.loss_cfg.entropy_coef * t.get("entropy", 0.0)) / n,
             "policy_loss": t["policy_loss"] / n,
             "reward_mean": float(rewards.mean()),
@@ -268,6 +311,8 @@ class Trainer:
             metrics["kl"] = t["kl"] / n
         if "entropy" in t:
             metrics["entropy"] = t["entropy"] / n
+        if "distill" in t:
+            metrics["distill_kl"] = t["distill"] / n
         return metrics
 
     # -- save / restore -------------------------------------------------------------------

@@ -13,6 +13,9 @@ Rule table (``r`` = the judgement's majority; "hint" = an accepted hint *with* t
 | combined | no   | ±1   | RL, reward r                              | all 1     | **null** (never the rollout logprobs) |
 | combined | no   | 0    | none — reason counted                     |           |                  |
 
+Where the sample carries the teacher's logprobs it also carries the teacher's top-K rows, if the
+hint stage recorded them.
+
 Token ids and behaviour logprobs come from the transition's turn exactly as recorded; lengths
 that do not match raise ``InvalidRecord`` (→ dead-letters), nothing is padded. The sample id is
 ``derived_id("assemble", transition id, method)``, so a re-run never duplicates a sample.
@@ -121,6 +124,8 @@ def assemble(transition: TransitionFormed, judgement: RewardJudged | None, hint:
         method=kind, prompt_token_ids=turn.prompt_token_ids, response_token_ids=turn.response_token_ids,
         loss_mask=[0 if masked else 1] * n, behaviour_logprobs=turn.response_logprobs,
         teacher_logprobs=teacher, reward=reward, policy_version=turn.policy_version,
+        teacher_top_ids=hint.teacher_top_ids if teacher is not None else None,
+        teacher_top_logprobs=hint.teacher_top_logprobs if teacher is not None else None,
     )
     validate_sample(sample)
     return Outcome(sample)

@@ -12,7 +12,10 @@
    - ``OVERLAP_TOKEN`` — per position the candidate with the largest O[k,t]; the teacher
      logprob at t comes from that candidate; ``accepted_hint`` is the one chosen most often.
    With a single candidate there is nothing to choose: it is taken and recorded as LONGEST.
-4. Teacher (processors.teacher): the chosen hint's logprobs of the exact response tokens.
+4. Teacher (processors.teacher): the chosen hint's logprobs of the exact response tokens and,
+   with ``teacher_top_k`` > 0, its K most likely tokens and their logprobs at every position
+   (K shrinks for long responses so a record holds at most ``teacher_top_max_entries`` of
+   them), which lets the learner match the teacher's distribution, not only score the sample.
    Without a teacher (no engine configured) the hint is recorded with no teacher logprobs
    and assemble counts it as "hint without teacher logprobs".
 
@@ -58,6 +61,24 @@ def pick_tokens(per_candidate: list[list[int]]) -> list[int]:
     return [max(range(len(per_candidate)), key=lambda k: (per_candidate[k][t], -k)) for t in range(n)]
 
 
+def top_k_for(n: int, k: int, max_entries: int) -> int:
+    """K for a response of `n` tokens: `k`, shrunk so n·K stays within `max_entries` (≥ 1 if k)."""
+    return 0 if k <= 0 else max(1, min(k, max_entries // max(n, 1)))
+
+
+def top_rows(top_ids: list[list[int]] | None, top_lps: list[list[float]] | None,
+             k: int) -> tuple[list[int] | None, list[float] | None]:
+    """The first `k` of each position's top ids and logprobs, flattened row-major; (None,
+    None) when none were asked for. Every row is cut to the shortest (a vocabulary smaller
+    than k gives fewer), so K is one number per record."""
+    if not k or not top_ids or top_lps is None:
+        return None, None
+    width = min(k, *(len(r) for r in top_ids), *(len(r) for r in top_lps))
+    if width < 1:
+        return None, None
+    return ([i for r in top_ids for i in r[:width]], [v for r in top_lps for v in r[:width]])
+
+
 def hints_id(transition: TransitionFormed, judge: HintJudge, selection: HintSelection,
              teacher: Teacher | None) -> str:
     who = teacher.policy.value if teacher else "no-teacher"
@@ -66,7 +87,8 @@ def hints_id(transition: TransitionFormed, judge: HintJudge, selection: HintSele
 
 
 async def judge_hints(transition: TransitionFormed, judge: HintJudge, votes: int, min_chars: int,
-                      selection: HintSelection, teacher: Teacher | None, top_k: int) -> HintJudged:
+                      selection: HintSelection, teacher: Teacher | None, top_k: int,
+                      teacher_top_k: int = 0, teacher_top_max: int = 65_536) -> HintJudged:
     validate_transition(transition)
     if selection is not HintSelection.LONGEST and teacher is None:
         raise ValueError(f"hint selection {selection.value} needs a teacher engine")
@@ -89,31 +111,40 @@ async def judge_hints(transition: TransitionFormed, judge: HintJudge, votes: int
                   "no positive vote" if all(v.score != 1 for v in valid) else
                   f"no positive vote with a hint of at least {min_chars} characters")
         return HintJudged(**fields, selection=selection, rejected_reason=reason)
+    n = max(len(transition.turn.response_token_ids), 1)
+    k_teacher = top_k_for(n, teacher_top_k, teacher_top_max)
     if len(cands) == 1 or selection is HintSelection.LONGEST:
         chosen = cands[0]
         used = HintSelection.LONGEST
-        teacher_lp = version = None
+        teacher_lp = version = top_ids = top_lps = None
         if teacher is not None:
-            scores = await teacher.score(transition.turn, chosen.hint)
+            scores = await teacher.score(transition.turn, chosen.hint, k_teacher)
             teacher_lp, version = scores.logprobs, scores.policy_version
+            top_ids, top_lps = top_rows(scores.top_ids, scores.top_logprobs, k_teacher)
         return HintJudged(**fields, candidates=cands, selection=used, accepted_hint=chosen.hint,
                           teacher_policy=teacher.policy.value if teacher else None,
-                          teacher_policy_version=version, teacher_logprobs=teacher_lp)
+                          teacher_policy_version=version, teacher_logprobs=teacher_lp,
+                          teacher_top_ids=top_ids, teacher_top_logprobs=top_lps)
     student = await teacher.student(transition.turn, top_k)
-    scored = await asyncio.gather(*(teacher.score(transition.turn, c.hint, top_k) for c in cands))
-    per = [overlaps(student.top_ids or [], s.top_ids or []) for s in scored]
-    n = max(len(transition.turn.response_token_ids), 1)
+    scored = await asyncio.gather(*(teacher.score(transition.turn, c.hint, max(top_k, k_teacher))
+                                    for c in cands))
+    # the overlap compares the first top_k of each row (engines give them most likely first)
+    per = [overlaps(student.top_ids or [], [r[:top_k] for r in s.top_ids or []]) for s in scored]
     cands = [c.model_copy(update={"overlap_score": sum(o) / (n * top_k)}) for c, o in zip(cands, per)]
     if selection is HintSelection.OVERLAP_SEQUENCE:
         k = pick_sequence(per)
-        teacher_lp, accepted = scored[k].logprobs, cands[k].hint
+        picks = [k] * len(transition.turn.response_token_ids)
+        accepted = cands[k].hint
     else:
         picks = pick_tokens(per)
-        teacher_lp = [scored[k].logprobs[t] for t, k in enumerate(picks)]
         accepted = cands[Counter(picks).most_common(1)[0][0]].hint
+    teacher_lp = [scored[k].logprobs[t] for t, k in enumerate(picks)]
+    top_ids, top_lps = (top_rows([scored[k].top_ids[t] for t, k in enumerate(picks)],
+                                 [scored[k].top_logprobs[t] for t, k in enumerate(picks)], k_teacher)
+                        if k_teacher else (None, None))
     return HintJudged(**fields, candidates=cands, selection=selection, accepted_hint=accepted,
                       teacher_policy=teacher.policy.value, teacher_policy_version=scored[0].policy_version,
-                      teacher_logprobs=teacher_lp)
+                      teacher_logprobs=teacher_lp, teacher_top_ids=top_ids, teacher_top_logprobs=top_lps)
 
 
 def handler(ctx: Context) -> Handler:
@@ -123,7 +154,8 @@ def handler(ctx: Context) -> Handler:
 
     async def handle(event: TransitionFormed, key: bytes | None, partition: int, offset: int = -1) -> Result:
         return Result([await judge_hints(event, judge, s.hint_votes, s.hint_min_chars, selection,
-                                         ctx.teacher, s.overlap_top_k)])
+                                         ctx.teacher, s.overlap_top_k, s.teacher_top_k,
+                                         s.teacher_top_max_entries)])
 
     return handle
 

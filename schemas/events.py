@@ -257,6 +257,25 @@ class HintJudged(Event):
     teacher_policy: str | None = None
     teacher_policy_version: int | None = None
     teacher_logprobs: Float32List | None = None
+    teacher_top_ids: list[int] | None = None
+    teacher_top_logprobs: Float32List | None = None
+
+
+def top_k_problem(what: str, n: int, ids: list[int] | None, logprobs: list[float] | None) -> str | None:
+    """Why a teacher's top-K rows (K per response token, row-major) do not fit `n` tokens."""
+    if ids is None and logprobs is None:
+        return None
+    if ids is None or logprobs is None:
+        return f"{what} has teacher top-K {'ids' if ids is not None else 'logprobs'} without the other"
+    if len(ids) != len(logprobs):
+        return f"{what} has {len(ids)} teacher top-K ids but {len(logprobs)} logprobs"
+    if not ids or len(ids) % n:
+        return f"{what} has {len(ids)} teacher top-K entries, not K ≥ 1 for each of its {n} response tokens"
+    if min(ids) < 0:
+        return f"{what} has a negative teacher top-K token id"
+    if max(logprobs) > 1e-4:
+        return f"{what} has a teacher top-K logprob above 0"
+    return None
 
 
 # -- samples ----------------------------------------------------------------------------
@@ -284,6 +303,8 @@ class SampleReady(Event):
     loss_mask: list[int]
     behaviour_logprobs: Float32List
     teacher_logprobs: Float32List | None = None
+    teacher_top_ids: list[int] | None = None
+    teacher_top_logprobs: Float32List | None = None
     reward: float
     policy_version: int
     task_group: str | None = None
@@ -313,7 +334,12 @@ class SampleReady(Event):
             return f"{what} has {n} response tokens but " + ", ".join(f"{v} {k}" for k, v in bad.items())
         if any(m not in (0, 1) for m in self.loss_mask):
             return f"{what} has loss_mask values other than 0/1"
-        return None
+        return top_k_problem(what, n, self.teacher_top_ids, self.teacher_top_logprobs)
+
+    @property
+    def teacher_top_k(self) -> int:
+        """K of the teacher's top-K rows (0 without them)."""
+        return len(self.teacher_top_ids or ()) // max(len(self.response_token_ids), 1)
 
 
 # -- checkpoints ------------------------------------------------------------------------

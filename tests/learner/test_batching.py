@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from learner.batching import InvalidSample, StepCollector, collate, has_signal, pack, validate
 from learner.staleness import StalenessCounter, Verdict, lag, policy
@@ -87,3 +88,30 @@ def test_staleness_policies_and_histogram():
 
 def test_methods_in_samples_are_plain_enums():
     assert make_sample(1, method=Method.OPD, teacher=True).method is Method.OPD
+
+
+def test_collate_places_the_teacher_top_k_rows_at_the_response_targets():
+    a = make_sample(1, prompt_len=2, response_len=3, teacher=True, top_k=4)
+    b = make_sample(2, prompt_len=3, response_len=1, teacher=True)          # logprobs, no rows
+    batch = collate([a, b], pad_id=0)
+    assert batch.top_ids.shape == (2, 4, 4) and batch.has_top.tolist() == [1.0, 0.0]
+    rows = torch.tensor(a.teacher_top_ids).view(3, 4)
+    assert torch.equal(batch.top_ids[0, 1:4], rows)
+    assert batch.top_logprobs[0, 1:4].flatten().tolist() == pytest.approx(a.teacher_top_logprobs)
+    assert batch.top_valid[0].sum(-1).tolist() == [0, 4, 4, 4] and not batch.top_valid[1].any()
+    none = collate([b], pad_id=0)
+    assert none.top_ids.shape == (1, 3, 0) and none.has_top.tolist() == [0.0]
+
+
+def test_teacher_top_k_rows_that_do_not_fit_the_response_are_named():
+    good = make_sample(1, response_len=3, teacher=True, top_k=2)
+    assert good.teacher_top_k == 2 and good.problem() is None
+    for update, says in [({"teacher_top_ids": good.teacher_top_ids[:-1]}, "5 teacher top-K ids but 6"),
+                         ({"teacher_top_ids": good.teacher_top_ids[:-2],
+                           "teacher_top_logprobs": good.teacher_top_logprobs[:-2]}, "not K ≥ 1 for each"),
+                         ({"teacher_top_logprobs": None}, "ids without the other"),
+                         ({"teacher_top_ids": [-1] * 6}, "negative"),
+                         ({"teacher_top_logprobs": [0.5] * 6}, "above 0")]:
+        bad = good.model_copy(update=update)
+        with pytest.raises(InvalidSample, match=says):
+            validate(bad)

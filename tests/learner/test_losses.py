@@ -19,6 +19,8 @@ from learner.losses import (
     opd_term,
     policy_terms,
     sample_rewards,
+    topk_direction,
+    topk_kl,
 )
 from schemas.methods import METHODS, Signal, method, rule
 
@@ -190,3 +192,81 @@ def test_a_precomputed_advantage_is_taken_as_it_is_and_left_out_of_the_others_no
     assert got.tolist() == pytest.approx([z[0].item(), z[1].item(), -1.2247, z[2].item()], abs=1e-5)
     none = sample_rewards(rewards, advantage, has, [None] * 4, [None] * 4, "none")
     assert none.tolist() == pytest.approx([1.0, -1.0, -1.2247, 0.5])
+
+
+def _full_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return (p.exp() * (p - q)).sum(-1)
+
+
+def test_topk_kl_on_the_whole_vocabulary_is_the_exact_kl_both_ways():
+    g = torch.Generator().manual_seed(0)
+    student = torch.log_softmax(torch.randn(2, 3, 11, generator=g), -1)
+    teacher = torch.log_softmax(torch.randn(2, 3, 11, generator=g), -1)
+    ids = teacher.argsort(-1, descending=True)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    s, t = student.gather(-1, ids), teacher.gather(-1, ids)
+    assert torch.allclose(topk_kl(s, t, valid, "forward"), _full_kl(teacher, student), atol=1e-4)
+    assert torch.allclose(topk_kl(s, t, valid, "reverse"), _full_kl(student, teacher), atol=1e-4)
+
+
+def test_topk_kl_lumps_the_rest_of_the_vocabulary_into_one_bin():
+    student = torch.log(torch.tensor([[[0.5, 0.2, 0.2, 0.1]]]))
+    teacher = torch.log(torch.tensor([[[0.1, 0.6, 0.1, 0.2]]]))
+    ids = torch.tensor([[[1, 3]]])            # the teacher's top 2; tokens 0 and 2 form the tail
+    valid = torch.ones(1, 1, 2, dtype=torch.bool)
+    got = topk_kl(student.gather(-1, ids), teacher.gather(-1, ids), valid, "forward")
+    want = 0.6 * math.log(0.6 / 0.2) + 0.2 * math.log(0.2 / 0.1) + 0.2 * math.log(0.2 / 0.7)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+def test_topk_kl_is_zero_and_finite_where_nothing_is_valid():
+    s = torch.zeros(1, 2, 3, requires_grad=True)
+    t = torch.full((1, 2, 3), -2.0)
+    valid = torch.tensor([[[False] * 3, [True, True, False]]])
+    kl = topk_kl(s - torch.logsumexp(torch.zeros(5), 0), t, valid, "reverse")
+    assert float(kl[0, 0]) == 0.0 and float(kl[0, 1]) > 0
+    kl.sum().backward()
+    assert torch.isfinite(s.grad).all() and s.grad[0, 0].abs().sum() == 0 and s.grad[0, 1, 2] == 0
+
+
+def test_forward_topk_kl_moves_probability_to_every_token_the_teacher_prefers():
+    logits = torch.zeros(1, 1, 6, requires_grad=True)
+    teacher = torch.log(torch.tensor([0.5, 0.3]))[None, None]   # tokens 4 and 5; 0.2 elsewhere
+    ids = torch.tensor([[[4, 5]]])
+    for _ in range(200):
+        s = torch.log_softmax(logits, -1).gather(-1, ids)
+        kl = topk_kl(s, teacher, torch.ones(1, 1, 2, dtype=torch.bool), "forward")
+        grad, = torch.autograd.grad(kl.sum(), logits)
+        logits = (logits - 0.5 * grad).detach().requires_grad_(True)
+    p = torch.softmax(logits, -1)[0, 0]
+    assert float(p[4]) == pytest.approx(0.5, abs=0.01) and float(p[5]) == pytest.approx(0.3, abs=0.01)
+    assert float(p[:4].sum()) == pytest.approx(0.2, abs=0.01)
+
+
+def test_opd_form_names_the_direction():
+    assert topk_direction("token") is None
+    assert topk_direction("topk_forward") == "forward" and topk_direction("topk_reverse") == "reverse"
+    with pytest.raises(ValueError, match="unknown opd_form"):
+        topk_direction("topk_sideways")
+
+
+def test_the_distillation_term_enters_the_loss_with_w_opd_over_the_step_tokens():
+    cfg = LossSettings(w_opd=0.5, kl_coef=0.0)
+    logp = torch.full((1, 3), -1.0)
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    distill = torch.tensor([[0.2, 0.4, 9.0]])   # the masked position never counts
+    out = micro_batch_loss(logp, logp, torch.zeros(1, 3), mask, torch.tensor([False]), 4, cfg,
+                           distill=distill)
+    assert float(out.loss) == pytest.approx(0.5 * 0.6 / 4) and out.sums["distill"] == pytest.approx(0.6)
+
+
+def test_a_stale_sample_takes_the_proximal_policy_it_is_given():
+    logp = torch.tensor([[-1.0]], requires_grad=True)
+    behaviour, adv, mask, stale = torch.tensor([[-1.5]]), torch.tensor([[1.0]]), torch.ones(1, 1), torch.tensor([True])
+    now = policy_terms(logp, behaviour, adv, mask, stale, CFG)
+    assert float(now.ratio) == pytest.approx(1.0) and float(now.is_weight) == pytest.approx(min(math.exp(0.5), 2.0))
+    # a later epoch: the proximal policy is the first pass's (−1.2), the weights have moved to −1.0
+    later = policy_terms(logp, behaviour, adv, mask, stale, CFG, proximal_logp=torch.tensor([[-1.2]]))
+    assert float(later.ratio) == pytest.approx(math.exp(0.2)) and float(later.is_weight) == pytest.approx(math.exp(0.3))
+    beyond = policy_terms(logp, behaviour, adv, mask, stale, CFG, proximal_logp=torch.tensor([[-1.5]]))
+    assert bool(beyond.clipped[0, 0])   # ratio e^0.5 > 1.28 with a positive advantage

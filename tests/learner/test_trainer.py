@@ -55,6 +55,47 @@ def test_opd_pulls_towards_the_teacher(tiny_model_dir):
     assert response_logprob(trainer, sample) > before
 
 
+@pytest.mark.parametrize("form", ["topk_forward", "topk_reverse"])
+def test_topk_distillation_pulls_the_policy_towards_the_teachers_distribution(tiny_model_dir, form):
+    trainer = Trainer(settings(method="opd", lr=1e-2, loss=LossSettings(opd_form=form, kl_coef=0.0)),
+                      tiny_model_dir)
+    sample = make_sample(4, teacher=True, top_k=4)   # the teacher's first choice holds 0.61 of the mass
+    first = torch.tensor(sample.teacher_top_ids).view(3, 4)[:, 0]
+
+    def first_choice_logprob() -> float:
+        batch = collate([sample], trainer.pad_id)
+        with torch.no_grad():
+            logits, start = trainer._logits(trainer.engine, batch)
+        rows = torch.log_softmax(logits[0, 3 - start:6 - start], -1)
+        return float(rows.gather(-1, first[:, None]).sum())
+
+    before = first_choice_logprob()
+    steps = [trainer.train_step([collate([sample], trainer.pad_id)]) for _ in range(4)]
+    # the sampled-token gap is not used beside the KL: an OPD sample has no other advantage
+    assert all(m["adv_mean"] == 0 and m["adv_std"] == 0 for m in steps)
+    assert steps[-1]["distill_kl"] < steps[0]["distill_kl"]
+    assert first_choice_logprob() > before
+
+
+def test_epochs_train_the_same_samples_again_within_the_clip(tiny_model_dir):
+    moved = {}
+    for epochs in (1, 3):
+        trainer = Trainer(settings(method="rl", lr=1e-2, epochs=epochs), tiny_model_dir)
+        sample = make_sample(3, reward=1.0)
+        batch = collate([sample], trainer.pad_id)
+        with torch.no_grad():
+            own = trainer._token_logprobs(*trainer._logits(trainer.engine, batch), batch)
+        sample = sample.model_copy(update={"behaviour_logprobs": own[0, 3:6].tolist()})
+        before = response_logprob(trainer, sample)
+        metrics = trainer.train_step([collate([sample], trainer.pad_id)])
+        moved[epochs] = response_logprob(trainer, sample) - before
+        assert trainer.engine.global_steps == epochs
+        assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-4)   # the first pass's policy
+        if epochs > 1:
+            assert metrics["epochs"] == 3 and metrics["last_ratio_mean"] > 1.0
+    assert moved[3] > moved[1] > 0
+
+
 def _train(trainer: Trainer, seeds: list[int]) -> None:
     for seed in seeds:
         trainer.train_step([collate([make_sample(seed, reward=1.0 if seed % 2 else -1.0),

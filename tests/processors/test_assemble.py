@@ -64,6 +64,22 @@ def test_nothing_with_a_reason(method, r, h, reason):
     assert out.sample is None and out.reason.startswith(reason)
 
 
+@pytest.mark.parametrize("method", [Method.OPD, Method.COMBINED, Method.RL])
+def test_the_teachers_top_k_rows_travel_with_its_logprobs(method):
+    n = len(T.turn.response_token_ids)
+    rows = hint(T).model_copy(update={"teacher_top_ids": list(range(2 * n)),
+                                      "teacher_top_logprobs": [-0.5, -1.5] * n})
+    s = assemble(T, judgement(T, 1), rows, method).sample
+    if method is Method.RL:
+        assert s.teacher_top_ids is None and s.teacher_top_logprobs is None
+    else:
+        assert s.teacher_top_ids == list(range(2 * n)) and s.teacher_top_k == 2
+    bad = rows.model_copy(update={"teacher_top_ids": list(range(2 * n - 1))})
+    if method is not Method.RL:
+        with pytest.raises(InvalidRecord, match="teacher top-K ids but"):
+            assemble(T, judgement(T, 1), bad, method)
+
+
 def test_mismatched_teacher_lengths_are_invalid_never_padded():
     with pytest.raises(InvalidRecord, match="4 response tokens but 3 teacher_logprobs"):
         assemble(T, judgement(T, 1), hint(T, n=3), Method.COMBINED)

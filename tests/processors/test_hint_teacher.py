@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from infra.settings import ProcessorSettings, ServingSettings
-from processors.hint import candidates, judge_hints, overlaps, pick_sequence, pick_tokens
+from processors.hint import candidates, judge_hints, overlaps, pick_sequence, pick_tokens, top_k_for, top_rows
 from processors.judges import build_hint_judge
 from processors.judges.prompts import JudgePrompt
 from processors.teacher import Teacher, TeacherPolicy
@@ -89,6 +89,33 @@ def test_teacher_scores_the_exact_response_under_the_hinted_prompt(engine):
     assert got.logprobs != plain.logprobs  # the hint changed the context
 
 
+def test_the_teacher_records_its_top_k_rows_beside_the_sampled_tokens(engine):
+    t = transition("No, use pathlib", **_turn_kw(engine))
+    teacher = Teacher(engine, engine.tokenizer, TeacherPolicy.BASE)
+    judge = build_hint_judge(ProcessorSettings(), "feedback")
+    out = asyncio.run(judge_hints(t, judge, 1, 11, HintSelection.LONGEST, teacher, 4, 5))
+    want = asyncio.run(teacher.score(t.turn, "No, use pathlib", top_k=5))
+    assert out.teacher_logprobs == pytest.approx(want.logprobs)
+    assert out.teacher_top_ids == [i for row in want.top_ids for i in row]
+    assert out.teacher_top_logprobs == pytest.approx([v for row in want.top_logprobs for v in row])
+    # every row most likely first, and the sampled token's logprob never above the row's first
+    rows = [out.teacher_top_logprobs[k * 5:(k + 1) * 5] for k in range(8)]
+    assert all(r == sorted(r, reverse=True) and lp <= r[0] + 1e-6 for r, lp in zip(rows, out.teacher_logprobs))
+    # 8 tokens × K within 20 entries: K shrinks to 2
+    small = asyncio.run(judge_hints(t, judge, 1, 11, HintSelection.LONGEST, teacher, 4, 5, 20))
+    assert len(small.teacher_top_ids) == 16 and small.teacher_top_ids[:2] == want.top_ids[0][:2]
+    off = asyncio.run(judge_hints(t, judge, 1, 11, HintSelection.LONGEST, teacher, 4, 0))
+    assert off.teacher_top_ids is None and off.teacher_top_logprobs is None and off.teacher_logprobs
+
+
+def test_top_k_rows_are_cut_to_one_width_and_bounded_per_record():
+    assert top_k_for(100, 16, 65_536) == 16 and top_k_for(10_000, 16, 65_536) == 6
+    assert top_k_for(1_000_000, 16, 65_536) == 1 and top_k_for(5, 0, 100) == 0
+    assert top_rows([[1, 2, 3], [4, 5]], [[-1.0, -2.0, -3.0], [-1.0, -2.0]], 3) == ([1, 2, 4, 5],
+                                                                                     [-1.0, -2.0, -1.0, -2.0])
+    assert top_rows(None, None, 3) == (None, None) and top_rows([[1]], [[-1.0]], 0) == (None, None)
+
+
 class ScriptedHintJudge:
     """A hint judge that always proposes the same candidates (selection is what is tested)."""
 
@@ -110,22 +137,26 @@ def test_overlap_guided_selection(engine, selection):
              "print exactly hello world and nothing else"]
     t = transition("no", **_turn_kw(engine))
     teacher = Teacher(engine, engine.tokenizer, TeacherPolicy.CURRENT)
-    out = asyncio.run(judge_hints(t, ScriptedHintJudge(hints), 3, 11, selection, teacher, 4))
+    # the teacher's top-6 rows are recorded; the overlap still compares top-4 sets
+    out = asyncio.run(judge_hints(t, ScriptedHintJudge(hints), 3, 11, selection, teacher, 4, 6))
     student = asyncio.run(engine.score(t.turn.prompt_token_ids, t.turn.response_token_ids, top_k=4))
     per = {}
     for h in hints:
-        sc = asyncio.run(teacher.score(t.turn, h, top_k=4))
-        per[h] = (overlaps(student.top_ids, sc.top_ids), sc.logprobs)
+        sc = asyncio.run(teacher.score(t.turn, h, top_k=6))
+        per[h] = (overlaps(student.top_ids, [r[:4] for r in sc.top_ids]), sc.logprobs, sc.top_ids)
     n = len(t.turn.response_token_ids)
     assert {c.hint: c.overlap_score for c in out.candidates} == pytest.approx(
-        {h: sum(o) / (n * 4) for h, (o, _) in per.items()})
+        {h: sum(o) / (n * 4) for h, (o, _, _) in per.items()})
     order = [c.hint for c in out.candidates]  # longest first, as selection sees them
     if selection is HintSelection.OVERLAP_SEQUENCE:
         best = order[pick_sequence([per[h][0] for h in order])]
         assert out.accepted_hint == best and out.teacher_logprobs == pytest.approx(per[best][1])
+        picks = [order.index(best)] * n
     else:
         picks = pick_tokens([per[h][0] for h in order])
         assert out.teacher_logprobs == pytest.approx([per[order[k]][1][i] for i, k in enumerate(picks)])
+    assert out.teacher_top_ids == [i for pos, k in enumerate(picks) for i in per[order[k]][2][pos]]
+    assert len(out.teacher_top_logprobs) == 6 * n
     assert out.selection is selection and out.teacher_policy == "current"
     assert len(out.teacher_logprobs) == n
 
