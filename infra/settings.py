@@ -327,8 +327,10 @@ class LossSettings(_Section):
     opd_clip: float = 2.0
     # The teacher term: "token" (the clipped logprob gap of the sampled token as its advantage)
     # or "topk_forward" / "topk_reverse" (a KL to the teacher's top-K distribution where the
-    # sample carries one: processors.teacher_top_k).
-    opd_form: Literal["token", "topk_forward", "topk_reverse"] = "token"
+    # sample carries one: processors.teacher_top_k; samples without it keep the token term).
+    # topk_forward by `nextstate bench personal`: it learned as fast as the token term and
+    # kept the answers' variety.
+    opd_form: Literal["token", "topk_forward", "topk_reverse"] = "topk_forward"
     w_rl: float = 1.0
     w_opd: float = 1.0
     # None: by what trains. LoRA LORA_KL (its reference is the base with the adapter switched
@@ -342,7 +344,10 @@ class LossSettings(_Section):
 
 LORA_LR = 2e-4
 FULL_LR = 1e-5
-LORA_KL = 0.2
+# KL to the base with LoRA: 0. 0.2 did not keep greedy answers from looping (the teacher's
+# distribution does more for that) and slowed what was learned (`nextstate bench personal`).
+LORA_KL = 0.0
+LORA_EPOCHS = 4
 
 
 class LearnerSettings(_Section):
@@ -372,7 +377,8 @@ class LearnerSettings(_Section):
     grad_accum: int = Field(default=2, ge=1)
     # Optimizer updates per step's samples (PPO epochs): each pass after the first trains the
     # same micro-batches again, the clip holding the policy near the one that sampled them.
-    epochs: int = Field(default=1, ge=1)
+    # None: by what trains, LoRA LORA_EPOCHS (a personal agent's few samples go further), full 1.
+    epochs: int | None = Field(default=None, ge=1)
     max_staleness: int = Field(default=4, ge=0)
     staleness_policy: Annotated[StalenessPolicy, BeforeValidator(_lower)] = "correct"
     loss: LossSettings = LossSettings()
@@ -405,6 +411,12 @@ class LearnerSettings(_Section):
         if self.loss.kl_coef is not None:
             return self.loss
         return self.loss.model_copy(update={"kl_coef": LORA_KL if self.uses_lora(device_type) else 0.0})
+
+    def updates_per_step(self, device_type: str) -> int:
+        """`epochs`, or the default for what trains on this device (LoRA: LORA_EPOCHS, full: 1)."""
+        if self.epochs is not None:
+            return self.epochs
+        return LORA_EPOCHS if self.uses_lora(device_type) else 1
 
     def learning_rate(self, device_type: str) -> float:
         """`lr`, or the default for what trains on this device (LoRA: LORA_LR, full: FULL_LR)."""

@@ -159,6 +159,7 @@ class Trainer:
             self.ref_model.requires_grad_(False).eval().to(self.device)
         params = [p for p in model.parameters() if p.requires_grad]
         self.lr = ls.learning_rate(self.device.type)
+        self.epochs = ls.updates_per_step(self.device.type)
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=ls.weight_decay)
         schedule = LR_SCHEDULES[ls.lr_schedule]
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -222,13 +223,13 @@ class Trainer:
         proximal: list[torch.Tensor] = []
         totals = self._pass(batches, proximal)
         last = totals
-        for _ in range(self.settings.epochs - 1):
+        for _ in range(self.epochs - 1):
             last = self._pass(batches, proximal)
         elapsed = time.perf_counter() - started
         metrics = self._step_metrics(totals, batches, torch.cat([b.rewards for b in batches]), elapsed)
-        if self.settings.epochs > 1:
+        if self.epochs > 1:
             n = max(last["tokens"], 1.0)
-            metrics.update(epochs=float(self.settings.epochs), last_policy_loss=last["policy_loss"] / n,
+            metrics.update(epochs=float(self.epochs), last_policy_loss=last["policy_loss"] / n,
                            last_ratio_mean=last["ratio_sum"] / n, last_clip_frac=last["clipped"] / n)
             if "distill" in last:
                 metrics["last_distill_kl"] = last["distill"] / n

@@ -64,8 +64,9 @@ def config_show() -> None:
     trains = f"LoRA (rank {lp.lora_rank})" if lp.uses_lora(device) else "full weights"
     lr_note = "" if lp.lr is not None else " (the default for that)"
     console.print(f"decided here: the learner trains on {device} with {trains} at lr "
-                  f"{lp.learning_rate(device):g}{lr_note} and KL to the base {lp.loss_for(device).kl_coef:g}; "
-                  f"the hint stage's teacher is {describe_teacher(settings)}", markup=False)
+                  f"{lp.learning_rate(device):g}{lr_note}, {lp.updates_per_step(device)} update(s) per step's "
+                  f"samples and KL to the base {lp.loss_for(device).kl_coef:g}; the teacher term is "
+                  f"{lp.loss.opd_form}; the hint stage's teacher is {describe_teacher(settings)}", markup=False)
 
 
 @app.command()
@@ -115,6 +116,8 @@ def bench_personal(preferences: str = typer.Option(",".join(("brief", "lowercase
                                                                      "and is probed after each (0: one round)"),
                    model: Optional[str] = typer.Option(None, help="model; default SmolLM2-135M-Instruct (embedded)"),
                    seed: int = typer.Option(0),
+                   probe_samples: int = typer.Option(4, min=0, help="besides the greedy probes, answers "
+                                                                    "sampled per probe as users get them (0: none)"),
                    port: int = typer.Option(30300, help="the first gateway's port (one per run, consecutive)")) -> None:
     """Does the personal loop learn a hidden preference with the defaults? Base and hint-conditioned
     rates, each run's curve, and whether the answers stay answers."""
@@ -133,7 +136,7 @@ def bench_personal(preferences: str = typer.Option(",".join(("brief", "lowercase
     if unknown or not prefs:
         fail(f"unknown preference(s) {unknown}; known: {', '.join(PERSONAS)}")
     cfg = PersonalBenchConfig(preferences=prefs, interactions=interactions, round_sessions=round_sessions,
-                              model=model, seed=seed, port=port)
+                              model=model, seed=seed, port=port, probe_samples=probe_samples)
     if variant:
         try:
             cfg.variants = tuple(Variant.parse(v) for v in variant)

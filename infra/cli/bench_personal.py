@@ -79,6 +79,9 @@ class PersonalBenchConfig:
     max_tokens: int = 64
     probe_max_tokens: int = 96
     temperature: float = 1.0
+    # besides the greedy probes: this many answers to each probe at the users' temperature
+    # (what a user gets), 0 none
+    probe_samples: int = 4
     model: str | None = None
     seed: int = 0
     port: int = 30300
@@ -95,6 +98,7 @@ class Probe:
     rate: float
     answers: list[str]
     base_logprob: float | None = None
+    sampled_rate: float | None = None   # at the users' temperature, probe_samples per question
 
     def quality(self, base_share: float) -> dict[str, Any]:
         share = distinct_bigram_share(self.answers)
@@ -117,12 +121,21 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-")
 
 
-async def _probe(url: str, key: str, questions: list[str], preference: str, max_tokens: int) -> ProbeResult:
+async def _probe(url: str, key: str, questions: list[str], preference: str, max_tokens: int,
+                 temperature: float = 0.0, samples: int = 1) -> ProbeResult:
     users = GatewayUsers(url, key)
     try:
-        return await users.probe(questions, [PERSONAS[preference]], max_tokens)
+        return await users.probe(questions, [PERSONAS[preference]], max_tokens, temperature, samples)
     finally:
         await users.close()
+
+
+def _sampled(url: str, key: str, questions: list[str], preference: str, cfg: PersonalBenchConfig) -> float | None:
+    """The satisfaction of answers sampled as users get them (None when not asked for)."""
+    if not cfg.probe_samples:
+        return None
+    return asyncio.run(_probe(url, key, questions, preference, cfg.probe_max_tokens, cfg.temperature,
+                              cfg.probe_samples)).satisfaction
 
 
 async def _serving(url: str, key: str) -> int:
@@ -161,9 +174,15 @@ def run_preference(settings: Settings, cfg: PersonalBenchConfig, preference: str
         base = asyncio.run(_probe(urls[served], key, questions, preference, cfg.probe_max_tokens))
         hinted = asyncio.run(_probe(urls[served], key, [q + hint for q in questions], preference,
                                     cfg.probe_max_tokens))
-        result = PreferenceResult(preference, Probe("base", 0, 0, base.satisfaction, base.answers),
-                                  Probe("base+hint", 0, 0, hinted.satisfaction, hinted.answers))
-        console.print(f"  {preference}: base {base.satisfaction:.2f}, hint-conditioned {hinted.satisfaction:.2f}")
+        result = PreferenceResult(
+            preference,
+            Probe("base", 0, 0, base.satisfaction, base.answers,
+                  sampled_rate=_sampled(urls[served], key, questions, preference, cfg)),
+            Probe("base+hint", 0, 0, hinted.satisfaction, hinted.answers,
+                  sampled_rate=_sampled(urls[served], key, [q + hint for q in questions], preference, cfg)))
+        console.print(f"  {preference}: base {base.satisfaction:.2f}, hint-conditioned {hinted.satisfaction:.2f}"
+                      + (f"; sampled {result.base.sampled_rate:.2f} and {result.hinted.sampled_rate:.2f}"
+                         if cfg.probe_samples else ""))
         rng = random.Random(cfg.seed)
         train, _ = split_questions()
         plan = [train[rng.randrange(len(train))] for _ in range(cfg.interactions)]
@@ -185,10 +204,12 @@ def run_preference(settings: Settings, cfg: PersonalBenchConfig, preference: str
             versions = _await_runs(child, cfg, runs, urls, key, parts)
             probes = asyncio.run(_probe_all(urls, key, questions, preference, cfg.probe_max_tokens))
             for name, p in probes.items():
-                result.probes.append(Probe(name, result.sessions, p.policy_version, p.satisfaction, p.answers))
+                result.probes.append(Probe(name, result.sessions, p.policy_version, p.satisfaction, p.answers,
+                                           sampled_rate=_sampled(urls[name], key, questions, preference, cfg)))
             console.print(f"  {preference} after {result.sessions}: " + ", ".join(
-                f"{n} v{p.policy_version}{'' if versions.get(n) else ' (behind)'} {p.satisfaction:.2f}"
-                for n, p in probes.items()))
+                f"{p.variant} v{p.version}{'' if versions.get(p.variant) else ' (behind)'} {p.rate:.2f}"
+                + (f" (sampled {p.sampled_rate:.2f})" if p.sampled_rate is not None else "")
+                for p in result.probes[-len(probes):]))
     except Exception as exc:   # keep what was measured; say what failed
         from infra.cli.demo import _describe_failure
 
@@ -324,6 +345,10 @@ def report(cfg: PersonalBenchConfig, results: list[PreferenceResult], out: Path,
     table = Table(title="first-response satisfaction on 16 held-out probes (greedy, side turns)")
     for col in ("preference", "base", "base+hint", "after", *names):
         table.add_column(col, justify="right" if col != "preference" else "left")
+    sampled = Table(title="the same, sampled as users get them (temperature "
+                          f"{cfg.temperature}, {cfg.probe_samples} answers per probe)")
+    for col in ("preference", "base", "base+hint", "after", *names):
+        sampled.add_column(col, justify="right" if col != "preference" else "left")
     quality = Table(title="answer quality on the probes after the last round (base model for reference)")
     for col in ("preference", "run", "rate", "bigram share ×base", "looping answers", "non-answers",
                 "base logprob/token", "Δ vs base answers"):
@@ -336,6 +361,9 @@ def report(cfg: PersonalBenchConfig, results: list[PreferenceResult], out: Path,
             table.add_row(r.preference if i == 0 else "", f"{r.base.rate:.2f}" if i == 0 else "",
                           f"{r.hinted.rate:.2f}" if i == 0 else "", str(n),
                           *(f"{row[v].rate:.2f} (v{row[v].version})" if v in row else "-" for v in names))
+            sampled.add_row(r.preference if i == 0 else "", _fmt(r.base.sampled_rate, digits=2) if i == 0 else "",
+                            _fmt(r.hinted.sampled_rate, digits=2) if i == 0 else "", str(n),
+                            *(_fmt(row[v].sampled_rate, digits=2) if v in row else "-" for v in names))
         if not rounds:
             table.add_row(r.preference, f"{r.base.rate:.2f}", f"{r.hinted.rate:.2f}", "-", *("-" for _ in names))
         base_share = distinct_bigram_share(r.base.answers)
@@ -353,6 +381,8 @@ def report(cfg: PersonalBenchConfig, results: list[PreferenceResult], out: Path,
                      "base": {**r.base.__dict__, **base_q}, "hinted": r.hinted.__dict__,
                      "probes": [{**p.__dict__, **p.quality(base_share)} for p in r.probes]})
     console.print(table)
+    if cfg.probe_samples:
+        console.print(sampled)
     console.print(quality)
     (out / "results.json").write_text(json.dumps({"variants": names, "interactions": cfg.interactions,
                                                   "round_sessions": cfg.round_sessions,
@@ -361,10 +391,10 @@ def report(cfg: PersonalBenchConfig, results: list[PreferenceResult], out: Path,
     console.print(f"{elapsed_s / 60:.0f} min; results in {out / 'results.json'}, curves in {out / 'curves.png'}")
 
 
-def _fmt(value: float | None, signed: bool = False) -> str:
+def _fmt(value: float | None, signed: bool = False, digits: int = 3) -> str:
     if value is None:
         return "-"
-    return f"{value:+.3f}" if signed else f"{value:.3f}"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
 def _plot(cfg: PersonalBenchConfig, results: list[PreferenceResult], path: Path) -> None:

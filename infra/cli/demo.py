@@ -210,8 +210,10 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> DemoState
         "NEXTSTATE_SERVING__CHECKPOINT_RUN": f"demo-{cfg.methods[0]}",
         # A mean/std baseline over each step (measured: RL on raw ±1 learns far slower).
         "NEXTSTATE_LEARNER__ADV_NORM": "batch",
-        # the demo's own measured setting: one 1,024-token micro-batch a step, no KL term
-        "NEXTSTATE_LEARNER__GRAD_ACCUM": "1", "NEXTSTATE_LEARNER__LOSS__KL_COEF": "0"}, teacher=True)
+        # the demo's own measured setting: one 1,024-token micro-batch a step, one pass over
+        # it, no KL term, the teacher term on the sampled tokens
+        "NEXTSTATE_LEARNER__GRAD_ACCUM": "1", "NEXTSTATE_LEARNER__LOSS__KL_COEF": "0",
+        "NEXTSTATE_LEARNER__EPOCHS": "1", "NEXTSTATE_LEARNER__LOSS__OPD_FORM": "token"}, teacher=True)
     child_settings = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"namespace": ns})})
     state = DemoState()
     try:

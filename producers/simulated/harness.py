@@ -106,13 +106,17 @@ class GatewayUsers:
         return SessionResult(persona.name, question, first, reaction.satisfied, closing.satisfied)
 
     async def probe(self, questions: list[str], personas: list[Persona],
-                    max_tokens: int | None = None) -> ProbeResult:
-        """Greedy first responses to held-out questions, as side turns (never trained on).
-        Give probes more room than training turns: a cut-off answer must not pass for brief."""
+                    max_tokens: int | None = None, temperature: float = 0.0, samples: int = 1,
+                    seed: int = 0) -> ProbeResult:
+        """First responses to held-out questions, as side turns (never trained on): greedy by
+        default, or `samples` answers to each question at `temperature` (seeded, so two
+        policies meet the same draws). Give probes more room than training turns: a cut-off
+        answer must not pass for brief."""
         answers = await asyncio.gather(*(
             self.chat([{"role": "user", "content": q}], f"probe-{uuid.uuid4().hex[:10]}",
-                      turn_type="side", temperature=0.0, done=True, max_tokens=max_tokens)
-            for q in questions))
+                      turn_type="side", temperature=temperature, done=True, max_tokens=max_tokens,
+                      seed=None if temperature == 0.0 else seed + 1000 * i + k)
+            for i, q in enumerate(questions) for k in range(samples)))
         texts = [a.text for a in answers]
         return ProbeResult(
             policy_version=min(a.policy_version for a in answers),
