@@ -26,14 +26,22 @@ class InvalidSample(LearnerError):
     """A sample whose arrays disagree, or that cannot be trained on at all."""
 
 
-def validate(sample: SampleReady) -> None:
-    """Raise InvalidSample naming the mismatch (SampleReady.problem); silent if well formed.
+def validate(sample: SampleReady, vocab_size: int | None = None) -> None:
+    """Raise InvalidSample naming the mismatch (SampleReady.problem), or a token id the model's
+    vocabulary of `vocab_size` does not have (a sample made for another model would otherwise
+    fail the step's lookup, again at every restart); silent if well formed.
 
     A well-formed sample that the run's method has no signal for (an RL-only sample in an
     `opd` run) is not invalid: the feeder skips and counts it (`has_signal`)."""
     problem = sample.problem()
     if problem:
         raise InvalidSample(problem)
+    if vocab_size is not None:
+        for name in ("prompt_token_ids", "response_token_ids", "teacher_top_ids"):
+            ids = getattr(sample, name) or ()
+            if ids and (max(ids) >= vocab_size or min(ids) < 0):
+                raise InvalidSample(f"sample {sample.event_id} has {name} outside the model's "
+                                    f"vocabulary of {vocab_size} (ids {min(ids)}..{max(ids)})")
 
 
 def has_signal(sample: SampleReady, method: MethodRule) -> bool:

@@ -39,8 +39,9 @@ class StepInput:
 class StepFeeder:
     def __init__(self, source: SampleSource, ls: LearnerSettings, pad_id: int,
                  on_invalid: Callable[[Fed, InvalidSample], None],
-                 poll_s: float = 0.2, max_handled: int = 4096) -> None:
+                 poll_s: float = 0.2, max_handled: int = 4096, vocab_size: int | None = None) -> None:
         self.source = source
+        self.vocab_size = vocab_size
         self.ls = ls
         self.pad_id = pad_id
         self.on_invalid = on_invalid
@@ -67,7 +68,7 @@ class StepFeeder:
                     break
                 continue
             try:
-                validate(fed.sample)
+                validate(fed.sample, self.vocab_size)
             except InvalidSample as exc:
                 self.on_invalid(fed, exc)
                 step.note(fed, "invalid")

@@ -188,7 +188,8 @@ def learn(settings: Settings, run: str | None = None, namespace: str | None = No
         source = PrefetchingSource(source, ls.prefetch)
     state.positions = source.start_positions()
     sink = MetricsSink(work / "metrics.jsonl", ls.run, ls.metrics_port)
-    feeder = StepFeeder(source, ls, trainer.pad_id, dead_letter_invalid(producer, ls.run))
+    feeder = StepFeeder(source, ls, trainer.pad_id, dead_letter_invalid(producer, ls.run),
+                        vocab_size=trainer.vocab_size)
     try:
         return LearnerLoop(trainer, feeder, ls, state, store, sink, Ledger(work / "ledger.jsonl"),
                            commit=source.commit).run(until or Until())

@@ -146,6 +146,7 @@ class Trainer:
         except (OSError, ValueError) as exc:
             raise LearnerError(f"cannot load base model from {self.model_path}: {exc}") from exc
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.ref_model = None
         if self.lora:
             from peft import LoraConfig, get_peft_model

@@ -329,7 +329,11 @@ def run_personal_bench(settings: Settings, cfg: PersonalBenchConfig, console: Co
                   f"{cfg.variants[0].name}, lr {learner.lr or 'default'}, grad_accum {learner.grad_accum}, adv_norm {learner.adv_norm}, "
                   f"token_budget {learner.token_budget}, w_rl {learner.loss.w_rl}, w_opd {learner.loss.w_opd}, "
                   f"kl_coef {learner.loss.kl_coef if learner.loss.kl_coef is not None else 'default'}, teacher {settings.processors.teacher_model}", markup=False)
-    results = [run_preference(settings, cfg, p, console) for p in cfg.preferences]
+    results: list[PreferenceResult] = []
+    for preference in cfg.preferences:
+        results.append(run_preference(settings, cfg, preference, console))
+        # what was measured so far survives an interrupted run (answers not yet scored)
+        _save(cfg, results, out, time.monotonic() - started)
     console.print("scoring the answers with the base model")
     try:
         _score_base_logprobs(str(resolve_model(cfg.model, settings.serving.cache_dir)), results)
@@ -353,7 +357,6 @@ def report(cfg: PersonalBenchConfig, results: list[PreferenceResult], out: Path,
     for col in ("preference", "run", "rate", "bigram share ×base", "looping answers", "non-answers",
                 "base logprob/token", "Δ vs base answers"):
         quality.add_column(col, justify="right" if col not in ("preference", "run") else "left")
-    data = []
     for r in results:
         rounds = sorted({p.interactions for p in r.probes})
         for i, n in enumerate(rounds):
@@ -377,18 +380,27 @@ def report(cfg: PersonalBenchConfig, results: list[PreferenceResult], out: Path,
                     if q["base_logprob"] is not None and base_q["base_logprob"] is not None else None)
             quality.add_row("", p.variant, f"{p.rate:.2f}", _fmt(q["bigram_ratio"]), str(q["looping"]),
                             f"{q['empty']:.2f}", _fmt(q["base_logprob"]), _fmt(drop, signed=True))
-        data.append({"preference": r.preference, "sessions": r.sessions, "failure": r.failure,
-                     "base": {**r.base.__dict__, **base_q}, "hinted": r.hinted.__dict__,
-                     "probes": [{**p.__dict__, **p.quality(base_share)} for p in r.probes]})
+    _save(cfg, results, out, elapsed_s)
     console.print(table)
     if cfg.probe_samples:
         console.print(sampled)
     console.print(quality)
-    (out / "results.json").write_text(json.dumps({"variants": names, "interactions": cfg.interactions,
-                                                  "round_sessions": cfg.round_sessions,
-                                                  "elapsed_s": elapsed_s, "preferences": data}, indent=1))
     _plot(cfg, results, out / "curves.png")
     console.print(f"{elapsed_s / 60:.0f} min; results in {out / 'results.json'}, curves in {out / 'curves.png'}")
+
+
+def _save(cfg: PersonalBenchConfig, results: list[PreferenceResult], out: Path, elapsed_s: float) -> None:
+    """results.json: every preference measured so far, its probes and their answer quality."""
+    data = []
+    for r in results:
+        base_share = distinct_bigram_share(r.base.answers)
+        data.append({"preference": r.preference, "sessions": r.sessions, "failure": r.failure,
+                     "base": {**r.base.__dict__, **r.base.quality(base_share)}, "hinted": r.hinted.__dict__,
+                     "probes": [{**p.__dict__, **p.quality(base_share)} for p in r.probes]})
+    (out / "results.json").write_text(json.dumps({"variants": [v.name for v in cfg.variants],
+                                                  "interactions": cfg.interactions,
+                                                  "round_sessions": cfg.round_sessions,
+                                                  "elapsed_s": elapsed_s, "preferences": data}, indent=1))
 
 
 def _fmt(value: float | None, signed: bool = False, digits: int = 3) -> str:

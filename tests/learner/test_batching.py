@@ -115,3 +115,13 @@ def test_teacher_top_k_rows_that_do_not_fit_the_response_are_named():
         bad = good.model_copy(update=update)
         with pytest.raises(InvalidSample, match=says):
             validate(bad)
+
+
+def test_a_token_id_outside_the_models_vocabulary_is_invalid_not_a_failed_step():
+    ok = make_sample(1, teacher=True, top_k=2, vocab=50)
+    validate(ok, vocab_size=50)
+    validate(ok)   # without a vocabulary only the shapes are checked
+    for field in ("prompt_token_ids", "response_token_ids", "teacher_top_ids"):
+        bad = ok.model_copy(update={field: [*getattr(ok, field)[:-1], 50]})
+        with pytest.raises(InvalidSample, match=f"{field} outside the model's vocabulary of 50"):
+            validate(bad, vocab_size=50)
