@@ -166,7 +166,7 @@ def collate(samples: Sequence[SampleReady], pad_id: int, stale: Sequence[bool] |
         behaviour[i, start: start + n] = torch.tensor(s.behaviour_logprobs, dtype=torch.float32)
         if s.teacher_logprobs is not None:
             teacher[i, start: start + n] = torch.tensor(s.teacher_logprobs, dtype=torch.float32)
-        if (k_i := s.teacher_top_k) and s.teacher_top_ids is not None and s.teacher_top_logprobs is not None:
+        if k_i := s.teacher_top_k:   # rows of a validated sample: ids and logprobs, n·K each
             top_ids[i, start: start + n, :k_i] = torch.tensor(s.teacher_top_ids, dtype=torch.long).view(n, k_i)
             top_lp[i, start: start + n, :k_i] = torch.tensor(s.teacher_top_logprobs,
                                                              dtype=torch.float32).view(n, k_i)

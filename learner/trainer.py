@@ -220,14 +220,21 @@ class Trainer:
         if not micro_batches:
             raise LearnerError("train_step() got no micro-batches")
         started = time.perf_counter()
+        cfg, ls = self.loss_cfg, self.settings
         batches = [b.to(self.device) for b in micro_batches]
+        rewards = torch.cat([b.rewards for b in batches])
+        normed = sample_rewards(rewards, torch.cat([b.advantage for b in batches]),
+                                torch.cat([b.has_advantage for b in batches]),
+                                [g for b in batches for g in b.task_groups],
+                                [s for b in batches for s in b.step_indices], ls.adv_norm, cfg.eps,
+                                ).split([len(b.rewards) for b in batches])
         proximal: list[torch.Tensor] = []
-        totals = self._pass(batches, proximal)
+        totals = self._pass(batches, normed, proximal)
         last = totals
         for _ in range(self.epochs - 1):
-            last = self._pass(batches, proximal)
+            last = self._pass(batches, normed, proximal)
         elapsed = time.perf_counter() - started
-        metrics = self._step_metrics(totals, batches, torch.cat([b.rewards for b in batches]), elapsed)
+        metrics = self._step_metrics(totals, batches, rewards, elapsed)
         if self.epochs > 1:
             n = max(last["tokens"], 1.0)
             metrics.update(epochs=float(self.epochs), last_policy_loss=last["policy_loss"] / n,
@@ -236,17 +243,12 @@ class Trainer:
                 metrics["last_distill_kl"] = last["distill"] / n
         return metrics
 
-    def _pass(self, batches: list[Batch], proximal: list[torch.Tensor]) -> dict[str, float]:
-        """One forward/backward over every micro-batch and one optimizer update; the sums.
-        The first pass fills `proximal` with its logprobs, which later passes use as the stale
-        samples' proximal policy."""
-        cfg, ls = self.loss_cfg, self.settings
-        rewards = torch.cat([b.rewards for b in batches])
-        normed = sample_rewards(rewards, torch.cat([b.advantage for b in batches]),
-                                torch.cat([b.has_advantage for b in batches]),
-                                [g for b in batches for g in b.task_groups],
-                                [s for b in batches for s in b.step_indices], ls.adv_norm, cfg.eps,
-                                ).split([len(b.rewards) for b in batches])
+    def _pass(self, batches: list[Batch], normed: tuple[torch.Tensor, ...],
+              proximal: list[torch.Tensor]) -> dict[str, float]:
+        """One forward/backward over every micro-batch (`normed`: each one's reward terms) and
+        one optimizer update; the sums. The first pass fills `proximal` with its logprobs, which
+        later passes use as the stale samples' proximal policy."""
+        cfg = self.loss_cfg
         step_tokens = int(sum(int(b.mask.sum()) for b in batches))
         totals: dict[str, float] = {}
         self.engine.train()
