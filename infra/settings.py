@@ -39,7 +39,7 @@ EngineName = Literal["local", "remote", "sglang"]                     # serving.
 JudgeName = Literal["feedback", "llm"]                                # processors.judges
 Dtype = Literal["float32", "bfloat16", "float16"]
 StalenessPolicy = Literal["drop", "correct"]                          # learner.staleness.POLICIES
-AdvNorm = Literal["none", "group", "step", "batch"]                   # learner.losses.normalisation_keys
+AdvNorm = Literal["none", "group", "step", "batch", "running"]                 # learner.losses.normalisation_keys
 LrSchedule = Literal["constant", "cosine", "linear"]                  # learner.trainer.LR_SCHEDULES
 
 
@@ -390,6 +390,8 @@ class LearnerSettings(_Section):
     # "batch" (a mean/std baseline over the step; personal-agent traffic has no task groups),
     # "group", "step" or "none" (learner.losses). General agents' samples carry their own.
     adv_norm: Annotated[AdvNorm, BeforeValidator(_lower)] = "batch"
+    # "running": rewards against the last `adv_window` rewards of any step (learner.losses.RewardWindow)
+    adv_window: int = Field(default=64, ge=1)
     lr_schedule: Annotated[LrSchedule, BeforeValidator(_lower)] = "constant"
     warmup_steps: int = Field(default=0, ge=0)
     total_steps: int = Field(default=10_000, ge=1)

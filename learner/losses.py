@@ -36,6 +36,7 @@ Conventions (documented once, here):
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -129,12 +130,14 @@ def normalisation_keys(task_groups: Sequence[str | None], step_indices: Sequence
 
     ``group``: per task group. ``step``: per (task group, step index), the step-wise estimator
     of the environment tracks. ``batch``: every sample of the step together, a mean/std
-    baseline for personal-agent traffic that has no task groups. ``none``: no normalisation.
+    baseline for personal-agent traffic that has no task groups. ``running``: the step's samples
+    together too, but against the last rewards of several steps (`RewardWindow`). ``none``: no
+    normalisation.
     """
     if mode == "none":
         return [None] * len(task_groups)
-    if mode == "batch":
-        return ["batch"] * len(task_groups)
+    if mode in ("batch", "running"):
+        return [mode] * len(task_groups)
     if mode == "group":
         return list(task_groups)
     if mode == "step":
@@ -161,17 +164,46 @@ def normalise_rewards(rewards: torch.Tensor, keys: Sequence[Hashable | None],
     return out
 
 
+class RewardWindow:
+    """The last `size` rewards the ``running`` normalisation has seen, across steps.
+
+    A personal agent's step holds the few samples that arrived since the last one, often two or
+    three with the same verdict; a mean/std over the step alone gives them no signal at all. The
+    window's mean and spread are a baseline that spans steps. The trainer keeps it in its
+    checkpoints, so a restarted learner goes on from the same baseline."""
+
+    def __init__(self, size: int, values: Sequence[float] = ()) -> None:
+        if size < 1:
+            raise ValueError(f"a reward window holds at least one reward, not {size}")
+        self.values: deque[float] = deque((float(v) for v in values), maxlen=size)
+
+    def normalise(self, rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+        """Adds `rewards` to the window, then (r − mean) / (std + eps) over the whole window."""
+        self.values.extend(float(r) for r in rewards.tolist())
+        window = rewards.new_tensor(list(self.values))
+        return (rewards - window.mean()) / (window.std(unbiased=False) + eps)
+
+
 def sample_rewards(rewards: torch.Tensor, advantage: torch.Tensor, has_advantage: torch.Tensor,
                    task_groups: Sequence[str | None], step_indices: Sequence[int | None], mode: str,
-                   eps: float = 1e-6) -> torch.Tensor:
+                   eps: float = 1e-6, window: RewardWindow | None = None) -> torch.Tensor:
     """What the reward term of each sample is this step: a sample whose advantage was
     precomputed (the group stage of general agents, already normalised per group and step)
-    takes it as it is; the others are normalised by `mode` among themselves."""
-    precomputed = has_advantage.bool().tolist()
+    takes it as it is; the others are normalised by `mode` among themselves (``running``: with
+    `window`, which their rewards join)."""
+    precomputed = has_advantage.bool()
+    if mode == "running":
+        if window is None:
+            raise ValueError("running normalisation needs a RewardWindow")
+        normed = rewards.clone()
+        own = ~precomputed
+        if bool(own.any()):
+            normed[own] = window.normalise(rewards[own], eps)
+        return torch.where(precomputed, advantage, normed)
     keys = normalisation_keys(list(task_groups), list(step_indices), mode)
-    keys = [None if done else key for key, done in zip(keys, precomputed)]
+    keys = [None if done else key for key, done in zip(keys, precomputed.tolist())]
     normed = normalise_rewards(rewards, keys, eps)
-    return torch.where(has_advantage.bool(), advantage, normed)
+    return torch.where(precomputed, advantage, normed)
 
 
 # -- per-token terms ----------------------------------------------------------------------

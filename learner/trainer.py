@@ -32,11 +32,12 @@ import torch
 from infra.errors import LearnerError
 from infra.settings import LearnerSettings
 from learner.batching import Batch
-from learner.losses import (advantages, entropy_from_logits, micro_batch_loss, normalisation_keys, sample_rewards,
-                            topk_direction, topk_kl)
+from learner.losses import (RewardWindow, advantages, entropy_from_logits, micro_batch_loss, normalisation_keys,
+                            sample_rewards, topk_direction, topk_kl)
 from schemas.methods import rule
 
 DS_TAG = "ds"
+REWARD_WINDOW = "reward_window"   # the running baseline's rewards, in the checkpoint's client state
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "vocab.json", "merges.txt", "generation_config.json")
 
@@ -137,6 +138,7 @@ class Trainer:
         bf16 = ls.bf16 if ls.bf16 is not None else self.device.type == "cuda"
         self.rule = rule(ls.method)
         normalisation_keys([], [], ls.adv_norm)  # fail at start, not at the first step
+        self.reward_window = RewardWindow(ls.adv_window)
         self.loss_cfg = ls.loss_for(self.device.type)
         self.topk = topk_direction(self.loss_cfg.opd_form) if self.rule.teacher_term else None
         deepspeed = init_distributed(self.device)
@@ -227,7 +229,7 @@ class Trainer:
                                 torch.cat([b.has_advantage for b in batches]),
                                 [g for b in batches for g in b.task_groups],
                                 [s for b in batches for s in b.step_indices], ls.adv_norm, cfg.eps,
-                                ).split([len(b.rewards) for b in batches])
+                                self.reward_window).split([len(b.rewards) for b in batches])
         proximal: list[torch.Tensor] = []
         totals = self._pass(batches, normed, proximal)
         last = totals
@@ -333,7 +335,7 @@ class Trainer:
                 if (self.model_path / name).exists():
                     shutil.copy2(self.model_path / name, weights / name)
         self.engine.save_checkpoint(str(directory / "train_state"), tag=DS_TAG,
-                                    client_state=client_state,
+                                    client_state={**client_state, REWARD_WINDOW: list(self.reward_window.values)},
                                     exclude_frozen_parameters=self.lora)
         return directory
 
@@ -345,4 +347,6 @@ class Trainer:
             load_lr_scheduler_states=True)
         if path is None:
             raise LearnerError(f"no DeepSpeed checkpoint under {directory}/train_state")
-        return client_state or {}
+        client_state = client_state or {}
+        self.reward_window = RewardWindow(self.settings.adv_window, client_state.get(REWARD_WINDOW, ()))
+        return client_state

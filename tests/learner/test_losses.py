@@ -15,6 +15,7 @@ from learner.losses import (
     k3_kl,
     micro_batch_loss,
     normalisation_keys,
+    RewardWindow,
     normalise_rewards,
     opd_term,
     policy_terms,
@@ -192,6 +193,30 @@ def test_a_precomputed_advantage_is_taken_as_it_is_and_left_out_of_the_others_no
     assert got.tolist() == pytest.approx([z[0].item(), z[1].item(), -1.2247, z[2].item()], abs=1e-5)
     none = sample_rewards(rewards, advantage, has, [None] * 4, [None] * 4, "none")
     assert none.tolist() == pytest.approx([1.0, -1.0, -1.2247, 0.5])
+
+
+def test_running_normalisation_gives_a_step_of_one_verdict_a_signal_from_earlier_steps():
+    window = RewardWindow(4)
+    none = torch.zeros(2)
+    # a first step is normalised like a batch: mean 0.5, std sqrt(0.75)
+    first = sample_rewards(torch.tensor([1.0, 1.0, 1.0, -1.0]), none.new_zeros(4), none.new_zeros(4),
+                           [None] * 4, [None] * 4, "running", window=window)
+    assert first.tolist() == [pytest.approx(v, abs=1e-4) for v in (0.57735, 0.57735, 0.57735, -1.73205)]
+    # two approvals: "batch" has no baseline for them, the window does (it now holds 1, -1, 1, 1)
+    assert sample_rewards(torch.ones(2), none, none, [None] * 2, [None] * 2, "batch").abs().max() < 1e-5
+    approved = sample_rewards(torch.ones(2), none, none, [None] * 2, [None] * 2, "running", window=window)
+    assert approved.tolist() == [pytest.approx(0.5 / math.sqrt(0.75), abs=1e-4)] * 2
+    assert list(window.values) == [1.0, -1.0, 1.0, 1.0]   # bounded: the oldest went out
+    # a precomputed advantage is neither renormalised nor added to the window
+    got = sample_rewards(torch.tensor([-1.0, 3.0]), torch.tensor([0.0, 0.7]), torch.tensor([0.0, 1.0]),
+                         [None] * 2, [None] * 2, "running", window=window)
+    assert got[1].item() == pytest.approx(0.7)
+    assert list(window.values) == [-1.0, 1.0, 1.0, -1.0]
+    assert got[0].item() == pytest.approx(-1.0, abs=1e-4)   # window mean 0, std 1
+    # all the same: no spread, no signal
+    assert RewardWindow(3, [1.0, 1.0]).normalise(torch.ones(1)).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="needs a RewardWindow"):
+        sample_rewards(torch.ones(1), torch.zeros(1), torch.zeros(1), [None], [None], "running")
 
 
 def _full_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -108,14 +108,18 @@ def _trainable(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("lora,zero", [(True, 0), (True, 2), (False, 2)])
 def test_save_restore_resumes_exactly(tiny_model_dir, tmp_path, lora, zero):
+    # running normalisation: step 3's advantages depend on steps 1-2's rewards, so the two
+    # learners below agree only if the reward window came back with the checkpoint too
     ls = settings(lora=lora, zero_stage=zero, lr=1e-2, lr_schedule="cosine", warmup_steps=2,
-                  total_steps=10, loss=LossSettings(kl_coef=0.1, entropy_coef=0.01))
+                  total_steps=10, loss=LossSettings(kl_coef=0.1, entropy_coef=0.01),
+                  adv_norm="running", adv_window=8)
     first = Trainer(ls, tiny_model_dir)
     _train(first, [1, 2])
     first.save(tmp_path / "ckpt", {"step": 2})
     at_save = _trainable(first)
     second = Trainer(ls, tiny_model_dir)
     assert second.restore(tmp_path / "ckpt")["step"] == 2
+    assert list(second.reward_window.values) == list(first.reward_window.values) == [1.0, 0.5, -1.0, 0.5]
     assert all(torch.equal(a, b) for a, b in zip(_trainable(first).values(), _trainable(second).values()))
     _train(first, [3])
     _train(second, [3])  # same data: identical only if optimizer moments and LR step came back
