@@ -9,6 +9,7 @@ Keys are session ids as UTF-8. Values are events serialized by ``schemas.serde``
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -49,6 +50,29 @@ def refused_for_good(exc: BaseException) -> bool:
         return exc.args[0].code() in REFUSED_FOR_GOOD
     errors = getattr(exc, "kafka_errors", None)
     return bool(errors) and all(e.code() in REFUSED_FOR_GOOD for e in errors)
+
+
+def ready_partitions(client: Any, topic: str, timeout: float = 10.0) -> list[int] | None:
+    """The partitions of `topic` once the broker knows it and every partition has a leader;
+    None if that is still not so after `timeout` s (the topic does not exist, or its leaders
+    are not elected). `client` is anything with `list_topics` (consumer, producer, admin).
+
+    A topic's creation is acknowledged by the controller before every broker's metadata has
+    it, and right after a broker starts its leaders come a moment later: a part started just
+    after provisioning would otherwise take a topic being set up for a missing one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            meta = client.list_topics(topic, timeout=max(1.0, left)).topics.get(topic)
+        except KafkaException:
+            meta = None   # the broker did not answer in time: the same as not ready yet
+        if (meta is not None and meta.error is None and meta.partitions
+                and all(p.error is None and p.leader >= 0 for p in meta.partitions.values())):
+            return sorted(meta.partitions)
+        if left <= 0:
+            return None
+        time.sleep(min(0.2, max(left, 0.0)))
 
 
 def topic_names(kafka: KafkaSettings, namespace: str | None = None) -> dict[str, str]:

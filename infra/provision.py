@@ -23,6 +23,7 @@ from confluent_kafka.admin import (
 )
 
 from infra.errors import StackError
+from infra.kafka import ready_partitions
 from infra.settings import KafkaSettings, RegistrySettings, StorageSettings
 from infra.storage import ensure_bucket
 from schemas.catalog import TOPICS, catalog
@@ -89,6 +90,12 @@ def ensure_topics(kafka: KafkaSettings, plans: list[TopicPlan], timeout: float =
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise StackError(f"cannot create topic {name!r}: {exc}") from exc
             result[name] = "exists"
+    # Created is not yet usable: provisioning returns once every new topic has its leaders, so
+    # that a part started next finds it.
+    for t in new:
+        if ready_partitions(admin, t.topic, timeout) is None:
+            raise StackError(f"topic {t.topic!r} was created but its partitions have no leader "
+                             f"after {timeout:.0f} s; is the broker healthy?")
     grow, reconcile = [], []
     for p in plans:
         if p.name not in existing:

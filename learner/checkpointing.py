@@ -64,18 +64,18 @@ def latest_checkpoint(kafka: KafkaSettings, registry, namespace: str | None, run
     """Scan the namespace's `checkpoints` topic to its end; the highest version of `run`."""
     from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-    from infra.kafka import EventConsumer, OnDecodeError
+    from infra.kafka import EventConsumer, OnDecodeError, ready_partitions
 
     consumer = EventConsumer(kafka, registry, group_id=f"nextstate-scan-{uuid.uuid4().hex[:8]}",
                              namespace=namespace, on_decode_error=OnDecodeError.SKIP,
                              stage="learner-scan")
     topic = consumer.topic("CheckpointPublished")
     try:
-        meta = consumer.raw.list_topics(topic, timeout=timeout).topics.get(topic)
-        if meta is None or meta.error is not None:
-            raise LearnerError(f"topic {topic!r} does not exist; run `nextstate provision`")
+        partitions = ready_partitions(consumer.raw, topic, min(timeout, 10.0))
+        if partitions is None:
+            raise LearnerError(f"topic {topic!r} does not exist (or has no leader); run `nextstate provision`")
         ends = {p: consumer.raw.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout,
-                                                      cached=False)[1] for p in meta.partitions}
+                                                      cached=False)[1] for p in partitions}
         pending = {p for p, high in ends.items() if high > 0}
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in pending])
         best: CheckpointPublished | None = None

@@ -18,7 +18,7 @@ from datetime import datetime
 from confluent_kafka import TopicPartition
 
 from infra.errors import ConfigError
-from infra.kafka import EventConsumer, EventProducer, OnDecodeError, parse_position
+from infra.kafka import EventConsumer, EventProducer, OnDecodeError, parse_position, ready_partitions
 from infra.settings import KafkaSettings
 from learner.sources import Fed
 from schemas.events import DeadLettered, PartitionOffset
@@ -33,10 +33,10 @@ class KafkaSampleSource:
             on_decode_error=OnDecodeError.DEAD_LETTER if dead_letters else OnDecodeError.SKIP,
             dead_letters=dead_letters, stage="learner")
         self.topic = self.consumer.topic("SampleReady")
-        meta = self.consumer.raw.list_topics(self.topic, timeout=30).topics.get(self.topic)
-        if meta is None or meta.error is not None or not meta.partitions:
-            raise ConfigError(f"topic {self.topic!r} does not exist; run `nextstate provision`")
-        self.partitions = sorted(meta.partitions)
+        partitions = ready_partitions(self.consumer.raw, self.topic)
+        if partitions is None:
+            raise ConfigError(f"topic {self.topic!r} does not exist (or has no leader); run `nextstate provision`")
+        self.partitions = partitions
         self._start = self._resolve(stored, parse_position(start, '--from'))
         self.consumer.assign([TopicPartition(self.topic, p, o) for (_, p), o in self._start.items()])
 
