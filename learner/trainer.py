@@ -218,7 +218,8 @@ class Trainer:
     def train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
         """`epochs` times: forward/backward every micro-batch, then one optimizer update. The
         metrics are the first pass's (the policy that met these samples) and the last pass's
-        policy loss, ratio and clip fraction as ``last_*``."""
+        policy loss, ratio and clip fraction as ``last_*``. A step whose loss cannot depend on
+        the weights (`_has_signal`) is not run: metric ``skipped`` is 1."""
         if not micro_batches:
             raise LearnerError("train_step() got no micro-batches")
         started = time.perf_counter()
@@ -230,6 +231,8 @@ class Trainer:
                                 [g for b in batches for g in b.task_groups],
                                 [s for b in batches for s in b.step_indices], ls.adv_norm, cfg.eps,
                                 self.reward_window).split([len(b.rewards) for b in batches])
+        if not self._has_signal(batches, normed):
+            return self._still_metrics(batches, rewards, started)
         proximal: list[torch.Tensor] = []
         totals = self._pass(batches, normed, proximal)
         last = totals
@@ -243,6 +246,32 @@ class Trainer:
                            last_ratio_mean=last["ratio_sum"] / n, last_clip_frac=last["clipped"] / n)
             if "distill" in last:
                 metrics["last_distill_kl"] = last["distill"] / n
+        return metrics
+
+    def _has_signal(self, batches: list[Batch], normed: tuple[torch.Tensor, ...]) -> bool:
+        """Whether the step's loss depends on the weights at all: a nonzero advantage on a
+        trained token, a teacher distribution, or a KL or entropy term. A personal agent's step
+        whose answers all got the same verdict has none (its normalised rewards are 0). Such a
+        step must not reach the optimizer: with a zero gradient Adam still moves every weight
+        along its momentum, so a run that cannot learn a preference would drift anyway."""
+        cfg = self.loss_cfg
+        if cfg.kl_coef > 0 or cfg.entropy_coef > 0:
+            return True
+        for batch, r in zip(batches, normed):
+            if self.topk is not None and bool(batch.has_top.any()):
+                return True
+            adv = advantages(self.rule, r, batch.teacher, batch.behaviour, batch.has_teacher, cfg)
+            if bool((adv * batch.mask).ne(0).any()):
+                return True
+        return False
+
+    def _still_metrics(self, batches: list[Batch], rewards: torch.Tensor, started: float) -> dict[str, float]:
+        """The metrics of a step without signal: nothing trained, weights and optimizer untouched."""
+        tokens = float(sum(int(b.mask.sum()) for b in batches))
+        zeros = dict(tokens=tokens, policy_loss=0.0, clipped=0.0, ratio_sum=tokens, ratio_max=1.0,
+                     ratio_min=1.0, adv_sum=0.0, adv_sq_sum=0.0, is_weight_sum=tokens)
+        metrics = self._step_metrics(zeros, batches, rewards, time.perf_counter() - started)
+        metrics.update(grad_norm=0.0, trained_tokens=0.0, skipped=1.0)
         return metrics
 
     def _pass(self, batches: list[Batch], normed: tuple[torch.Tensor, ...],

@@ -96,6 +96,32 @@ def test_epochs_train_the_same_samples_again_within_the_clip(tiny_model_dir):
     assert moved[3] > moved[1] > 0
 
 
+def test_a_step_without_signal_leaves_weights_and_optimizer_as_they_were(tiny_model_dir):
+    """Two approved answers under batch normalisation have advantage 0: Adam would still move
+    every weight along its momentum from the step before. The step is skipped instead, so a
+    learner that met it ends exactly where one that never did."""
+    ls = settings(method="rl", lr=1e-2, adv_norm="batch", epochs=2)
+    with_it, without = Trainer(ls, tiny_model_dir), Trainer(ls, tiny_model_dir)
+    mixed = lambda seed: [collate([make_sample(seed, reward=1.0), make_sample(seed + 1, reward=-1.0)], 0)]  # noqa: E731
+    for trainer in (with_it, without):
+        trainer.train_step(mixed(10))
+    after_first = _trainable(with_it)
+    still = with_it.train_step([collate([make_sample(20, reward=1.0), make_sample(21, reward=1.0)], 0)])
+    assert still["skipped"] == 1.0 and still["trained_tokens"] == 0.0 and still["samples"] == 2
+    assert with_it.engine.global_steps == 2   # the first step's two passes only
+    assert all(torch.equal(after_first[k], v) for k, v in _trainable(with_it).items())
+    for trainer in (with_it, without):
+        trainer.train_step(mixed(30))
+    a, b = _trainable(with_it), _trainable(without)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the same pair with a teacher distribution has signal: the KL term trains
+    opd = Trainer(settings(method="combined", lr=1e-2, adv_norm="batch",
+                           loss=LossSettings(opd_form="topk_forward", kl_coef=0.0)), tiny_model_dir)
+    taught = opd.train_step([collate([make_sample(40, reward=1.0, teacher=True, top_k=4),
+                                      make_sample(41, reward=1.0, teacher=True, top_k=4)], 0)])
+    assert "skipped" not in taught and taught["distill_kl"] > 0
+
+
 def _train(trainer: Trainer, seeds: list[int]) -> None:
     for seed in seeds:
         trainer.train_step([collate([make_sample(seed, reward=1.0 if seed % 2 else -1.0),
