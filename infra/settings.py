@@ -39,7 +39,7 @@ EngineName = Literal["local", "remote", "sglang"]                     # serving.
 JudgeName = Literal["feedback", "llm"]                                # processors.judges
 Dtype = Literal["float32", "bfloat16", "float16"]
 StalenessPolicy = Literal["drop", "correct"]                          # learner.staleness.POLICIES
-AdvNorm = Literal["none", "group", "step", "batch", "running"]                 # learner.losses.normalisation_keys
+AdvNorm = Literal["none", "group", "step", "batch", "running"]       # learner.losses.normalisation_keys
 LrSchedule = Literal["constant", "cosine", "linear"]                  # learner.trainer.LR_SCHEDULES
 
 

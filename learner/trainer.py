@@ -240,6 +240,7 @@ class Trainer:
             last = self._pass(batches, normed, proximal)
         elapsed = time.perf_counter() - started
         metrics = self._step_metrics(totals, batches, rewards, elapsed)
+        metrics["skipped"] = 0.0   # every step sets it: a gauge must not keep a skipped step's 1
         if self.epochs > 1:
             n = max(last["tokens"], 1.0)
             metrics.update(epochs=float(self.epochs), last_policy_loss=last["policy_loss"] / n,
