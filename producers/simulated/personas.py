@@ -42,8 +42,21 @@ def under_40_words(text: str) -> bool:
     return 0 < words(text) <= 40
 
 
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+ANSWER_MIN_WORDS = 8
+
+
 def asks_back(text: str) -> bool:
-    return text.rstrip().endswith("?")
+    """Answers, then ends by asking something back.
+
+    The closing question alone is not enough: "Can you please provide more details?" asks back
+    without answering, and a person who wants to be asked something still wants the answer.
+    The sentences that are not questions must hold at least ANSWER_MIN_WORDS words."""
+    text = text.strip()
+    if not text.endswith("?"):
+        return False
+    statements = [s for s in SENTENCE_END.split(text) if not s.rstrip().endswith("?")]
+    return sum(words(s) for s in statements) >= ANSWER_MIN_WORDS
 
 
 def metric_only(text: str) -> bool:
@@ -100,10 +113,10 @@ PERSONAS: dict[str, Persona] = {
              "Stop using bullet points and bold text, just answer in plain sentences."),
         ),
         Persona(
-            "curious", "ends by asking something back", asks_back,
-            ("You didn't ask me anything. Always end your answer with a question for me.",
-             "I'd like you to finish by asking me a question back.",
-             "No, end with a question to me next time, please."),
+            "curious", "answers, then ends by asking something back", asks_back,
+            ("You didn't answer me and then ask me something. Answer first, and always end with a question for me.",
+             "I'd like a real answer first, and then finish by asking me a question back.",
+             "No, answer my question properly and end with a question to me next time, please."),
         ),
         Persona(
             "lowercase", "everything in lowercase", all_lowercase,

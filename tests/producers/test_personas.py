@@ -13,7 +13,11 @@ def test_checkers():
     assert plain("Just plain text here.")
     assert not plain("**Bold** claim") and not plain("- item one\n- item two") and not plain("1. first")
     assert not plain("# Heading\ntext") and not plain("use `code`")
-    assert curious("It is 42 km. Have you run one before?") and not curious("It is 42 km.")
+    assert curious("A marathon is 42 km long, a little over 26 miles. Have you run one before?")
+    assert not curious("It is 42 km.") and not curious("A marathon is 42 km long, a little over 26 miles.")
+    # asking back without answering is not what this person wants
+    assert not curious("I'm sorry for any confusion. Can you please provide more details?")
+    assert not curious("What do you mean? Which marathon are you asking about?")
     assert metric("About 42 kilometres.") and not metric("About 26 miles.") and not metric("350 °F")
     lowercase, formal = PERSONAS["lowercase"].check, PERSONAS["formal"].check
     assert lowercase("it is 42 km, about 26 miles.") and not lowercase("It is 42 km.") and not lowercase("42")
@@ -34,7 +38,7 @@ def test_reaction_reveals_preference_without_the_checker():
 
 
 def test_one_response_can_satisfy_everyone():
-    good = "a marathon is about 42 kilometres. are you planning to run one?"
+    good = "a marathon is about 42 kilometres, and most runners train for months. are you planning to run one?"
     assert satisfaction(good) == 1.0
     # short and formal, but bold, imperial, no question, capitals
     assert satisfaction("A marathon is **26 miles**.") == 2 / 6
