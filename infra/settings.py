@@ -41,6 +41,7 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 StalenessPolicy = Literal["drop", "correct"]                          # learner.staleness.POLICIES
 AdvNorm = Literal["none", "group", "step", "batch", "running"]       # learner.losses.normalisation_keys
 LrSchedule = Literal["constant", "cosine", "linear"]                  # learner.trainer.LR_SCHEDULES
+HintPlacement = Literal["before", "after"]                            # serving.chat.with_hint
 
 
 def _cache_root() -> Path:
@@ -294,6 +295,11 @@ class ProcessorSettings(_Section):
     # then learn nothing).
     teacher_policy: Annotated[TeacherPolicy, BeforeValidator(_lower)] = TeacherPolicy.BASE
     teacher_model: str | None = "served"
+    # Where the teacher reads the hint in the last user message: "before" its text (labelled
+    # hint, then the labelled message) or "after" it (appended, OpenClaw-RL's form). Measured on
+    # SmolLM2-135M, "before" let the hinted base meet more preferences (README, "What learns by
+    # default"); it bounds what OPD can distil.
+    hint_placement: Annotated[HintPlacement, BeforeValidator(_lower)] = "before"
     # The teacher's K most likely tokens at every response position, recorded beside the
     # logprobs of the sampled ones so the learner can match the teacher's distribution
     # (learner.loss.opd_form). 0 records only the sampled tokens. A long response gets a

@@ -1,8 +1,8 @@
 """Teacher: logprobs of the *exact* response tokens under the hint-enhanced context.
 
 The turn's recorded messages and tools are rendered by serving.chat, the renderer the gateway
-used for the student's prompt, with the hint appended to the last user message (serving.chat's
-``with_hint``), so the teacher's context differs from the student's by the hint alone; the engine scores
+used for the student's prompt, with the hint added to the last user message (serving.chat's
+``with_hint``, before its text by default: ``processors.hint_placement``), so the teacher's context differs from the student's by the hint alone; the engine scores
 the turn's recorded ``response_token_ids`` as the continuation: the response is never
 re-tokenized. Which policy teaches is configurable and recorded: ``base`` (the frozen base
 weights, ``score(base=True)``) or ``current`` (the policy the engine serves now).
@@ -28,10 +28,12 @@ class Teacher:
     engine: Engine
     tokenizer: Any
     policy: TeacherPolicy = TeacherPolicy.BASE
+    placement: str = "before"
 
     def prompt_ids(self, turn: TurnRecorded, hint: str) -> list[int]:
         """The student's prompt rendered by the same renderer, with the hint added."""
-        return render_turn(self.tokenizer, turn.messages_json, turn.tools_json, hint, turn.continue_final_message)
+        return render_turn(self.tokenizer, turn.messages_json, turn.tools_json, hint,
+                           turn.continue_final_message, self.placement)
 
     async def score(self, turn: TurnRecorded, hint: str, top_k: int = 0) -> Scores:
         """The teacher's logprob of each recorded response token (and its top-k if asked)."""
@@ -88,4 +90,4 @@ def build_teacher(settings: Any) -> Teacher | None:
         if served:   # the served model; unset, the embedded default as the gateway resolves it
             name = serving.model or str(resolve_model(None, serving.cache_dir))
         tokenizer = AutoTokenizer.from_pretrained(engine.info().details.get("tokenizer", name))
-    return Teacher(engine, tokenizer, TeacherPolicy(p.teacher_policy))
+    return Teacher(engine, tokenizer, TeacherPolicy(p.teacher_policy), p.hint_placement)

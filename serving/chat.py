@@ -22,7 +22,9 @@ from typing import Any
 
 from infra.errors import ChatError
 
-HINT_SUFFIX = "\n\n[user's hint / instruction]\n{hint}"
+HINT_LABEL = "[user's hint / instruction]"
+MESSAGE_LABEL = "[question]"
+PLACEMENTS = ("before", "after")
 
 ROLE_ALIASES = {"developer": "system"}
 ROLES = {"system", "user", "assistant", "tool"}
@@ -121,23 +123,32 @@ def _with_tools_described(messages: list[dict[str, Any]], tools: list[dict[str, 
     return [{"role": "system", "content": block}, *messages]
 
 
-def with_hint(messages: list[dict[str, Any]], hint: str) -> list[dict[str, Any]]:
-    """Normalised `messages` with the hint appended to the last user message's text (a user
+def hinted_text(text: str, hint: str, placement: str = "before") -> str:
+    """A user message's text with the hint added: "before" puts the labelled hint first and
+    labels the message after it, "after" appends the labelled hint (OpenClaw-RL's form)."""
+    if placement == "after":
+        return f"{text}\n\n{HINT_LABEL}\n{hint}" if text else f"{HINT_LABEL}\n{hint}"
+    if placement != "before":
+        raise ChatError(f"hint placement {placement!r}; expected one of {PLACEMENTS}")
+    return f"{HINT_LABEL}\n{hint}\n\n{MESSAGE_LABEL}\n{text}" if text else f"{HINT_LABEL}\n{hint}"
+
+
+def with_hint(messages: list[dict[str, Any]], hint: str, placement: str = "before") -> list[dict[str, Any]]:
+    """Normalised `messages` with the hint added to the last user message's text (a user
     message is added if there is none): the teacher's context is the student's plus the hint."""
     out = [dict(m) for m in messages]
-    suffix = HINT_SUFFIX.format(hint=hint)
     for m in reversed(out):
         if m["role"] == "user":
-            m["content"] = m["content"] + suffix
+            m["content"] = hinted_text(m["content"], hint, placement)
             return out
-    return [*out, {"role": "user", "content": suffix.lstrip()}]
+    return [*out, {"role": "user", "content": hinted_text("", hint, placement)}]
 
 
 def render_turn(tokenizer: Any, messages_json: str, tools_json: str | None, hint: str | None = None,
-                continue_final: bool = False) -> list[int]:
+                continue_final: bool = False, placement: str = "before") -> list[int]:
     """The prompt ids of a recorded turn (its messages and tools as the gateway recorded them,
     ending inside its prefill when it continued one), with the hint added when one is given."""
     messages = normalize_messages(json.loads(messages_json))
     tools = json.loads(tools_json) if tools_json else None
-    return render_prompt(tokenizer, with_hint(messages, hint) if hint is not None else messages, tools,
-                         continue_final)
+    return render_prompt(tokenizer, with_hint(messages, hint, placement) if hint is not None else messages,
+                         tools, continue_final)

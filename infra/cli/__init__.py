@@ -66,7 +66,8 @@ def config_show() -> None:
     console.print(f"decided here: the learner trains on {device} with {trains} at lr "
                   f"{lp.learning_rate(device):g}{lr_note}, {lp.updates_per_step(device)} update(s) per step's "
                   f"samples and KL to the base {lp.loss_for(device).kl_coef:g}; the teacher term is "
-                  f"{lp.loss.opd_form}; the hint stage's teacher is {describe_teacher(settings)}", markup=False)
+                  f"{lp.loss.opd_form}; the hint stage's teacher is {describe_teacher(settings)}, reading the "
+                  f"hint {settings.processors.hint_placement} the user's message", markup=False)
 
 
 @app.command()

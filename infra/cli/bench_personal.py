@@ -8,7 +8,8 @@ on the same sample log and a gateway per run that follows that run's checkpoints
 
 1. **Ceilings.** 16 held-out probe questions, greedy, as side turns through the gateway: the
    base model's rate, and the *hint-conditioned* base model's rate (each question with the
-   user's correction appended exactly as the teacher sees a hint, serving.chat's HINT_SUFFIX).
+   user's correction added exactly as the teacher sees a hint, serving.chat's `hinted_text` at
+   `processors.hint_placement`).
    The second is what OPD can at most distil.
 2. **Learning.** Simulated users with the preference talk to the served run's gateway (the
    first method, the default `combined`). Users come in rounds: on 2 CPU cores a learner step
@@ -42,7 +43,7 @@ from infra.settings import Settings
 from producers.simulated.harness import GatewayUsers, ProbeResult
 from producers.simulated.personas import PERSONAS, split_questions
 from producers.simulated.quality import distinct_bigram_share, empty_share, looping
-from serving.chat import HINT_SUFFIX
+from serving.chat import hinted_text
 
 DEFAULT_PREFERENCES = ("brief", "lowercase", "curious", "formal")
 
@@ -158,7 +159,8 @@ def run_preference(settings: Settings, cfg: PersonalBenchConfig, preference: str
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     served = cfg.variants[0].name
     _, questions = split_questions()
-    hint = HINT_SUFFIX.format(hint=persona.corrections[0])
+    hinted_questions = [hinted_text(q, persona.corrections[0], settings.processors.hint_placement)
+                        for q in questions]
     result: PreferenceResult | None = None
     try:
         parts.start("processors", ["process", "all"])
@@ -172,14 +174,14 @@ def run_preference(settings: Settings, cfg: PersonalBenchConfig, preference: str
         for url in urls.values():
             _wait_healthy(url, parts)
         base = asyncio.run(_probe(urls[served], key, questions, preference, cfg.probe_max_tokens))
-        hinted = asyncio.run(_probe(urls[served], key, [q + hint for q in questions], preference,
+        hinted = asyncio.run(_probe(urls[served], key, hinted_questions, preference,
                                     cfg.probe_max_tokens))
         result = PreferenceResult(
             preference,
             Probe("base", 0, 0, base.satisfaction, base.answers,
                   sampled_rate=_sampled(urls[served], key, questions, preference, cfg)),
             Probe("base+hint", 0, 0, hinted.satisfaction, hinted.answers,
-                  sampled_rate=_sampled(urls[served], key, [q + hint for q in questions], preference, cfg)))
+                  sampled_rate=_sampled(urls[served], key, hinted_questions, preference, cfg)))
         console.print(f"  {preference}: base {base.satisfaction:.2f}, hint-conditioned {hinted.satisfaction:.2f}"
                       + (f"; sampled {result.base.sampled_rate:.2f} and {result.hinted.sampled_rate:.2f}"
                          if cfg.probe_samples else ""))

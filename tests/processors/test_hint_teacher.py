@@ -4,13 +4,14 @@ import asyncio
 
 import pytest
 
+from infra.errors import ChatError
 from infra.settings import ProcessorSettings, ServingSettings
 from processors.hint import candidates, judge_hints, overlaps, pick_sequence, pick_tokens, top_k_for, top_rows
 from processors.judges import build_hint_judge
 from processors.judges.prompts import JudgePrompt
 from processors.teacher import Teacher, TeacherPolicy
 from schemas.events import HintSelection, HintVote
-from serving.chat import HINT_SUFFIX, normalize_messages, with_hint
+from serving.chat import HINT_LABEL, MESSAGE_LABEL, hinted_text, normalize_messages, with_hint
 from tests.processors.helpers import transition
 
 
@@ -34,14 +35,21 @@ def test_overlap_math():
         overlaps(student, [[1]])
 
 
-def test_the_hint_is_appended_to_the_last_user_message():
+def test_the_hint_goes_into_the_last_user_message():
     msgs = normalize_messages([{"role": "user", "content": "first"}, {"role": "assistant", "content": "a"},
                                {"role": "user", "content": [{"type": "text", "text": "second"}]},
                                {"role": "tool", "content": "t"}])
-    out = with_hint(msgs, "use pathlib")
-    assert out[0] == msgs[0] and out[2]["content"] == "second" + HINT_SUFFIX.format(hint="use pathlib")
+    before = with_hint(msgs, "use pathlib")   # the default: the hint first, then the message
+    assert before[0] == msgs[0] and before[1:] != msgs[1:]
+    assert before[2]["content"] == f"{HINT_LABEL}\nuse pathlib\n\n{MESSAGE_LABEL}\nsecond"
+    after = with_hint(msgs, "use pathlib", "after")
+    assert after[2]["content"] == f"second\n\n{HINT_LABEL}\nuse pathlib"
     assert msgs[2]["content"] == "second"  # input untouched
-    assert with_hint([{"role": "system", "content": "s"}], "h")[-1]["role"] == "user"
+    for placement in ("before", "after"):   # no user message: the hint becomes one
+        added = with_hint([{"role": "system", "content": "s"}], "h", placement)[-1]
+        assert added == {"role": "user", "content": f"{HINT_LABEL}\nh"}
+    with pytest.raises(ChatError, match="placement 'middle'"):
+        hinted_text("q", "h", "middle")
 
 
 def test_feedback_hint_path_without_teacher():

@@ -17,7 +17,7 @@ from processors.teacher import Teacher, TeacherPolicy
 from producers.gateway.auth import KeyRing, hash_key
 from producers.gateway.server import ServerThread, build_gateway
 from schemas.events import TurnRecorded
-from serving.chat import HINT_SUFFIX, render_turn, template_mentions_tools
+from serving.chat import HINT_LABEL, MESSAGE_LABEL, render_turn, template_mentions_tools
 from tests.producers.gateway_fixtures import engine, tokenizer  # noqa: F401
 from tests.producers.openclaw_shapes import openclaw_tools, parts
 
@@ -78,11 +78,11 @@ def test_a_recorded_turn_renders_back_to_its_prompt_and_the_teacher_adds_only_th
         assert render_turn(tok, turn.messages_json, turn.tools_json) == turn.prompt_token_ids, name
         student = tok.decode(turn.prompt_token_ids)
         taught = tok.decode(teacher.prompt_ids(turn, hint))
-        suffix = HINT_SUFFIX.format(hint=hint)
         if name == "no user message":
-            suffix = suffix.lstrip()
-            assert taught.count(suffix) == 1 and taught.replace(f"<|im_start|>user\n{suffix}<|im_end|>\n", "") == student
-        else:
-            assert taught.count(suffix) == 1 and taught.replace(suffix, "", 1) == student, name
+            added = f"<|im_start|>user\n{HINT_LABEL}\n{hint}<|im_end|>\n"
+            assert taught.count(added) == 1 and taught.replace(added, "") == student
+        else:   # the labelled hint goes in front of the last user message's text, nothing else changes
+            inserted = f"{HINT_LABEL}\n{hint}\n\n{MESSAGE_LABEL}\n"
+            assert taught.count(inserted) == 1 and taught.replace(inserted, "", 1) == student, name
         if SHAPES[name][1]:   # tools reach the prompt on both kinds of template
             assert json.loads(turn.tools_json) == TOOLS and TOOLS[0]["function"]["name"] in student
