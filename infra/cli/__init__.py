@@ -105,6 +105,22 @@ def bench_codec(records: int = typer.Option(5000, help="records per measurement"
         fail(exc)
 
 
+@bench_app.command("hints")
+def bench_hints(preferences: str = typer.Option("formal,brief,plain,curious",
+                                                help="hidden preferences: brief, plain, curious, metric, lowercase, formal"),
+                placements: str = typer.Option("before,after", help="where the teacher reads the hint"),
+                out: Optional[Path] = typer.Option(None, help="also write the rates as JSON here")) -> None:
+    """What the hint-conditioned base model (OPD's teacher) meets of each preference, for each
+    place the hint can go in its context: the ceiling of what OPD can distil."""
+    from infra.cli.bench_hints import run_hints_bench
+
+    try:
+        run_hints_bench(load_settings(), [p.strip() for p in preferences.split(",") if p.strip()],
+                        [p.strip() for p in placements.split(",") if p.strip()], out, console)
+    except NextstateError as exc:
+        fail(exc)
+
+
 @bench_app.command("personal")
 def bench_personal(preferences: str = typer.Option(",".join(("brief", "lowercase", "curious", "formal")),
                                                    help="hidden preferences, one population each: "

@@ -182,7 +182,16 @@ def test_the_teacher_defaults_to_the_served_model(tiny_model_dir):
         assert teacher.engine.info().max_context == 2048    # the tiny model, not the embedded 8,192
         scores = asyncio.run(teacher.score(transition(0).turn, "be brief"))
         assert len(scores.logprobs) == len(transition(0).turn.response_token_ids)
+        before = teacher.tokenizer.decode(teacher.prompt_ids(transition(0).turn, "be brief"))
     finally:
         asyncio.run(teacher.engine.close())
+    appended = build_teacher(served.model_copy(update={"processors": ProcessorSettings(hint_placement="AFTER")}))
+    try:
+        after = appended.tokenizer.decode(appended.prompt_ids(transition(0).turn, "be brief"))
+    finally:
+        asyncio.run(appended.engine.close())
+    # the default puts the hint in front of the message; "after" appends it
+    assert before.index("be brief") < before.index(MESSAGE_LABEL) and MESSAGE_LABEL not in after
+    assert after.index("be brief") > after.index(HINT_LABEL) > before.index(HINT_LABEL)
     for off in ("none", "NONE", ""):
         assert build_teacher(Settings(processors=ProcessorSettings(teacher_model=off))) is None
