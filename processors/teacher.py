@@ -2,10 +2,11 @@
 
 The turn's recorded messages and tools are rendered by serving.chat, the renderer the gateway
 used for the student's prompt, with the hint added to the last user message (serving.chat's
-``with_hint``, before its text by default: ``processors.hint_placement``), so the teacher's context differs from the student's by the hint alone; the engine scores
-the turn's recorded ``response_token_ids`` as the continuation: the response is never
-re-tokenized. Which policy teaches is configurable and recorded: ``base`` (the frozen base
-weights, ``score(base=True)``) or ``current`` (the policy the engine serves now).
+``with_hint``; in front of its text unless ``processors.hint_placement`` says after), so the
+teacher's context differs from the student's by the hint alone; the engine scores the turn's
+recorded ``response_token_ids`` as the continuation: the response is never re-tokenized.
+Which policy teaches is configurable and recorded: ``base`` (the frozen base weights,
+``score(base=True)``) or ``current`` (the policy the engine serves now).
 
 The teacher runs inside the hint stage's process (HintJudged carries its logprobs), so
 hints and teacher scores travel together on ``hints``. Needs an Engine (serving.engine)

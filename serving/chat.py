@@ -22,6 +22,10 @@ from typing import Any
 
 from infra.errors import ChatError
 
+# How the teacher reads a hint (processors.hint_placement). "before": the labelled hint, then the
+# labelled message. Of the forms tried on SmolLM2-135M (appended, prefixed with and without
+# labels, a system message) it did best across preferences; `nextstate bench hints` measures
+# "before" against "after" (appended).
 HINT_LABEL = "[user's hint / instruction]"
 MESSAGE_LABEL = "[question]"
 PLACEMENTS = ("before", "after")
