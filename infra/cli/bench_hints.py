@@ -5,8 +5,9 @@ OPD distils the base model conditioned on the user's correction, so what that te
 the hint bounds what OPD can learn (`bench personal` calls it the ceiling). Where the hint sits
 in the teacher's context changes it: this measures each `processors.hint_placement` on the 16
 held-out probe questions of `producers.simulated.personas`, with every one of a preference's
-correction wordings as the hint, greedy, through the serving engine and the renderer the teacher
-uses (`serving.chat.with_hint`). The base model's rate without a hint is printed beside them.
+correction wordings as the hint, greedy, on the local engine loaded with the served model (the
+teacher's engine when `processors.teacher_model=served`) and the renderer the teacher uses
+(`serving.chat.with_hint`). The base model's rate without a hint is printed beside them.
 
 No Kafka, no gateway: a loaded engine and the probes. About 2 minutes a preference on two cores
 with the embedded model.
