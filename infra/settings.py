@@ -32,8 +32,8 @@ def _lower(value: Any) -> Any:
 
 
 # Closed choices: an enum or a Literal, so a wrong value is refused with the allowed ones listed.
-# Names that registries in code own (engines, judges, staleness policies, lr schedules) are
-# listed here too; tests/infra/test_settings.py holds each list against its registry.
+# Names that registries in code own (engines, judges, staleness policies, lr schedules, hint
+# placements) are listed here too; tests/infra/test_settings.py holds each list against its registry.
 MethodName = Annotated[Method, BeforeValidator(_upper)]               # rl | opd | combined, any case
 EngineName = Literal["local", "remote", "sglang"]                     # serving.engine.ENGINES
 JudgeName = Literal["feedback", "llm"]                                # processors.judges
@@ -41,7 +41,7 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 StalenessPolicy = Literal["drop", "correct"]                          # learner.staleness.POLICIES
 AdvNorm = Literal["none", "group", "step", "batch", "running"]       # learner.losses.normalisation_keys
 LrSchedule = Literal["constant", "cosine", "linear"]                  # learner.trainer.LR_SCHEDULES
-HintPlacement = Literal["before", "after"]                            # serving.chat.with_hint
+HintPlacement = Literal["before", "after"]                            # serving.chat.PLACEMENTS
 
 
 def _cache_root() -> Path:

@@ -130,11 +130,12 @@ def _with_tools_described(messages: list[dict[str, Any]], tools: list[dict[str, 
 def hinted_text(text: str, hint: str, placement: str = "before") -> str:
     """A user message's text with the hint added: "before" puts the labelled hint first and
     labels the message after it, "after" appends the labelled hint (OpenClaw-RL's form)."""
-    if placement == "after":
-        return f"{text}\n\n{HINT_LABEL}\n{hint}" if text else f"{HINT_LABEL}\n{hint}"
-    if placement != "before":
+    if placement not in PLACEMENTS:
         raise ChatError(f"hint placement {placement!r}; expected one of {PLACEMENTS}")
-    return f"{HINT_LABEL}\n{hint}\n\n{MESSAGE_LABEL}\n{text}" if text else f"{HINT_LABEL}\n{hint}"
+    block = f"{HINT_LABEL}\n{hint}"
+    if not text:
+        return block
+    return f"{text}\n\n{block}" if placement == "after" else f"{block}\n\n{MESSAGE_LABEL}\n{text}"
 
 
 def with_hint(messages: list[dict[str, Any]], hint: str, placement: str = "before") -> list[dict[str, Any]]:

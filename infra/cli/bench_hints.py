@@ -28,8 +28,9 @@ from serving.chat import PLACEMENTS, render_prompt, with_hint
 MAX_NEW_TOKENS = 96   # as bench personal's probes
 
 
-async def _rate(engine: Any, tokenizer: Any, questions: list[str], check: Any, hint: str | None,
-                placement: str) -> tuple[float, list[str]]:
+async def _rate(engine: Any, tokenizer: Any, questions: list[str], check: Any, hint: str | None = None,
+                placement: str = "before") -> float:
+    """Share of the questions whose greedy answer meets `check`, with the hint if one is given."""
     params = SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW_TOKENS)
 
     async def answer(q: str) -> str:
@@ -40,7 +41,7 @@ async def _rate(engine: Any, tokenizer: Any, questions: list[str], check: Any, h
         return tokenizer.decode(gen.token_ids, skip_special_tokens=True)
 
     texts = await asyncio.gather(*(answer(q) for q in questions))
-    return sum(bool(check(t)) for t in texts) / len(texts), list(texts)
+    return sum(bool(check(t)) for t in texts) / len(texts)
 
 
 async def measure(engine: Any, tokenizer: Any, preferences: list[str],
@@ -49,10 +50,10 @@ async def measure(engine: Any, tokenizer: Any, preferences: list[str],
     rows = []
     for name in preferences:
         persona = PERSONAS[name]
-        base, _ = await _rate(engine, tokenizer, questions, persona.check, None, "before")
+        base = await _rate(engine, tokenizer, questions, persona.check)
         row: dict[str, Any] = {"preference": name, "base": base, "placements": {}}
         for placement in placements:
-            rates = [(await _rate(engine, tokenizer, questions, persona.check, hint, placement))[0]
+            rates = [await _rate(engine, tokenizer, questions, persona.check, hint, placement)
                      for hint in persona.corrections]
             row["placements"][placement] = {"per_wording": rates, "mean": sum(rates) / len(rates)}
         rows.append(row)

@@ -135,12 +135,14 @@ def test_the_settings_choices_match_the_registries_that_own_them():
     from learner.staleness import POLICIES
     from learner.trainer import LR_SCHEDULES
     from processors.judges import HINT_JUDGES, REWARD_JUDGES
+    from serving.chat import PLACEMENTS
     from serving.registry import ENGINE_MODULES
 
     assert set(get_args(st.EngineName)) == set(ENGINE_MODULES)
     assert set(get_args(st.JudgeName)) == set(REWARD_JUDGES) == set(HINT_JUDGES)
     assert set(get_args(st.StalenessPolicy)) == set(POLICIES)
     assert set(get_args(st.LrSchedule)) == set(LR_SCHEDULES)
+    assert set(get_args(st.HintPlacement)) == set(PLACEMENTS)
 
 
 def test_an_invalid_secret_is_named_but_never_echoed(monkeypatch):
