@@ -39,6 +39,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from infra import heap
 from infra.errors import ContextLengthError, ServingError
 from infra.settings import ServingSettings
 from schemas.events import SamplingParams
@@ -440,6 +441,9 @@ class LocalEngine:
         self._base_policy, self._base = None, None
         if self._prefix is not None:   # its entries hold the base model: let it go
             self._prefix.keep_only([self._current])
+        # the start-up model may sit in the collector's frozen generation (infra.heap): let a
+        # collection see it once, in case a model of some architecture holds reference cycles
+        heap.refreeze()
         log.info("dropped the base weights (keep_base=false)")
 
     def _retire(self, policy: Policy) -> None:

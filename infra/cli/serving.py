@@ -35,6 +35,7 @@ def serve(model: Optional[str] = typer.Option(None, help="model spec; default: s
     import logging
     import signal
 
+    from infra import heap
     from infra.settings import load_settings
     from serving import create_engine
     from serving.reloader import build_reloader
@@ -56,6 +57,7 @@ def serve(model: Optional[str] = typer.Option(None, help="model spec; default: s
             console.print(f"engine {info.name} | model {info.model} | v{info.policy_version} | context "
                           f"{info.max_context} | {where} | following {s.kafka.topic('checkpoints', namespace)}")
             reloader = build_reloader(eng, s, namespace=namespace)
+            heap.freeze()   # start-up is over: later collections skip the model's objects (infra.heap)
             stop = asyncio.Event()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 asyncio.get_running_loop().add_signal_handler(sig, stop.set)

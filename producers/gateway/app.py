@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from infra.errors import ChatError, ContextLengthError, GatewayError, NextstateError, ServingError
 from producers.gateway.auth import bearer
 from producers.gateway.replies import ReplayConflict, Reply, client_request_id
-from producers.gateway.service import Gateway, MaxTokensError, Outcome, ShuttingDown, Turn, UnknownModel
+from producers.gateway.service import ENGINE_WAIT, Gateway, MaxTokensError, Outcome, ShuttingDown, Turn, UnknownModel
 from producers.gateway.streaming import ClosingStreamingResponse, sse_stream
 from producers.gateway.wire import ChatCompletionRequest, FeedbackRequest, describe, error_body
 
@@ -55,7 +55,8 @@ def _route_label(path: str) -> str:
 
 
 class Edge:
-    """ASGI middleware: refuses oversized bodies (413) and counts requests and latency."""
+    """ASGI middleware: refuses oversized bodies (413) and counts requests and latency; for chat
+    completions, also the gateway's own share of it (the time outside waits on the engine)."""
 
     def __init__(self, app: Any, gateway: Gateway) -> None:
         self.app, self.gw = app, gateway
@@ -65,14 +66,19 @@ class Edge:
             return await self.app(scope, receive, send)
         limit = self.gw.settings.max_body_bytes
         route, started, status = _route_label(scope["path"]), time.perf_counter(), [500]
+        waited = [0.0]
+        ENGINE_WAIT.set(waited)   # this request's task (and the tasks it starts) add to it
 
         async def counted_send(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
+                took = time.perf_counter() - started
                 self.gw.metrics.requests.labels(route, str(status[0])).inc()
-                self.gw.metrics.latency.labels(route).observe(time.perf_counter() - started)
+                self.gw.metrics.latency.labels(route).observe(took)
+                if route == "/v1/chat/completions" and status[0] == 200:
+                    self.gw.metrics.observe_own(took - waited[0])
 
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):

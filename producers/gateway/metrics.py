@@ -1,6 +1,7 @@
 """Prometheus metrics of one gateway, in its own registry (several gateways can share a process).
 
-Requests by route and status, request latency and time to first token, prompt and completion
+Requests by route and status, request latency, the gateway's own share of a chat request's
+latency (its time outside waits on the engine) and time to first token, prompt and completion
 tokens, turns recorded by type, feedback by kind, active sessions, and the spool: depth (events
 not yet acknowledged by Kafka), delivered events and failed drain attempts.
 """
@@ -13,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_OWN_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1)
 
 
 class GatewayMetrics:
@@ -23,6 +25,10 @@ class GatewayMetrics:
         self.requests = Counter("nextstate_gateway_requests", "HTTP requests", ["route", "status"], registry=r)
         self.latency = Histogram("nextstate_gateway_request_seconds", "request latency",
                                  ["route"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.own = Histogram("nextstate_gateway_own_seconds",
+                             "what a chat completion spent in the gateway outside waits on the engine",
+                             buckets=_OWN_BUCKETS, registry=r)
+        self.own_listeners: list[Callable[[float], None]] = []   # every observation, exactly (benchmarks)
         self.first_token = Histogram("nextstate_gateway_first_token_seconds",
                                      "time to the first streamed token", buckets=_LATENCY_BUCKETS,
                                      registry=r)
@@ -48,6 +54,11 @@ class GatewayMetrics:
         self.spool_delivered.set_function(delivered)
         self.spool_failures.set_function(failures)
         self.spool_set_aside.set_function(set_aside)
+
+    def observe_own(self, seconds: float) -> None:
+        self.own.observe(seconds)
+        for listener in self.own_listeners:
+            listener(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -16,6 +16,7 @@ from typing import Any
 
 import uvicorn
 
+from infra import heap
 from infra.settings import Settings
 from producers.gateway.app import create_app
 from producers.gateway.auth import KeyRing
@@ -101,6 +102,7 @@ def run_gateway(gw: Gateway, host: str, port: int, log_level: str = "info", sett
                 namespace: str | None = None, reload: bool = False, mount: Callable[..., Any] | None = None) -> None:
     try:
         app = create_app(gw, settings, namespace, reload=reload, mount=mount)
+        heap.freeze()   # the engine and tokenizer are loaded: collections skip them (infra.heap)
         GatewayServer(server_config(app, gw, host, port, log_level), gw).run()
     finally:
         gw.spool.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import re
 import time
@@ -34,6 +35,11 @@ class ShuttingDown(GatewayError):
 
 
 _ABORT = "nextstate: the gateway's shutdown grace period ended"
+
+ENGINE_WAIT: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar("engine_wait", default=None)
+"""Where a request's waits on the engine add up (seconds, in a one-element list the HTTP edge
+sets per request; tasks it starts share the list): what the request spent in the gateway is
+its whole time less this (producers.gateway.app.Edge, metric ``own_seconds``)."""
 
 
 class UnknownModel(GatewayError):
@@ -160,6 +166,7 @@ class Gateway:
             raise ShuttingDown("the gateway is shutting down; send the request again in a moment")
         task = asyncio.current_task()
         self._engine_waits.add(task)
+        started = time.perf_counter()
         try:
             yield
         except asyncio.CancelledError as exc:
@@ -170,6 +177,9 @@ class Gateway:
                                "its grace period; send it again (a stream's tokens so far are recorded)") from None
         finally:
             self._engine_waits.discard(task)
+            waited = ENGINE_WAIT.get()
+            if waited is not None:
+                waited[0] += time.perf_counter() - started
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:

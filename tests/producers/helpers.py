@@ -7,6 +7,7 @@ scores of them, so everything downstream of the engine runs as in production.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -78,6 +79,29 @@ class ScriptedEngine:
 
     async def score(self, *a: Any, **kw: Any) -> Any:
         return await self.real.score(*a, **kw)
+
+    async def close(self) -> None:
+        return None
+
+
+class SlowEngine:
+    """A real engine whose every wait costs `delay_s` more: before a whole answer, and before
+    each streamed token."""
+
+    def __init__(self, real: Any, delay_s: float) -> None:
+        self.real, self.delay_s, self.name = real, delay_s, real.name
+
+    def info(self) -> EngineInfo:
+        return self.real.info()
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
+        await asyncio.sleep(self.delay_s)
+        return await self.real.generate(prompt_ids, params)
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenDelta]:
+        async for d in self.real.stream(prompt_ids, params):
+            await asyncio.sleep(self.delay_s)
+            yield d
 
     async def close(self) -> None:
         return None

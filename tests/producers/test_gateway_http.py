@@ -14,7 +14,7 @@ from producers.gateway.server import ServerThread
 from schemas.events import SamplingParams, SessionSource, TurnRecorded, TurnType
 from serving.chat import normalize_messages, render_prompt
 from tests.producers.gateway_fixtures import engine, keyring, long_engine, long_model_dir, make_gateway, tokenizer  # noqa: F401
-from tests.producers.helpers import KEYS, ScriptedEngine
+from tests.producers.helpers import KEYS, ScriptedEngine, SlowEngine
 from tests.producers.openclaw_shapes import OpenClawConversation, openclaw_request, openclaw_tools, system_prompt
 
 TOOL_SCRIPT = 'Reading it.<tool_call>{"name": "read", "arguments": {"path": "README.md"}}</tool_call>'
@@ -50,6 +50,28 @@ def test_chat_records_exactly_what_the_engine_sampled(make_gateway, engine, toke
     direct = asyncio.run(engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=12, seed=3)))
     assert direct.token_ids == turn.response_token_ids
     assert direct.logprobs == pytest.approx(turn.response_logprobs, abs=1e-4)
+
+
+def test_own_time_leaves_out_the_waits_on_the_engine(make_gateway, engine):
+    # Every wait on the engine costs 0.2 s more: the gateway's own time must not count them,
+    # whole or streamed, while the request's latency does.
+    gw = make_gateway(SlowEngine(engine, 0.2))
+    own: list[float] = []
+    gw.metrics.own_listeners.append(own.append)
+    messages = [{"role": "user", "content": "hello"}]
+    with ServerThread(gw) as server:
+        c = client(server)
+        c.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0)
+        chunks = list(c.chat.completions.create(model="tiny", messages=messages, max_tokens=4,
+                                                temperature=0, stream=True))
+        metrics = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {KEYS['acme']}"}).text
+    streamed = sum(1 for ch in chunks if ch.choices and ch.choices[0].delta.content is not None)
+    assert len(own) == 2 and streamed >= 1
+    assert all(0 < t < 0.2 for t in own), own
+    assert "nextstate_gateway_own_seconds_count 2.0" in metrics
+    latency = [line for line in metrics.splitlines()
+               if line.startswith('nextstate_gateway_request_seconds_sum{route="/v1/chat/completions"}')]
+    assert float(latency[0].rsplit(" ", 1)[1]) >= 0.2 * (1 + 1) + sum(own)   # one wait whole, ≥ 1 streamed
 
 
 def test_streaming_is_token_by_token_with_a_usage_chunk(make_gateway, engine, tokenizer):
