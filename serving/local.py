@@ -110,7 +110,7 @@ class LocalEngine:
         self._pending: deque[_Request] = deque()
         self._prefilling: list[_Request] = []
         self._batches: dict[int, tuple[Policy, Any]] = {}  # id(policy) -> (policy, Batch)
-        self._stats = {"steps": 0, "tokens": 0, "swaps": 0}
+        self._stats = {"steps": 0, "tokens": 0, "swaps": 0, "relabels": 0}
         self._prefix = (PrefixCache(settings.prefix_cache_mb << 20, settings.prefix_cache_min_tokens)
                         if settings.prefix_cache_mb > 0 else None)
         self._thread = threading.Thread(target=self._run, name="local-engine", daemon=True)
@@ -199,6 +199,21 @@ class LocalEngine:
             name = f"v{version}-{next(self._adapter_seq)}"
             await self._command(lambda: self._install_lora(config, tensors, name, version))
         log.info("now serving %s v%d from %s (%.2fs)", kind, version, path, time.perf_counter() - t0)
+
+    async def relabel(self, version: int) -> bool:
+        """The current policy becomes `version` in place: requests keep their prefix cache
+        entries (they belong to the policy object, not to its number) and in-flight requests
+        report the new number for the tokens still to come (the weights are the same)."""
+        def run() -> bool:
+            cur = self._current
+            if version <= cur.version or cur is self._base_policy:
+                return False   # never renumber the start-up weights: base scoring reports them
+            old, cur.version = cur.version, version
+            self._stats["relabels"] += 1
+            log.info("serving v%d's weights as v%d (the same files; nothing loaded)", old, version)
+            return True
+
+        return await self._command(run)
 
     async def close(self) -> None:
         self._closed = True

@@ -4,7 +4,10 @@ For each batch of CheckpointPublished events it picks the newest version that is
 what the engine serves (and of the followed run, if one is configured), downloads only the
 files serving needs (``weights/`` when the learner's layout is used: the optimizer state in
 ``train_state/`` is never fetched) with every sha256 checked, and calls
-``engine.load_weights``. A checkpoint that fails (bad checksum, missing object, files the
+``engine.load_weights``. A checkpoint whose weight files have the sha256s of the ones being
+served (the learner published, but skipped every step since: no answer had a signal) loads
+nothing: the engine serves what it has under the new number (``engine.relabel``), so a swap
+that changes nothing does not empty the local engine's prefix cache. A checkpoint that fails (bad checksum, missing object, files the
 engine cannot load) is logged with the reason, recorded on `dead-letters`, remembered as bad
 so it is not retried, and the engine keeps serving what it had: the loop never crash-loops.
 
@@ -66,6 +69,7 @@ class Swap:
     error: str | None = None
     download_s: float = 0.0
     load_s: float = 0.0
+    relabelled: bool = False           # the same weight files as served: nothing was loaded
     event_to_serving_s: float = 0.0   # from the event's occurred_at to the engine serving it
     at: float = 0.0                    # time.monotonic() when the engine started serving it
 
@@ -81,6 +85,10 @@ class Reloader:
     bad: set[tuple[str, int]] = field(default_factory=set)
     swaps: list[Swap] = field(default_factory=list)
     batch_max: int = 100
+    # what the last load installed: (run, kind, {path: sha256} of its weight files), and the
+    # version the engine serves it as
+    served: tuple[str, CheckpointKind, frozenset[tuple[str, str]]] | None = None
+    served_version: int | None = None
 
     async def run_forever(self, stop: asyncio.Event | None = None) -> None:
         """Poll, pick, load, commit; until `stop` is set."""
@@ -121,6 +129,16 @@ class Reloader:
 
     async def load(self, event: CheckpointPublished, record: Record | None = None) -> Swap:
         files, sub = serving_files(event.files)
+        weights = (event.run, event.kind, frozenset((f.path, f.sha256) for f in files))
+        if (weights == self.served and self.engine.info().policy_version == self.served_version
+                and await self.engine.relabel(event.version)):
+            swap = Swap(event.version, event.kind.value, ok=True, relabelled=True, at=time.monotonic(),
+                        event_to_serving_s=time.time() - event.occurred_at.timestamp())
+            log.info("checkpoint v%d of run %s has the weight files of v%d: serving them as v%d, "
+                     "nothing loaded", event.version, event.run, self.served_version, event.version)
+            self.served_version = event.version
+            self.swaps.append(swap)
+            return swap
         bucket, prefix = parse_uri(event.uri)  # the uri carries namespace, run and version
         dest = Path(self.cache_dir) / "checkpoints" / bucket / prefix.strip("/")
         t0 = time.perf_counter()
@@ -132,6 +150,7 @@ class Reloader:
             await self.engine.load_weights(str(path / sub if sub else path), KINDS[event.kind], event.version)
             swap.load_s = time.perf_counter() - t1
             swap.ok, swap.at = True, time.monotonic()
+            self.served, self.served_version = weights, event.version
             swap.event_to_serving_s = time.time() - event.occurred_at.timestamp()
             log.info("serving %s checkpoint v%d of run %s (download %.2fs, load %.2fs)",
                      event.kind.value, event.version, event.run, swap.download_s, swap.load_s)

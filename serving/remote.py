@@ -138,6 +138,9 @@ class RemoteEngine:
         raise ServingError("weights are swapped by the reloader inside `nextstate serve`, "
                            "not through a remote engine")
 
+    async def relabel(self, version: int) -> bool:
+        return False   # as load_weights: the reloader inside `nextstate serve` does it
+
     async def close(self) -> None:
         for client in self._clients.values():
             try:

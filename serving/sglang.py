@@ -342,6 +342,15 @@ class SGLangEngine:
     async def flush_cache(self) -> None:
         await self._post("/flush_cache", {})
 
+    async def relabel(self, version: int) -> bool:
+        """Versions are this client's labels (SGLang only knows adapter names), so the current
+        policy takes the new number; SGLang's cache is left as it is (the same weights)."""
+        cur = self._current
+        if version <= cur.version or (cur.adapter is None and not self._full_swapped):
+            return False   # never renumber the start-up weights
+        cur.version = version
+        return True
+
     async def close(self) -> None:
         for client in self._clients.values():
             try:

@@ -96,20 +96,26 @@ def test_epochs_train_the_same_samples_again_within_the_clip(tiny_model_dir):
     assert moved[3] > moved[1] > 0
 
 
-def test_a_step_without_signal_leaves_weights_and_optimizer_as_they_were(tiny_model_dir):
+def test_a_step_without_signal_leaves_weights_and_optimizer_as_they_were(tiny_model_dir, tmp_path):
     """Two approved answers under batch normalisation have advantage 0: Adam would still move
     every weight along its momentum from the step before. The step is skipped instead, so a
-    learner that met it ends exactly where one that never did."""
+    learner that met it ends exactly where one that never did, and the weight files it saves
+    are byte for byte the ones before (what lets serving relabel instead of reload)."""
     ls = settings(method="rl", lr=1e-2, adv_norm="batch", epochs=2)
     with_it, without = Trainer(ls, tiny_model_dir), Trainer(ls, tiny_model_dir)
     mixed = lambda seed: [collate([make_sample(seed, reward=1.0), make_sample(seed + 1, reward=-1.0)], 0)]  # noqa: E731
     for trainer in (with_it, without):
         trainer.train_step(mixed(10))
     after_first = _trainable(with_it)
+    saved = with_it.save(tmp_path / "before", {}) / "weights"
     still = with_it.train_step([collate([make_sample(20, reward=1.0), make_sample(21, reward=1.0)], 0)])
     assert still["skipped"] == 1.0 and still["trained_tokens"] == 0.0 and still["samples"] == 2
     assert with_it.engine.global_steps == 2   # the first step's two passes only
     assert all(torch.equal(after_first[k], v) for k, v in _trainable(with_it).items())
+    again = with_it.save(tmp_path / "after", {}) / "weights"
+    files = sorted(p.relative_to(saved) for p in saved.rglob("*") if p.is_file())
+    assert files and files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    assert all((saved / f).read_bytes() == (again / f).read_bytes() for f in files)
     for trainer in (with_it, without):
         trainer.train_step(mixed(30))
     a, b = _trainable(with_it), _trainable(without)

@@ -52,10 +52,18 @@ async def test_hot_reload_full_then_lora_under_load(settings, namespace, bucket,
         assert engine.info().policy_version == 2
         assert "sha256" in next(w for w in reloader.swaps if not w.ok).error
 
-        publish_checkpoint(s, namespace, bucket, lora_adapter(tiny_model_dir, tmp_path / "ok", 4), 4, "LORA")
+        v4 = lora_adapter(tiny_model_dir, tmp_path / "ok", 4)
+        publish_checkpoint(s, namespace, bucket, v4, 4, "LORA")
         await until(lambda: engine.info().policy_version == 4, timeout=60, what="v4 after the bad one")
         n = len(load.outcomes)
         await until(lambda: len(load.outcomes) >= n + 8, what="requests on v4")
+
+        # v5 has v4's very files (a learner whose steps since v4 all lacked a signal): served
+        # under the new number, nothing downloaded or loaded
+        publish_checkpoint(s, namespace, bucket, v4, 5, "LORA")
+        await until(lambda: engine.info().policy_version == 5, timeout=60, what="v5 relabelled")
+        n = len(load.outcomes)
+        await until(lambda: len(load.outcomes) >= n + 8, what="requests on v5")
     finally:
         outcomes = await load.finish()
         stop.set()
@@ -66,7 +74,9 @@ async def test_hot_reload_full_then_lora_under_load(settings, namespace, bucket,
     failures = [o for o in outcomes if o.error]
     assert not failures, f"{len(failures)} failed requests, first: {failures[0].error}"
     swaps = {w.version: w for w in reloader.swaps if w.ok}
-    assert sorted(swaps) == [1, 2, 4]
+    assert sorted(swaps) == [1, 2, 4, 5]
+    assert [w.version for w in swaps.values() if w.relabelled] == [5]
+    assert (engine.info().details["swaps"], engine.info().details["relabels"]) == (3, 1)
     for version, swap in swaps.items():
         after = [o for o in outcomes if o.started > swap.at]
         assert after and all(o.version >= version for o in after), f"a request after v{version} got older weights"
@@ -75,7 +85,7 @@ async def test_hot_reload_full_then_lora_under_load(settings, namespace, bucket,
     # requests in flight across a swap finished on the weights they started with
     straddling = [o for o in outcomes if o.started < swaps[1].at < o.ended]
     assert all(o.version in (0, 1) for o in straddling)
-    assert {o.version for o in outcomes} >= {0, 1, 2, 4}
+    assert {o.version for o in outcomes} >= {0, 1, 2, 4, 5}
     # only weights/ was fetched, never the optimizer state
     cached = list((tmp_path / "cache" / "checkpoints").rglob("*"))
     assert cached and not [p for p in cached if "train_state" in p.parts]

@@ -160,3 +160,27 @@ async def test_a_new_version_never_reuses_the_old_versions_cache(tiny_model_dir,
         assert eng.info().details["prefix_cache"]["hits"] == hits + 1
     finally:
         await eng.close()
+
+
+@pytest.mark.asyncio
+async def test_a_relabelled_version_keeps_the_cache_and_samples_the_same(tiny_model_dir, tmp_path):
+    from serving.local import LocalEngine
+
+    eng = LocalEngine(ServingSettings(prefix_cache_min_tokens=16), model_dir=tiny_model_dir)
+    try:
+        assert not await eng.relabel(1)   # the start-up weights keep their number
+        await eng.load_weights(str(lora_adapter(tiny_model_dir, tmp_path / "v1", seed=3)), WeightsKind.LORA, 1)
+        prompt = long_prompt(eng, 200, seed=8)
+        first = await eng.generate(prompt, GREEDY)
+        hits = eng.info().details["prefix_cache"]["hits"]
+        assert await eng.relabel(2)
+        assert not await eng.relabel(2)   # only ever forwards
+        again = await eng.generate(prompt, GREEDY)
+        details = eng.info().details
+        assert (first.policy_version, again.policy_version) == (1, 2)
+        assert again.token_ids == first.token_ids
+        assert again.logprobs == pytest.approx(first.logprobs, abs=1e-5)
+        assert details["prefix_cache"]["hits"] == hits + 1   # v1's KV serves v2: the same weights
+        assert (details["swaps"], details["relabels"]) == (1, 1)
+    finally:
+        await eng.close()

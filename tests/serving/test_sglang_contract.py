@@ -184,6 +184,7 @@ async def test_score_is_a_prefill_with_input_logprobs(fake) -> None:
 
 async def test_full_swap_uses_update_weights_from_disk(fake) -> None:
     eng = make(fake)
+    assert not await eng.relabel(3)   # the start-up weights keep their number
     await eng.load_weights("/ckpt/v3", WeightsKind.FULL, 3)
     path, body = fake.requests[-1]
     assert path == "/update_weights_from_disk"
@@ -214,6 +215,12 @@ async def test_lora_swaps_pin_requests_and_unload_superseded_adapters(fake) -> N
     assert fake.requests[-1][1]["lora_path"] == "v2"
     base = await eng.score([4], [5], base=True)
     assert "lora_path" not in fake.requests[-1][1] and base.policy_version == 0
+    # v3 with v2's files: the v2 adapter answers under the new number, nothing is sent to SGLang
+    sent = len(fake.requests)
+    assert await eng.relabel(3) and not await eng.relabel(3)
+    assert len(fake.requests) == sent and fake.adapters == {"v2": "/ckpt/a2"}
+    gen = await eng.generate([4, 4], SamplingParams(max_new_tokens=4))
+    assert gen.policy_version == 3 and fake.requests[-1][1]["lora_path"] == "v2"
     await eng.close()
 
 
