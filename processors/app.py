@@ -28,7 +28,6 @@ from typing import Any
 import faust
 from faust.types import TP
 
-from infra import heap
 from infra.provision import control_plans, ensure_topics
 from infra.settings import Settings
 from processors.order import OffsetOrder, UnfilteredReadOffsets, Verdict
@@ -292,5 +291,4 @@ def run_worker(settings: Settings, namespace: str, stage_name: str, teacher: Any
     # faust's terminal spinner sets the root logger to DEBUG (so that it spins on every record):
     # every debug line anywhere then builds a LogRecord (measured: ~10 % of a stage's CPU).
     worker.spinner = None
-    heap.freeze()   # faust, the stage and any teacher are loaded: collections skip them (infra.heap)
     worker.execute_from_commandline()
