@@ -7,9 +7,10 @@ files serving needs (``weights/`` when the learner's layout is used: the optimiz
 ``engine.load_weights``. A checkpoint whose weight files have the sha256s of the ones being
 served (the learner published, but skipped every step since: no answer had a signal) loads
 nothing: the engine serves what it has under the new number (``engine.relabel``), so a swap
-that changes nothing does not empty the local engine's prefix cache. A checkpoint that fails (bad checksum, missing object, files the
-engine cannot load) is logged with the reason, recorded on `dead-letters`, remembered as bad
-so it is not retried, and the engine keeps serving what it had: the loop never crash-loops.
+that changes nothing does not empty the local engine's prefix cache. A checkpoint that fails
+(bad checksum, missing object, files the engine cannot load) is logged with the reason,
+recorded on `dead-letters`, remembered as bad so it is not retried, and the engine keeps
+serving what it had: the loop never crash-loops.
 
 Each replica must see every checkpoint, so the default consumer group is unique per process
 and starts from the earliest offset: a restarted server catches up to the newest checkpoint
