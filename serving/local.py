@@ -34,6 +34,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -111,6 +112,7 @@ class LocalEngine:
         self._prefilling: list[_Request] = []
         self._batches: dict[int, tuple[Policy, Any]] = {}  # id(policy) -> (policy, Batch)
         self._stats = {"steps": 0, "tokens": 0, "swaps": 0, "relabels": 0}
+        self._dropped: weakref.ref | None = None   # the base weights, weakly, once dropped
         self._prefix = (PrefixCache(settings.prefix_cache_mb << 20, settings.prefix_cache_min_tokens)
                         if settings.prefix_cache_mb > 0 else None)
         self._thread = threading.Thread(target=self._run, name="local-engine", daemon=True)
@@ -255,6 +257,8 @@ class LocalEngine:
 
         with torch.inference_mode():
             while not self._closed:
+                if self._dropped is not None:
+                    self._collect_dropped()
                 try:
                     self._drain_inbox()
                     busy = self._admit() | self._prefill_step() | self._decode_all()
@@ -453,13 +457,24 @@ class LocalEngine:
         if (base is None or self.settings.keep_base or self._current.weights is self._base
                 or base.active or self._base.adapters):
             return
+        self._dropped = weakref.ref(self._base)
         self._base_policy, self._base = None, None
         if self._prefix is not None:   # its entries hold the base model: let it go
             self._prefix.keep_only([self._current])
-        # the start-up model may sit in the collector's frozen generation (infra.heap): let a
-        # collection see it once, in case a model of some architecture holds reference cycles
-        heap.refreeze()
         log.info("dropped the base weights (keep_base=false)")
+
+    def _collect_dropped(self) -> None:
+        """The start-up model may sit in the collector's frozen generation (infra.heap), where
+        reference cycles in it would never be collected. Once nothing here holds it (an empty
+        batch keeps it until the next decode pass), let one collection see it, unless reference
+        counting already freed it."""
+        weights = self._dropped()
+        if weights is not None and any(p.weights is weights for p, _ in self._batches.values()):
+            return
+        self._dropped = None
+        if weights is not None:
+            del weights
+            heap.refreeze()
 
     def _retire(self, policy: Policy) -> None:
         """The last request on a superseded policy ended: free its adapter or model."""

@@ -132,7 +132,7 @@ class Reloader:
         files, sub = serving_files(event.files)
         weights = (event.run, event.kind, frozenset((f.path, f.sha256) for f in files))
         if (weights == self.served and self.engine.info().policy_version == self.served_version
-                and await self.engine.relabel(event.version)):
+                and await self._relabelled(event.version)):
             swap = Swap(event.version, event.kind.value, ok=True, relabelled=True, at=time.monotonic(),
                         event_to_serving_s=time.time() - event.occurred_at.timestamp())
             log.info("checkpoint v%d of run %s has the weight files of v%d: serving them as v%d, "
@@ -163,6 +163,13 @@ class Reloader:
             self._dead_letter(event, record, exc)
         self.swaps.append(swap)
         return swap
+
+    async def _relabelled(self, version: int) -> bool:
+        try:
+            return await self.engine.relabel(version)
+        except Exception:  # noqa: BLE001 - the checkpoint can still be loaded the usual way
+            log.exception("relabelling to v%d failed; loading the checkpoint instead", version)
+            return False
 
     def _dead_letter(self, event: CheckpointPublished, record: Record | None, exc: Exception) -> None:
         if self.dead_letters is None:

@@ -343,11 +343,13 @@ class SGLangEngine:
         await self._post("/flush_cache", {})
 
     async def relabel(self, version: int) -> bool:
-        """Versions are this client's labels (SGLang only knows adapter names), so the current
-        policy takes the new number; SGLang's cache is left as it is (the same weights)."""
+        """An adapter's version is this client's label (SGLang knows it as a name), so the
+        current adapter takes the new number; SGLang's cache is left as it is (the same
+        weights). Full weights carry the version SGLang reports (`weight_version`): those are
+        loaded again instead, and so are the start-up weights."""
         cur = self._current
-        if version <= cur.version or (cur.adapter is None and not self._full_swapped):
-            return False   # never renumber the start-up weights
+        if version <= cur.version or cur.adapter is None:
+            return False
         cur.version = version
         return True
 

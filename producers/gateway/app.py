@@ -72,12 +72,14 @@ class Edge:
         async def counted_send(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                if (b"x-replayed", b"true") in message.get("headers", ()):
+                    status.append("replayed")   # it waited on the first attempt, not on the engine
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
                 took = time.perf_counter() - started
                 self.gw.metrics.requests.labels(route, str(status[0])).inc()
                 self.gw.metrics.latency.labels(route).observe(took)
-                if route == "/v1/chat/completions" and status[0] == 200:
+                if route == "/v1/chat/completions" and status == [200]:
                     self.gw.metrics.observe_own(took - waited[0])
 
         length = dict(scope["headers"]).get(b"content-length")

@@ -39,10 +39,3 @@ def test_refreeze_does_nothing_where_nothing_was_frozen(unfrozen):
     gc.unfreeze()
     assert heap.refreeze() == 0 and gc.get_freeze_count() == 0
 
-
-def test_frozen_objects_are_still_freed_by_reference_counting(unfrozen):
-    n = Node()
-    alive = weakref.ref(n)
-    heap.freeze()
-    del n
-    assert alive() is None

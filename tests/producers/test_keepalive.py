@@ -131,6 +131,8 @@ def test_users_idle_at_the_keep_alive_boundary_lose_nothing_and_each_turn_is_rec
 
 def test_a_repeated_request_id_gets_the_first_answer_and_is_recorded_once(make_gateway, engine):
     gw = make_gateway(engine)
+    own: list[float] = []
+    gw.metrics.own_listeners.append(own.append)
     with ServerThread(gw) as server, httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c:
         rid = uuid.uuid4().hex
         first = c.post("/v1/chat/completions", json=chat_body(temperature=1.0), headers={"X-Request-Id": rid})
@@ -138,6 +140,7 @@ def test_a_repeated_request_id_gets_the_first_answer_and_is_recorded_once(make_g
         assert first.status_code == again.status_code == 200
         assert again.json() == first.json() and again.headers["x-replayed"] == "true"
         assert "x-replayed" not in first.headers
+        assert len(own) == 1   # a replay is no work of the gateway's own: not in the metric
         # Idempotency-Key works the same; the same id in another tenant is another request.
         key = uuid.uuid4().hex
         a = c.post("/v1/chat/completions", json=chat_body(), headers={"Idempotency-Key": key})

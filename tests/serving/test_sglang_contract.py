@@ -192,6 +192,7 @@ async def test_full_swap_uses_update_weights_from_disk(fake) -> None:
                     "flush_cache": True}
     gen = await eng.generate([1], SamplingParams(max_new_tokens=3))
     assert gen.policy_version == 3 and gen.token_ids == expected([1], 3, weights="/ckpt/v3")[0]
+    assert not await eng.relabel(4)   # SGLang reports full weights' version itself: load them
     with pytest.raises(ServingError, match="FULL swap"):
         await eng.score([1], [2], base=True)
     await eng.close()

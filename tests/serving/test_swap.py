@@ -124,3 +124,27 @@ async def test_without_keep_base_the_base_is_dropped_after_a_full_swap(tiny_mode
         assert (await eng.generate(prompt, LONG)).policy_version == 1
     finally:
         await eng.close()
+
+
+async def test_a_dropped_base_model_held_in_a_frozen_cycle_is_still_collected(tiny_model_dir, tmp_path) -> None:
+    """`nextstate serve` freezes its start-up heap (infra.heap); a base model caught in a
+    reference cycle would then outlive its drop. The engine lets one collection see it."""
+    import gc
+    import weakref
+
+    from infra import heap
+    from serving.local import LocalEngine
+
+    eng = LocalEngine(ServingSettings(keep_base=False), model_dir=tiny_model_dir)
+    try:
+        variant = full_variant(tiny_model_dir, tmp_path / "f", 1)
+        base = weakref.ref(eng._base.model)
+        eng._base.model.cycle = eng._base   # model -> Weights -> model: only the collector frees it
+        heap.freeze()
+        await eng.load_weights(str(variant), WeightsKind.FULL, 1)
+        await until(lambda: eng._base is None, what="the base weights to be dropped")
+        await until(lambda: base() is None, what="the dropped base model to be collected")
+        assert (await eng.generate(eng.tokenizer.encode("still"), LONG)).policy_version == 1
+    finally:
+        gc.unfreeze()
+        await eng.close()
