@@ -112,7 +112,7 @@ class LocalEngine:
         self._prefilling: list[_Request] = []
         self._batches: dict[int, tuple[Policy, Any]] = {}  # id(policy) -> (policy, Batch)
         self._stats = {"steps": 0, "tokens": 0, "swaps": 0, "relabels": 0}
-        self._dropped: weakref.ref | None = None   # the base weights, weakly, once dropped
+        self._dropped: weakref.ref | None = None   # the base model, weakly, once dropped
         self._prefix = (PrefixCache(settings.prefix_cache_mb << 20, settings.prefix_cache_min_tokens)
                         if settings.prefix_cache_mb > 0 else None)
         self._thread = threading.Thread(target=self._run, name="local-engine", daemon=True)
@@ -457,7 +457,7 @@ class LocalEngine:
         if (base is None or self.settings.keep_base or self._current.weights is self._base
                 or base.active or self._base.adapters):
             return
-        self._dropped = weakref.ref(self._base)
+        self._dropped = weakref.ref(self._base.model)
         self._base_policy, self._base = None, None
         if self._prefix is not None:   # its entries hold the base model: let it go
             self._prefix.keep_only([self._current])
@@ -468,12 +468,12 @@ class LocalEngine:
         reference cycles in it would never be collected. Once nothing here holds it (an empty
         batch keeps it until the next decode pass), let one collection see it, unless reference
         counting already freed it."""
-        weights = self._dropped()
-        if weights is not None and any(p.weights is weights for p, _ in self._batches.values()):
+        model = self._dropped()
+        if model is not None and any(p.weights.model is model for p, _ in self._batches.values()):
             return
         self._dropped = None
-        if weights is not None:
-            del weights
+        if model is not None:
+            del model
             heap.refreeze()
 
     def _retire(self, policy: Policy) -> None:

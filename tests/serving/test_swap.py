@@ -139,7 +139,7 @@ async def test_a_dropped_base_model_held_in_a_frozen_cycle_is_still_collected(ti
     try:
         variant = full_variant(tiny_model_dir, tmp_path / "f", 1)
         base = weakref.ref(eng._base.model)
-        eng._base.model.cycle = eng._base   # model -> Weights -> model: only the collector frees it
+        object.__setattr__(eng._base.model.model, "back", eng._base.model)   # child -> parent -> child
         heap.freeze()
         await eng.load_weights(str(variant), WeightsKind.FULL, 1)
         await until(lambda: eng._base is None, what="the base weights to be dropped")
