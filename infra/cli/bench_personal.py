@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from infra.cli.demo import Parts, _caught_up, _wait_healthy, launch
@@ -209,7 +210,7 @@ def run_preference(settings: Settings, cfg: PersonalBenchConfig, preference: str
                 result.probes.append(Probe(name, result.sessions, p.policy_version, p.satisfaction, p.answers,
                                            sampled_rate=_sampled(urls[name], key, questions, preference, cfg)))
             console.print(f"  {preference} after {result.sessions}: " + ", ".join(
-                f"{p.variant} v{p.version}{'' if versions.get(p.variant) else ' (behind)'} {p.rate:.2f}"
+                f"{escape(p.variant)} v{p.version}{'' if versions.get(p.variant) else ' (behind)'} {p.rate:.2f}"
                 + (f" (sampled {p.sampled_rate:.2f})" if p.sampled_rate is not None else "")
                 for p in result.probes[-len(probes):]))
     except Exception as exc:   # keep what was measured; say what failed
@@ -348,13 +349,13 @@ def run_personal_bench(settings: Settings, cfg: PersonalBenchConfig, console: Co
 
 def report(cfg: PersonalBenchConfig, results: list[PreferenceResult], out: Path, console: Console,
            elapsed_s: float) -> None:
-    names = [v.name for v in cfg.variants]
+    names = [v.name for v in cfg.variants]   # `opd[epochs=1]` is no markup: escaped where shown
     table = Table(title="first-response satisfaction on 16 held-out probes (greedy, side turns)")
-    for col in ("preference", "base", "base+hint", "after", *names):
+    for col in ("preference", "base", "base+hint", "after", *map(escape, names)):
         table.add_column(col, justify="right" if col != "preference" else "left")
     sampled = Table(title="the same, sampled as users get them (temperature "
                           f"{cfg.temperature}, {cfg.probe_samples} answers per probe)")
-    for col in ("preference", "base", "base+hint", "after", *names):
+    for col in ("preference", "base", "base+hint", "after", *map(escape, names)):
         sampled.add_column(col, justify="right" if col != "preference" else "left")
     quality = Table(title="answer quality on the probes after the last round (base model for reference)")
     for col in ("preference", "run", "rate", "bigram share ×base", "looping answers", "non-answers",
@@ -381,7 +382,7 @@ def report(cfg: PersonalBenchConfig, results: list[PreferenceResult], out: Path,
             q = p.quality(base_share)
             drop = (q["base_logprob"] - base_q["base_logprob"]
                     if q["base_logprob"] is not None and base_q["base_logprob"] is not None else None)
-            quality.add_row("", p.variant, f"{p.rate:.2f}", _fmt(q["bigram_ratio"]), str(q["looping"]),
+            quality.add_row("", escape(p.variant), f"{p.rate:.2f}", _fmt(q["bigram_ratio"]), str(q["looping"]),
                             f"{q['empty']:.2f}", _fmt(q["base_logprob"]), _fmt(drop, signed=True))
     _save(cfg, results, out, elapsed_s)
     console.print(table)
