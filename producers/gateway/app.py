@@ -68,18 +68,21 @@ class Edge:
         route, started, status = _route_label(scope["path"]), time.perf_counter(), [500]
         waited = [0.0]
         ENGINE_WAIT.set(waited)   # this request's task (and the tasks it starts) add to it
+        # a chat answer's own time is observed unless it failed or was replayed (a replay waited
+        # on the first attempt, not on the engine)
+        own = route == "/v1/chat/completions"
 
         async def counted_send(message: dict) -> None:
+            nonlocal own
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                if (b"x-replayed", b"true") in message.get("headers", ()):
-                    status.append("replayed")   # it waited on the first attempt, not on the engine
+                own = own and status[0] == 200 and (b"x-replayed", b"true") not in message.get("headers", ())
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
                 took = time.perf_counter() - started
                 self.gw.metrics.requests.labels(route, str(status[0])).inc()
                 self.gw.metrics.latency.labels(route).observe(took)
-                if route == "/v1/chat/completions" and status == [200]:
+                if own:
                     self.gw.metrics.observe_own(took - waited[0])
 
         length = dict(scope["headers"]).get(b"content-length")
