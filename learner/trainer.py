@@ -169,6 +169,10 @@ class Trainer:
             optimizer, lambda step: schedule(step, ls.warmup_steps, ls.total_steps))
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(ls, bf16))
+        # DeepSpeed clips fp32 gradients without ZeRO but keeps no norm of them
+        # (get_global_grad_norm() stays None): the trainer takes it itself there.
+        self._params = params
+        self._own_grad_norm = not bf16 and ls.zero_stage == 0
         self.trainable_params = sum(p.numel() for p in params)
 
     # -- forward --------------------------------------------------------------------------
@@ -243,6 +247,8 @@ class Trainer:
         metrics["skipped"] = 0.0   # every step sets it: a gauge must not keep a skipped step's 1
         if self.epochs > 1:
             n = max(last["tokens"], 1.0)
+            if "grad_norm" in last:
+                metrics["last_grad_norm"] = last["grad_norm"]
             metrics.update(epochs=float(self.epochs), last_policy_loss=last["policy_loss"] / n,
                            last_ratio_mean=last["ratio_sum"] / n, last_clip_frac=last["clipped"] / n)
             if "distill" in last:
@@ -311,6 +317,11 @@ class Trainer:
                     totals[k] = min(totals.get(k, v), v)
                 else:
                     totals[k] = totals.get(k, 0.0) + v
+        if self._own_grad_norm:
+            # before the clip, as DeepSpeed's own norm is
+            grads = [p.grad for p in self._params if p.grad is not None]
+            totals["grad_norm"] = float(torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
         self.engine.step()
         return totals
 
@@ -319,7 +330,7 @@ class Trainer:
         n = max(t["tokens"], 1.0)
         adv_mean = t["adv_sum"] / n
         seq_tokens = sum(b.tokens for b in batches)
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = t["grad_norm"] if "grad_norm" in t else self.engine.get_global_grad_norm()
         metrics = {
             "loss": (t["policy_loss"] + self.loss_cfg.w_opd * t.get("distill", 0.0)
                      + self.loss_cfg.kl_coef * t.get("kl", 0.0)

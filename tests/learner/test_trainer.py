@@ -4,6 +4,7 @@ checkpoint layout is what serving expects, and save/restore resumes training exa
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -94,6 +95,25 @@ def test_epochs_train_the_same_samples_again_within_the_clip(tiny_model_dir):
         if epochs > 1:
             assert metrics["epochs"] == 3 and metrics["last_ratio_mean"] > 1.0
     assert moved[3] > moved[1] > 0
+
+
+def test_the_step_reports_its_gradient_norm_before_the_clip(tiny_model_dir):
+    """DeepSpeed keeps no norm of fp32 gradients it clips itself: the trainer's is the norm of
+    the loss's gradient, before a clip far below it."""
+    trainer = Trainer(settings(method="rl", grad_clip=1e-6, epochs=2), tiny_model_dir)
+    sample = make_sample(3, reward=1.0)
+    batch = collate([sample], trainer.pad_id)
+    twin = copy.deepcopy(trainer.engine.module)   # DeepSpeed's engine only takes its own backward
+    params = [p for p in twin.parameters() if p.requires_grad]
+    logp = trainer._token_logprobs(*trainer._logits(twin, batch), batch)
+    # ρ = 1 with these behaviour logprobs, so the surrogate's gradient is that of −mean logp
+    grads = torch.autograd.grad(-(logp * batch.mask).sum() / batch.mask.sum(), params)
+    expected = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    sample = sample.model_copy(update={"behaviour_logprobs": logp[0, 3:6].detach().tolist()})
+    metrics = trainer.train_step([collate([sample], trainer.pad_id)])
+    assert expected > 1e-3
+    assert metrics["grad_norm"] == pytest.approx(expected, rel=1e-4)
+    assert metrics["last_grad_norm"] > 0 and metrics["last_grad_norm"] != metrics["grad_norm"]
 
 
 def test_a_step_without_signal_leaves_weights_and_optimizer_as_they_were(tiny_model_dir, tmp_path):
