@@ -319,9 +319,8 @@ class Trainer:
                     totals[k] = totals.get(k, 0.0) + v
         if self._own_grad_norm:
             # before the clip, as DeepSpeed's own norm is
-            grads = [p.grad for p in self._params if p.grad is not None]
-            totals["grad_norm"] = float(torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+            totals["grad_norm"] = float(torch.nn.utils.get_total_norm(
+                [p.grad for p in self._params if p.grad is not None]))
         self.engine.step()
         return totals
 
