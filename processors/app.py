@@ -177,10 +177,12 @@ class StageApp(faust.App):
                              self.conf.id, sorted(f"{tp.topic}[{tp.partition}]" for tp in never))
                     await consumer._thread.seek_to_beginning(*never)
                     for tp in never:
-                        # where the start is, the first record says: asking the broker here
-                        # (beginning_offsets while the fetcher resets these partitions) left
-                        # a restarted worker fetching nothing, one run in two
-                        self.order.seeked(tp, None)
+                        # 0, not the first record read (stale ones from before the seek come
+                        # first) and not the broker's start offset (asking for it while the
+                        # fetcher resets these partitions left a restarted worker fetching
+                        # nothing, one run in two). A log whose head retention deleted costs
+                        # one rewind: processors.order passes the hole.
+                        self.order.seeked(tp, 0)
                 self.assignments += 1
             finally:
                 seeking = False
