@@ -276,6 +276,9 @@ class ProcessorSettings(_Section):
     judge_concurrency: int = Field(default=8, ge=1)
     hint_votes: int = Field(default=1, ge=1)
     method: MethodName = Method.COMBINED   # what assemble emits (schemas.methods)
+    # Hindsight revisions: a rejected answer's approved redo, trained in the rejected answer's
+    # context (processors.assemble). The learner trains on them unless `learner.revisions` is off.
+    revisions: bool = True
     transition_timeout_s: float = 600.0
     faust_data_dir: Path = Field(default_factory=lambda: _state_root() / "faust")
     # LLM judge client: attempts per call (with exponential backoff) and sampling.
@@ -362,6 +365,8 @@ class LearnerSettings(_Section):
 
     run: str = "main"
     method: MethodName = Method.COMBINED
+    # train on hindsight revisions (processors.assemble) where the method has a reward term
+    revisions: bool = True
     lora: bool | None = None
     device: str = "auto"
     # torch threads on CPU; None: torch's default (one per core). Several processes sharing the

@@ -44,11 +44,14 @@ def validate(sample: SampleReady, vocab_size: int | None = None) -> None:
                                     f"vocabulary of {vocab_size} (ids {min(ids)}..{max(ids)})")
 
 
-def has_signal(sample: SampleReady, method: MethodRule) -> bool:
+def has_signal(sample: SampleReady, method: MethodRule, revisions: bool = True) -> bool:
     """False for a sample this run can learn nothing from: one without teacher logprobs in a run
-    whose method needs them, and one whose only term is a precomputed advantage (general
+    whose method needs them, one whose only term is a precomputed advantage (general
     agents' group stage) that is 0 or covers no token (a dropped bucket, a group of equal
-    outcomes): its gradient would be zero, and skipping it is what the group stage asks."""
+    outcomes): its gradient would be zero, and skipping it is what the group stage asks; and a
+    hindsight revision in a run that does not train on them (`revisions` off)."""
+    if sample.revision_of is not None and not revisions:
+        return False
     if method.needs_teacher_logprobs and sample.teacher_logprobs is None:
         return False
     teacher = method.teacher_term and sample.teacher_logprobs is not None
@@ -129,6 +132,7 @@ class Batch:
     advantage: torch.Tensor        # [B] float, the precomputed advantage (0 where none)
     has_advantage: torch.Tensor    # [B] float, 1 where the sample carries one
     stale: torch.Tensor            # [B] bool, importance-corrected rather than PPO-ratioed
+    revision: torch.Tensor         # [B] bool, a hindsight revision: its behaviour logprobs are another context's
     sample_ids: list[str]
     task_groups: list[str | None]
     step_indices: list[int | None]
@@ -186,6 +190,7 @@ def collate(samples: Sequence[SampleReady], pad_id: int, stale: Sequence[bool] |
         advantage=torch.tensor([float(s.advantage or 0.0) for s in samples]),
         has_advantage=torch.tensor([float(s.advantage is not None) for s in samples]),
         stale=torch.tensor(list(stale) if stale is not None else [False] * b, dtype=torch.bool),
+        revision=torch.tensor([s.revision_of is not None for s in samples], dtype=torch.bool),
         sample_ids=[s.event_id for s in samples],
         task_groups=[s.task_group for s in samples],
         step_indices=[s.step_index for s in samples],

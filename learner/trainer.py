@@ -305,7 +305,14 @@ class Trainer:
             first = len(proximal) <= i
             if first:
                 proximal.append(logp.detach())
-            part = micro_batch_loss(logp, batch.behaviour, adv, batch.mask, batch.stale,
+            behaviour, stale = batch.behaviour, batch.stale
+            if bool(batch.revision.any()):
+                # a hindsight revision's tokens were sampled under another context: its behaviour
+                # policy here is the first pass's (ratio 1 then, the clip bounds the later passes,
+                # no importance weight)
+                behaviour = torch.where(batch.revision[:, None], proximal[i], behaviour)
+                stale = stale | batch.revision
+            part = micro_batch_loss(logp, behaviour, adv, batch.mask, stale,
                                     step_tokens, cfg, ref_logp=ref, entropy=ent, distill=distill,
                                     proximal_logp=None if first else proximal[i])
             # The loss is already divided by the step's token count: no further /grad_accum.

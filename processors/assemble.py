@@ -20,6 +20,22 @@ Token ids and behaviour logprobs come from the transition's turn exactly as reco
 that do not match raise ``InvalidRecord`` (→ dead-letters), nothing is padded. The sample id is
 ``derived_id("assemble", transition id, method)``, so a re-run never duplicates a sample.
 
+**Hindsight revisions** (``processors.revisions``, on by default). When a user corrects an
+answer and the agent's next answer is approved, that answer, put after the first answer's
+prompt, is a verified better answer to the same request: the sample ``revision(a, b)`` makes of
+the two trains the policy to get it right the first time, where the rejected sample only says
+"not this" and the hinted teacher only estimates what would have been right. The pair: samples
+``a`` (reward < 0) and ``b`` (reward > 0) of one session, ``b`` the next main turn, and ``b``'s
+prompt starting with ``a``'s prompt token for token (``b`` continued ``a``'s conversation: it
+resent ``a``'s context; a client that rewrote history gets no revision). The revision is an RL
+sample with a precomputed advantage of ``b``'s reward (normaliser ``revision``: no batch
+baseline takes it away) and ``revision_of`` naming ``a``; its behaviour logprobs are ``b``'s, taken
+under another context, so the learner uses its own current policy as the proximal one
+(learner.trainer). What it cannot tell: whether the user asked something else after the rejection
+(then ``b`` answers another question); the next main turn right after a rejection is usually
+the redo. Each session's latest sample waits in the table under ``session_key`` (no teacher
+rows), so the pair is found whichever of the two is assembled first.
+
 The join waits for the sides its method needs (the transition and what schemas.methods lists:
 rl a judgement, opd a hint, combined both) in a state keyed by transition id; once the sample is decided the
 entry keeps only a ``done`` mark, so late duplicates change nothing. A transition that is a step of
@@ -131,6 +147,48 @@ def assemble(transition: TransitionFormed, judgement: RewardJudged | None, hint:
     return Outcome(sample)
 
 
+def revision(a: SampleReady, b: SampleReady) -> SampleReady | None:
+    """The hindsight revision of rejected sample `a` by approved sample `b` (see the module
+    docstring), or None when the two are not such a pair."""
+    if (a.session_id != b.session_id or a.tenant != b.tenant or b.turn_index != a.turn_index + 1
+            or not (a.reward < 0 < b.reward) or a.revision_of or b.revision_of
+            or a.task_group is not None or b.task_group is not None
+            or not any(a.loss_mask) or not any(b.loss_mask)):
+        return None
+    n = len(a.prompt_token_ids)
+    if len(b.prompt_token_ids) <= n or b.prompt_token_ids[:n] != a.prompt_token_ids:
+        return None
+    sample = SampleReady(
+        event_id=derived_id("revision", a.event_id, b.event_id), parent_ids=[a.event_id, b.event_id],
+        tenant=a.tenant, session_id=a.session_id, turn_index=a.turn_index, method=Method.RL,
+        prompt_token_ids=a.prompt_token_ids, response_token_ids=b.response_token_ids,
+        loss_mask=[1] * len(b.response_token_ids), behaviour_logprobs=b.behaviour_logprobs,
+        reward=b.reward, policy_version=b.policy_version, advantage=b.reward, normaliser="revision",
+        revision_of=a.event_id,
+    )
+    validate_sample(sample)
+    return sample
+
+
+def session_key(sample: SampleReady) -> str:
+    """The table key of a session's latest sample (transition ids, the joins' keys, are uuids)."""
+    return f"session:{sample.tenant}:{sample.session_id}"
+
+
+def on_sample(latest: SampleReady | None, sample: SampleReady) -> tuple[SampleReady, list[SampleReady]]:
+    """A sample was made: the revision it forms with the session's latest one, if any, and what
+    the session keeps as its latest (the later turn of the two; without its teacher rows)."""
+    outputs = []
+    if latest is not None:
+        a, b = sorted((latest, sample), key=lambda s: s.turn_index)
+        made = revision(a, b)
+        if made is not None:
+            outputs.append(made)
+    keep = sample if latest is None or sample.turn_index >= latest.turn_index else latest
+    return keep.model_copy(update={"teacher_logprobs": None, "teacher_top_ids": None,
+                                   "teacher_top_logprobs": None}), outputs
+
+
 def on_side(join: Join | None, side: Side, event: TransitionFormed | RewardJudged | HintJudged,
             method: Method) -> Step:
     """Record one side of a transition's join; assemble once the method's sides are in."""
@@ -155,6 +213,7 @@ SIDES = {TransitionFormed: Side.TRANSITION, RewardJudged: Side.JUDGEMENT, HintJu
 
 def handler(ctx: Context) -> Handler:
     method = parse_method(ctx.settings.processors.method)
+    revisions = ctx.settings.processors.revisions
     joins = ctx.state
 
     async def handle(event: Any, key: bytes | None, partition: int, offset: int = -1) -> Result:
@@ -162,14 +221,24 @@ def handler(ctx: Context) -> Handler:
         k = event.event_id if side is Side.TRANSITION else event.transition_id
         before = Join.from_table(joins.get(k))
         step = on_side(before, side, event, method)
+        outputs, note, latest = list(step.outputs), step.note, None
+        if revisions and outputs:
+            value = joins.get(session_key(outputs[0]))
+            latest, made = on_sample(None if value is None else SampleReady.model_validate(value), outputs[0])
+            outputs += made
+            if made:
+                note = "revision"
 
         def keep() -> None:
             if step.state is None:
                 joins.pop(k, None)
             else:
                 joins[k] = step.state.to_table()
+            if latest is not None:
+                joins[session_key(latest)] = latest.model_dump(mode="json")
 
-        return Result(step.outputs, keep if step.state is not before else None, step.note)
+        changed = step.state is not before or latest is not None
+        return Result(outputs, keep if changed else None, note)
 
     return handle
 

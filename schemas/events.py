@@ -315,6 +315,7 @@ class SampleReady(Event):
     advantage: float | None = None
     normaliser: str | None = None
     group_size: int | None = None
+    revision_of: str | None = None   # a hindsight revision of that sample (processors.assemble)
 
     def problem(self) -> str | None:
         """Why this sample cannot be trained on (its arrays disagree, it has nothing to

@@ -35,6 +35,14 @@ def test_a_precomputed_advantage_of_zero_or_over_no_token_carries_no_signal():
     assert has_signal(taught, rule("combined")) and not has_signal(taught, rule("rl"))
 
 
+def test_a_revision_trains_where_the_method_has_a_reward_term_and_revisions_are_on():
+    rev = make_sample(3).model_copy(update={"advantage": 1.0, "normaliser": "revision", "revision_of": "a"})
+    assert has_signal(rev, rule("rl")) and has_signal(rev, rule("combined"))
+    assert not has_signal(rev, rule("opd"))                      # no teacher logprobs: nothing for opd
+    assert not any(has_signal(rev, rule(m), revisions=False) for m in ("rl", "combined"))
+    assert collate([rev, make_sample(4)], 0).revision.tolist() == [True, False]
+
+
 def test_pack_respects_padded_budget_and_keeps_order():
     samples = [make_sample(i, prompt_len=3, response_len=2) for i in range(5)]  # 5 tokens each
     batches = pack(samples, token_budget=10)

@@ -116,6 +116,31 @@ def test_the_step_reports_its_gradient_norm_before_the_clip(tiny_model_dir):
     assert metrics["last_grad_norm"] > 0 and metrics["last_grad_norm"] != metrics["grad_norm"]
 
 
+def test_a_revision_trains_as_if_sampled_by_the_policy_now_whatever_its_behaviour_logprobs(tiny_model_dir):
+    """A hindsight revision's tokens were sampled under another context, so its recorded
+    logprobs say nothing about this prompt. Its first pass has ρ = 1 and no importance weight:
+    the gradient of −advantage·mean logp. Taken as a plain sample instead, behaviour logprobs
+    of −30 would make ρ huge and the clip would zero its gradient."""
+    trainer = Trainer(settings(method="combined", grad_clip=1e-6, adv_norm="batch"), tiny_model_dir)
+    sample = make_sample(5, reward=1.0).model_copy(update={
+        "behaviour_logprobs": [-30.0] * 3, "advantage": 1.0, "normaliser": "revision", "revision_of": "a"})
+    batch = collate([sample], trainer.pad_id)
+    assert batch.revision.tolist() == [True]
+    twin = copy.deepcopy(trainer.engine.module)
+    params = [p for p in twin.parameters() if p.requires_grad]
+    logp = trainer._token_logprobs(*trainer._logits(twin, batch), batch)
+    grads = torch.autograd.grad(-(logp * batch.mask).sum() / batch.mask.sum(), params)
+    expected = float(torch.nn.utils.get_total_norm(grads))
+    metrics = trainer.train_step([batch])
+    assert expected > 1e-3
+    assert metrics["grad_norm"] == pytest.approx(expected, rel=1e-4)
+    assert metrics["ratio_mean"] == pytest.approx(1.0) and metrics["clip_frac"] == 0.0
+    assert metrics["is_weight_mean"] == pytest.approx(1.0)
+    plain = Trainer(settings(method="combined", grad_clip=1e-6, adv_norm="batch"), tiny_model_dir)
+    as_sampled = plain.train_step([collate([sample.model_copy(update={"revision_of": None})], plain.pad_id)])
+    assert as_sampled["clip_frac"] == 1.0 and as_sampled["grad_norm"] == 0.0
+
+
 def test_a_step_without_signal_leaves_weights_and_optimizer_as_they_were(tiny_model_dir, tmp_path):
     """Two approved answers under batch normalisation have advantage 0: Adam would still move
     every weight along its momentum from the step before. The step is skipped instead, so a

@@ -1,0 +1,111 @@
+"""Hindsight revisions in assemble: a rejected answer's approved redo, trained in the rejected
+answer's context (processors.assemble, ``revision`` and the handler's session entries)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import pytest
+
+from infra.settings import load_settings
+from processors.assemble import handler, on_sample, revision, session_key
+from processors.stage import Context
+from schemas.events import JudgeVote, Method, NextStateKind, RewardJudged, SampleReady, TransitionFormed
+from tests.processors.helpers import turn
+
+
+def sample(turn_index: int, reward: float, prompt: list[int], response: list[int], session: str = "s",
+           **kw) -> SampleReady:
+    return SampleReady(tenant="test", session_id=session, turn_index=turn_index, method=Method.COMBINED,
+                       prompt_token_ids=prompt, response_token_ids=response, loss_mask=[1] * len(response),
+                       behaviour_logprobs=[-0.5] * len(response), reward=reward, policy_version=3, **kw)
+
+
+A = sample(0, -1.0, [1, 2, 3], [7, 7, 7, 7, 7, 7], teacher_logprobs=[-0.1] * 6)
+B = sample(1, 1.0, [1, 2, 3, 7, 7, 7, 9, 9], [8, 8])     # resent A's context, then the correction
+
+
+def test_an_approved_redo_of_a_rejected_answer_is_trained_in_the_rejected_answers_context():
+    r = revision(A, B)
+    assert r is not None and r.revision_of == A.event_id and set(r.parent_ids) == {A.event_id, B.event_id}
+    assert r.prompt_token_ids == A.prompt_token_ids and r.response_token_ids == B.response_token_ids
+    assert r.behaviour_logprobs == B.behaviour_logprobs and r.loss_mask == [1, 1]
+    assert (r.method, r.reward, r.advantage, r.normaliser) == (Method.RL, 1.0, 1.0, "revision")
+    assert (r.session_id, r.turn_index, r.policy_version, r.teacher_logprobs) == ("s", 0, 3, None)
+    assert revision(A, B).event_id == r.event_id          # derived: a re-run sends the same id
+
+
+@pytest.mark.parametrize("why,a,b", [
+    ("the redo was rejected too", A, B.model_copy(update={"reward": -1.0})),
+    ("the first answer was not rejected", A.model_copy(update={"reward": 0.0}), B),
+    ("not the next turn", A, B.model_copy(update={"turn_index": 2})),
+    ("another session", A, B.model_copy(update={"session_id": "t"})),
+    ("history rewritten", A, B.model_copy(update={"prompt_token_ids": [1, 5, 3, 7, 9]})),
+    ("the same prompt, nothing after it", A, B.model_copy(update={"prompt_token_ids": [1, 2, 3]})),
+    ("a masked sample", A.model_copy(update={"loss_mask": [0] * 6}), B),
+    ("a step of a rollout", A.model_copy(update={"task_group": "g"}), B),
+    ("a revision is not revised", A, B.model_copy(update={"revision_of": "x"})),
+])
+def test_what_is_not_a_revision(why, a, b):
+    assert revision(a, b) is None, why
+
+
+def test_the_pair_is_found_whichever_sample_comes_first_and_the_session_keeps_the_later_one():
+    kept, made = on_sample(None, A)
+    assert made == [] and kept.turn_index == 0 and kept.teacher_logprobs is None   # rows left behind
+    kept, made = on_sample(kept, B)
+    assert [m.revision_of for m in made] == [A.event_id] and kept.event_id == B.event_id
+    kept2, made2 = on_sample(None, B)
+    kept2, made2 = on_sample(kept2, A)      # the redo's sample was assembled first
+    assert [m.event_id for m in made2] == [made[0].event_id] and kept2.event_id == B.event_id
+
+
+def transition(session: str, index: int, response: list[int]) -> TransitionFormed:
+    t = turn(session, index, [{"role": "user", "content": "how do I boil an egg?"}],
+             response_token_ids=response, response_logprobs=[-0.4] * len(response))
+    return TransitionFormed(tenant="test", session_id=session, turn_index=index, turn=t,
+                            next_state_kind=NextStateKind.NEXT_TURN,
+                            next_messages_json=json.dumps([{"role": "user", "content": "shorter please"}]))
+
+
+def judged(t: TransitionFormed, r: int) -> RewardJudged:
+    return RewardJudged(tenant="test", session_id=t.session_id, turn_index=t.turn_index, transition_id=t.event_id,
+                        turn_id=t.turn.event_id, judge="feedback", judge_model="rules", judge_version="v",
+                        prompt_sha256="0" * 64, votes=[JudgeVote(index=0, raw_text="x", score=r)], majority=r)
+
+
+def run(events: list, revisions: bool = True) -> tuple[list[SampleReady], dict]:
+    settings = load_settings()
+    settings = settings.model_copy(update={"processors": settings.processors.model_copy(
+        update={"method": "rl", "revisions": revisions})})
+    state: dict = {}
+    handle = handler(Context(settings, state))
+
+    async def go() -> list[SampleReady]:
+        out = []
+        for e in events:
+            result = await handle(e, None, 0, -1)
+            if result.keep is not None:
+                result.keep()
+            out += result.outputs
+        return out
+
+    return asyncio.run(go()), state
+
+
+def test_the_assemble_stage_sends_the_revision_beside_the_two_samples_once():
+    s = f"s-{uuid.uuid4().hex[:6]}"
+    # helpers.turn gives turn i the prompt ids 10..15+i: turn 1's prompt continues turn 0's
+    t0, t1 = transition(s, 0, [100, 101, 102, 103]), transition(s, 1, [200, 201])
+    events = [t0, t1, judged(t1, 1), judged(t0, -1), judged(t0, -1), judged(t1, 1)]   # repeats change nothing
+    out, state = run(events)
+    revisions = [o for o in out if o.revision_of is not None]
+    assert len(out) == 3 and len(revisions) == 1
+    r = revisions[0]
+    assert r.prompt_token_ids == t0.turn.prompt_token_ids and r.response_token_ids == [200, 201]
+    assert r.revision_of == next(o.event_id for o in out if o.turn_index == 0 and o.revision_of is None)
+    assert state[session_key(r)]["turn_index"] == 1
+    off, state = run(events, revisions=False)
+    assert len(off) == 2 and not any(o.revision_of for o in off) and not any(k.startswith("session:") for k in state)
