@@ -159,7 +159,8 @@ def revision(a: SampleReady, b: SampleReady) -> SampleReady | None:
     if len(b.prompt_token_ids) <= n or b.prompt_token_ids[:n] != a.prompt_token_ids:
         return None
     sample = SampleReady(
-        event_id=derived_id("revision", a.event_id, b.event_id), parent_ids=[a.event_id, b.event_id],
+        event_id=derived_id("revision", a.event_id, b.event_id),
+        parent_ids=[*a.parent_ids[:1], a.event_id, *b.parent_ids[:1], b.event_id],   # turn, sample, turn, sample
         tenant=a.tenant, session_id=a.session_id, turn_index=a.turn_index, method=Method.RL,
         prompt_token_ids=a.prompt_token_ids, response_token_ids=b.response_token_ids,
         loss_mask=[1] * len(b.response_token_ids), behaviour_logprobs=b.behaviour_logprobs,

@@ -67,7 +67,9 @@ def config_show() -> None:
                   f"{lp.learning_rate(device):g}{lr_note}, {lp.updates_per_step(device)} update(s) per step's "
                   f"samples and KL to the base {lp.loss_for(device).kl_coef:g}; the teacher term is "
                   f"{lp.loss.opd_form}; the hint stage's teacher is {describe_teacher(settings)}, reading the "
-                  f"hint {settings.processors.hint_placement} the user's message", markup=False)
+                  f"hint {settings.processors.hint_placement} the user's message; a rejected answer's approved "
+                  f"redo {'trains' if settings.processors.revisions and lp.revisions else 'does not train'} "
+                  f"in the rejected answer's context (revisions)", markup=False)
 
 
 @app.command()

@@ -23,13 +23,14 @@ def sample(turn_index: int, reward: float, prompt: list[int], response: list[int
                        behaviour_logprobs=[-0.5] * len(response), reward=reward, policy_version=3, **kw)
 
 
-A = sample(0, -1.0, [1, 2, 3], [7, 7, 7, 7, 7, 7], teacher_logprobs=[-0.1] * 6)
-B = sample(1, 1.0, [1, 2, 3, 7, 7, 7, 9, 9], [8, 8])     # resent A's context, then the correction
+A = sample(0, -1.0, [1, 2, 3], [7, 7, 7, 7, 7, 7], teacher_logprobs=[-0.1] * 6, parent_ids=["turn-a", "tr-a"])
+B = sample(1, 1.0, [1, 2, 3, 7, 7, 7, 9, 9], [8, 8], parent_ids=["turn-b", "tr-b"])   # A's context resent, then the correction
 
 
 def test_an_approved_redo_of_a_rejected_answer_is_trained_in_the_rejected_answers_context():
     r = revision(A, B)
-    assert r is not None and r.revision_of == A.event_id and set(r.parent_ids) == {A.event_id, B.event_id}
+    assert r is not None and r.revision_of == A.event_id
+    assert r.parent_ids == ["turn-a", A.event_id, "turn-b", B.event_id]
     assert r.prompt_token_ids == A.prompt_token_ids and r.response_token_ids == B.response_token_ids
     assert r.behaviour_logprobs == B.behaviour_logprobs and r.loss_mask == [1, 1]
     assert (r.method, r.reward, r.advantage, r.normaliser) == (Method.RL, 1.0, 1.0, "revision")
@@ -106,6 +107,7 @@ def test_the_assemble_stage_sends_the_revision_beside_the_two_samples_once():
     r = revisions[0]
     assert r.prompt_token_ids == t0.turn.prompt_token_ids and r.response_token_ids == [200, 201]
     assert r.revision_of == next(o.event_id for o in out if o.turn_index == 0 and o.revision_of is None)
+    assert t0.turn.event_id in r.parent_ids and t1.turn.event_id in r.parent_ids   # audit finds it from either turn
     assert state[session_key(r)]["turn_index"] == 1
     off, state = run(events, revisions=False)
     assert len(off) == 2 and not any(o.revision_of for o in off) and not any(k.startswith("session:") for k in state)

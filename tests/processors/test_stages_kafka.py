@@ -187,6 +187,37 @@ def test_assemble_dead_letters_wrong_lengths_and_keeps_going(settings, registry,
     out.close()
 
 
+@pytest.mark.slow
+def test_a_revision_is_formed_across_a_restart_of_assemble(settings, registry, namespace, producer, workers):
+    """The approved redo is assembled first; assemble is killed; then the rejected answer's
+    sample comes: the session's latest sample came back from the table's changelog, so the
+    revision is sent, once, in the rejected answer's context."""
+    from tests.processors.test_revisions import judged
+    from tests.processors.test_revisions import transition as step
+
+    s = f"s-{uuid.uuid4().hex[:6]}"
+    t0, t1 = step(s, 0, [100, 101, 102]), step(s, 1, [200, 201])   # turn 1's prompt continues turn 0's
+    out = Collector(settings, registry, namespace, "SampleReady")
+    w = workers("assemble", NEXTSTATE_PROCESSORS__METHOD="rl")
+    for e in (t1, judged(t1, 1)):
+        producer.send(e, key=s)
+    producer.flush()
+    wait_for(lambda: out.events(SampleReady), 90, what=f"the redo's sample\n{w.tail()}")
+    w.kill()
+    for e in (t0, judged(t0, -1)):
+        producer.send(e, key=s)
+    producer.flush()
+    w2 = workers("assemble", NEXTSTATE_PROCESSORS__METHOD="rl")
+    wait_for(lambda: any(e.revision_of for e in out.events(SampleReady)), 90, what=f"the revision\n{w2.tail()}")
+    got = out.unique(SampleReady)
+    (rev,) = [e for e in got.values() if e.revision_of]
+    first = next(e for e in got.values() if e.turn_index == 0 and not e.revision_of)
+    assert rev.revision_of == first.event_id and first.reward == -1.0
+    assert rev.prompt_token_ids == t0.turn.prompt_token_ids and rev.response_token_ids == [200, 201]
+    assert len(got) == 3
+    out.close()
+
+
 def _garbage(settings, registry, namespace) -> dict[str, bytes]:
     """Four kinds of record no stage can use: random bytes, a schema id the registry never gave,
     a valid record of an event no stage reads (a checkpoint), and a huge record."""
