@@ -279,6 +279,9 @@ class ProcessorSettings(_Section):
     # Hindsight revisions: a rejected answer's approved redo, trained in the rejected answer's
     # context (processors.assemble). The learner trains on them unless `learner.revisions` is off.
     revisions: bool = True
+    # how long the first decided side of a possible revision waits for the other (about the
+    # time a user takes to answer the redo, which closes its transition)
+    revision_wait_s: float = Field(default=1800.0, gt=0)
     transition_timeout_s: float = 600.0
     faust_data_dir: Path = Field(default_factory=lambda: _state_root() / "faust")
     # LLM judge client: attempts per call (with exponential backoff) and sampling.

@@ -336,13 +336,16 @@ class Trainer:
         n = max(t["tokens"], 1.0)
         adv_mean = t["adv_sum"] / n
         seq_tokens = sum(b.tokens for b in batches)
+        revised = torch.cat([b.revision for b in batches]).to(rewards.device)
         grad_norm = t["grad_norm"] if "grad_norm" in t else self.engine.get_global_grad_norm()
         metrics = {
             "loss": (t["policy_loss"] + self.loss_cfg.w_opd * t.get("distill", 0.0)
                      + self.loss_cfg.kl_coef * t.get("kl", 0.0)
                      - self.loss_cfg.entropy_coef * t.get("entropy", 0.0)) / n,
             "policy_loss": t["policy_loss"] / n,
-            "reward_mean": float(rewards.mean()),
+            # the judged answers' rewards: a revision repeats its approved answer's
+            "reward_mean": float(rewards[~revised].mean()) if bool((~revised).any()) else 0.0,
+            "revisions": float(revised.sum()),
             "adv_mean": adv_mean,
             "adv_std": math.sqrt(max(0.0, t["adv_sq_sum"] / n - adv_mean ** 2)),
             "ratio_mean": t["ratio_sum"] / n,

@@ -24,17 +24,22 @@ that do not match raise ``InvalidRecord`` (→ dead-letters), nothing is padded.
 answer and the agent's next answer is approved, that answer, put after the first answer's
 prompt, is a verified better answer to the same request: the sample ``revision(a, b)`` makes of
 the two trains the policy to get it right the first time, where the rejected sample only says
-"not this" and the hinted teacher only estimates what would have been right. The pair: samples
-``a`` (reward < 0) and ``b`` (reward > 0) of one session, ``b`` the next main turn, and ``b``'s
-prompt starting with ``a``'s prompt token for token (``b`` continued ``a``'s conversation: it
-resent ``a``'s context; a client that rewrote history gets no revision). The revision is an RL
-sample with a precomputed advantage of ``b``'s reward (normaliser ``revision``: no batch
-baseline takes it away) and ``revision_of`` naming ``a``; its behaviour logprobs are ``b``'s, taken
-under another context, so the learner uses its own current policy as the proximal one
-(learner.trainer). What it cannot tell: whether the user asked something else after the rejection
-(then ``b`` answers another question); the next main turn right after a rejection is usually
-the redo. Each session's latest sample waits in the table under ``session_key`` (no teacher
-rows), so the pair is found whichever of the two is assembled first.
+"not this" and the hinted teacher only estimates what would have been right. The pair: the
+sample of a transition ``a`` with reward < 0 and that of the transition of the main turn that
+followed it (``a``'s ``next_turn_event_id``, set by sessionize) with reward > 0, whose prompt starts
+with ``a``'s prompt token for token (it resent ``a``'s context; a client that rewrote history gets
+no revision). The revision is an RL sample with a precomputed advantage of ``b``'s reward
+(normaliser ``revision``: no batch baseline takes it away) and ``revision_of`` naming ``a``'s
+sample; its behaviour logprobs are ``b``'s, taken under another context, so the learner uses its
+own current policy as the proximal one (learner.trainer). What it cannot tell: whether the user
+asked something else after the rejection (then ``b`` answers another question); the next main
+turn right after a rejection is usually the redo.
+
+Whichever of the two transitions is decided first leaves a ``Waiting`` entry under
+``revision_key`` (the later turn's id) with its sample, teacher rows left out, or a mark that it
+can form no revision; the second takes it away. A transition whose conversation holds no earlier
+answer leaves nothing as the later one. Entries whose other side never came are dropped after
+``processors.revision_wait_s`` by the stage's timer, so the table does not grow with them.
 
 The join waits for the sides its method needs (the transition and what schemas.methods lists:
 rl a judgement, opd a hint, combined both) in a state keyed by transition id; once the sample is decided the
@@ -46,6 +51,9 @@ its group, so processors.group makes its sample; the join only marks it done. Pu
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -53,7 +61,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from processors.dead_letters import validate_sample
-from processors.stage import Context, Handler, Result, Stage
+from infra.settings import Settings
+from processors.stage import Context, ControlSend, Handler, Result, Stage, Timer
 from schemas.events import HintJudged, Method, RewardJudged, SampleReady, TransitionFormed, derived_id
 from schemas.methods import METHODS
 from schemas.methods import method as parse_method
@@ -148,11 +157,10 @@ def assemble(transition: TransitionFormed, judgement: RewardJudged | None, hint:
 
 
 def revision(a: SampleReady, b: SampleReady) -> SampleReady | None:
-    """The hindsight revision of rejected sample `a` by approved sample `b` (see the module
-    docstring), or None when the two are not such a pair."""
-    if (a.session_id != b.session_id or a.tenant != b.tenant or b.turn_index != a.turn_index + 1
-            or not (a.reward < 0 < b.reward) or a.revision_of or b.revision_of
-            or a.task_group is not None or b.task_group is not None
+    """The hindsight revision of rejected sample `a` by approved sample `b`, the sample of the
+    main turn after `a`'s (see the module docstring); None when the two do not form one."""
+    if (a.session_id != b.session_id or a.tenant != b.tenant or not (a.reward < 0 < b.reward)
+            or a.revision_of or b.revision_of or a.task_group is not None or b.task_group is not None
             or not any(a.loss_mask) or not any(b.loss_mask)):
         return None
     n = len(a.prompt_token_ids)
@@ -171,23 +179,65 @@ def revision(a: SampleReady, b: SampleReady) -> SampleReady | None:
     return sample
 
 
-def session_key(sample: SampleReady) -> str:
-    """The table key of a session's latest sample (transition ids, the joins' keys, are uuids)."""
-    return f"session:{sample.tenant}:{sample.session_id}"
+REVISION_PREFIX = "revise:"
 
 
-def on_sample(latest: SampleReady | None, sample: SampleReady) -> tuple[SampleReady, list[SampleReady]]:
-    """A sample was made: the revision it forms with the session's latest one, if any, and what
-    the session keeps as its latest (the later turn of the two; without its teacher rows)."""
-    outputs = []
-    if latest is not None:
-        a, b = sorted((latest, sample), key=lambda s: s.turn_index)
-        made = revision(a, b)
-        if made is not None:
-            outputs.append(made)
-    keep = sample if latest is None or sample.turn_index >= latest.turn_index else latest
-    return keep.model_copy(update={"teacher_logprobs": None, "teacher_top_ids": None,
-                                   "teacher_top_logprobs": None}), outputs
+def revision_key(tenant: str, later_turn_id: str) -> str:
+    """Where the two sides of a revision meet: the later turn's id (the joins' keys are uuids)."""
+    return f"{REVISION_PREFIX}{tenant}:{later_turn_id}"
+
+
+class Waiting(BaseModel):
+    """The first decided side of a possible revision. ``rejected``: the earlier transition's
+    sample, if it was rejected (None with ``approved`` None: it forms no revision); ``approved``:
+    the later one's, if it came first. ``at``: processing time it was written, for expiry."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rejected: SampleReady | None = None
+    approved: SampleReady | None = None
+    at: float = 0.0
+    partition: int = 0   # of the record that wrote it: the timer's request goes there
+
+
+def _light(sample: SampleReady) -> SampleReady:
+    return sample.model_copy(update={"teacher_logprobs": None, "teacher_top_ids": None,
+                                     "teacher_top_logprobs": None})
+
+
+def as_earlier(waiting: Waiting | None, sample: SampleReady | None, now: float,
+               partition: int = 0) -> tuple[Waiting | None, list[SampleReady]]:
+    """Transition `a` was decided (`sample`: its sample, None if it made none) and a main turn
+    followed it: the revision with the later side if that came first (the entry goes), else
+    what waits for it."""
+    if waiting is not None and waiting.approved is not None:
+        made = revision(sample, waiting.approved) if sample is not None else None
+        return None, [made] if made is not None else []
+    if waiting is not None:
+        return waiting, []      # decided twice (a replay of its sides): already waiting
+    rejected = _light(sample) if sample is not None and sample.reward < 0 else None
+    return Waiting(rejected=rejected, at=now, partition=partition), []
+
+
+def as_later(waiting: Waiting | None, sample: SampleReady | None, follows_answer: bool,
+             now: float, partition: int = 0) -> tuple[Waiting | None, list[SampleReady]]:
+    """Transition `b` was decided: the revision with the earlier side if that came first (the
+    entry goes); else, if `b` was approved and its conversation holds an earlier answer, `b`
+    waits for that answer's transition."""
+    if waiting is not None and waiting.approved is None:
+        made = revision(waiting.rejected, sample) if waiting.rejected is not None and sample is not None else None
+        return None, [made] if made is not None else []
+    if waiting is None and sample is not None and sample.reward > 0 and follows_answer:
+        return Waiting(approved=_light(sample), at=now, partition=partition), []
+    return waiting, []
+
+
+def follows_answer(transition: TransitionFormed) -> bool:
+    """Whether the turn's conversation holds an earlier assistant answer (it can be a redo)."""
+    messages = json.loads(transition.turn.messages_json)
+    if transition.turn.continue_final_message and messages:
+        messages = messages[:-1]   # the prefill is this turn's own answer
+    return any(m.get("role") == "assistant" for m in messages)
 
 
 def on_side(join: Join | None, side: Side, event: TransitionFormed | RewardJudged | HintJudged,
@@ -215,17 +265,41 @@ SIDES = {TransitionFormed: Side.TRANSITION, RewardJudged: Side.JUDGEMENT, HintJu
 def handler(ctx: Context) -> Handler:
     method = parse_method(ctx.settings.processors.method)
     revisions = ctx.settings.processors.revisions
+    wait_s = ctx.settings.processors.revision_wait_s
     joins = ctx.state
 
     async def handle(event: Any, key: bytes | None, partition: int, offset: int = -1) -> Result:
+        now = time.time()
+        if isinstance(event, bytes):   # the timer: drop a revision entry whose other side never came
+            k = json.loads(event)["key"]
+            value = joins.get(k)
+            if value is None or now - Waiting.model_validate(value).at < wait_s:
+                return Result(note="revision entry not expired")
+            return Result(keep=lambda: joins.pop(k, None), note="revision entry expired")
         side = SIDES[type(event)]
         k = event.event_id if side is Side.TRANSITION else event.transition_id
         before = Join.from_table(joins.get(k))
         step = on_side(before, side, event, method)
-        outputs, note, latest = list(step.outputs), step.note, None
-        if revisions and outputs:
-            value = joins.get(session_key(outputs[0]))
-            latest, made = on_sample(None if value is None else SampleReady.model_validate(value), outputs[0])
+        outputs, note, waits = list(step.outputs), step.note, {}
+        decided = step.state is not None and step.state.done and not (before is not None and before.done)
+        transition = event if side is Side.TRANSITION else (before.transition if before is not None else None)
+        if revisions and decided and transition is not None and transition.turn.episode is None:
+            sample = outputs[0] if outputs else None
+            made: list[SampleReady] = []
+            # as the later side of a pair: under its own turn's id; as the earlier: its successor's
+            later = revision_key(transition.tenant, transition.turn.event_id)
+            was = _waiting(joins.get(later))
+            w, more = as_later(was, sample, follows_answer(transition), now, partition)
+            if w is not was:
+                waits[later] = w
+            made += more
+            if transition.next_turn_event_id is not None:
+                earlier = revision_key(transition.tenant, transition.next_turn_event_id)
+                was = _waiting(joins.get(earlier))
+                w, more = as_earlier(was, sample, now, partition)
+                if w is not was:
+                    waits[earlier] = w
+                made += more
             outputs += made
             if made:
                 note = "revision"
@@ -235,14 +309,30 @@ def handler(ctx: Context) -> Handler:
                 joins.pop(k, None)
             else:
                 joins[k] = step.state.to_table()
-            if latest is not None:
-                joins[session_key(latest)] = latest.model_dump(mode="json")
+            for wk, w in waits.items():
+                if w is None:
+                    joins.pop(wk, None)
+                else:
+                    joins[wk] = w.model_dump(mode="json")
 
-        changed = step.state is not before or latest is not None
+        changed = step.state is not before or bool(waits)
         return Result(outputs, keep if changed else None, note)
 
     return handle
 
 
+def _waiting(value: dict | None) -> Waiting | None:
+    return None if value is None else Waiting.model_validate(value)
+
+
+async def scan(settings: Settings, table: Mapping[str, Any], send: ControlSend) -> None:
+    """Ask the handler to drop revision entries older than ``revision_wait_s``."""
+    now = time.time()
+    for k, value in list(table.items()):
+        if str(k).startswith(REVISION_PREFIX) and now - value.get("at", 0.0) >= settings.processors.revision_wait_s:
+            await send(k.encode(), json.dumps({"key": k}).encode(), value.get("partition", 0))
+
+
 STAGE = Stage("assemble", ("TransitionFormed", "RewardJudged", "HintJudged"), ("SampleReady",), handler,
-              "judgements and hints joined per transition into samples, by method", table="joins")
+              "judgements and hints joined per transition into samples, by method; hindsight revisions",
+              table="joins", timer=Timer(lambda s: max(1.0, s.processors.revision_wait_s / 10), scan))

@@ -76,7 +76,12 @@ class OffsetOrder:
         elif self._rewound.get(tp) == (expected, offset):
             verdict = Verdict.GAP
         else:
-            self._rewound[tp] = (expected, offset)
+            # the lowest record seen above `expected` since the rewind: the rest of a stale batch
+            # comes after it, and the first record read again after the seek is compared with it
+            # (keeping the last one instead rewound for ever when a batch held more than one)
+            prev = self._rewound.get(tp)
+            if prev is None or prev[0] != expected or offset < prev[1]:
+                self._rewound[tp] = (expected, offset)
             verdict = Verdict.REWIND
         if verdict in (Verdict.DELIVER, Verdict.GAP):
             self.expected[tp] = offset + 1

@@ -33,6 +33,7 @@ from infra.errors import DeliveryError
 from infra.kafka import parse_position
 from infra.provision import provision_schemas, provision_topics
 from infra.settings import Settings
+from processors.assemble import REVISION_PREFIX
 from processors.runtime import Serdes, StageRunner
 from processors.stage import Context
 from processors.topology import stage as stage_spec
@@ -209,7 +210,9 @@ def run_replay(settings: Settings, stage: str, source: str, target: str, start: 
     if errors:
         raise DeliveryError(f"replay of {stage} into {target!r}: " + "; ".join(errors[:5]))
     report.counts = dict(runner.counts)
-    report.pending = sum(1 for v in state.values() if not (isinstance(v, dict) and v.get("done")))
+    # assemble's revision entries (processors.assemble.Waiting) are not transitions left open
+    report.pending = sum(1 for k, v in state.items()
+                         if not (isinstance(v, dict) and v.get("done")) and not str(k).startswith(REVISION_PREFIX))
     return report
 
 

@@ -58,6 +58,7 @@ def config_show() -> None:
     console.print_json(json.dumps(masked(settings), default=str))
     from learner.trainer import resolve_device
     from processors.teacher import describe_teacher
+    from schemas.methods import rule
 
     device = resolve_device(settings.learner.device).type
     lp = settings.learner
@@ -68,7 +69,7 @@ def config_show() -> None:
                   f"samples and KL to the base {lp.loss_for(device).kl_coef:g}; the teacher term is "
                   f"{lp.loss.opd_form}; the hint stage's teacher is {describe_teacher(settings)}, reading the "
                   f"hint {settings.processors.hint_placement} the user's message; a rejected answer's approved "
-                  f"redo {'trains' if settings.processors.revisions and lp.revisions else 'does not train'} "
+                  f"redo {'trains' if settings.processors.revisions and lp.revisions and rule(lp.method).reward_term else 'does not train'} "
                   f"in the rejected answer's context (revisions)", markup=False)
 
 

@@ -149,7 +149,8 @@ def render(lin: Lineage, console: Console) -> None:
         render_group(lin, console)
     for item in lin.samples:
         s = item.event
-        step = (f" · advantage {s.advantage:+.3f} ({s.normaliser}, group of {s.group_size})"
+        step = (f" · revision of {s.revision_of}, advantage {s.advantage:+.3f}" if s.revision_of else
+                f" · advantage {s.advantage:+.3f} ({s.normaliser}, group of {s.group_size})"
                 if s.advantage is not None else "")
         console.print(f"sample {s.event_id} · {s.method.value} · reward {s.reward:+.2f}{step} · "
                       f"{sum(s.loss_mask)}/{len(s.loss_mask)} tokens trained · "

@@ -70,6 +70,26 @@ class Variant:
         name = method if not env else f"{method}[{rest}]"
         return cls(name, method.strip(), env)
 
+    def learner(self, settings: Settings) -> Any:
+        """The learner settings this variant's learner runs with (its env over `settings`)."""
+        from infra.settings import LearnerSettings
+
+        prefix = "NEXTSTATE_LEARNER__"
+        nested: dict[str, Any] = {}
+        for key, value in self.env.items():
+            *path, leaf = key.removeprefix(prefix).lower().split("__")
+            node = nested
+            for part in path:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        base = settings.learner.model_dump()
+        for part, sub in nested.items():
+            if isinstance(sub, dict) and isinstance(base.get(part), dict):
+                base[part] = {**base[part], **sub}
+            else:
+                base[part] = sub
+        return LearnerSettings.model_validate(base)
+
 
 @dataclass
 class PersonalBenchConfig:
@@ -262,7 +282,8 @@ def _await_runs(settings: Settings, cfg: PersonalBenchConfig, runs: dict[str, st
             if ready[name]:
                 continue
             if name not in want:
-                version = _caught_up(settings, variants[name].method, run=run, log=log)
+                version = _caught_up(settings, variants[name].method, run=run, log=log,
+                                     revisions=variants[name].learner(settings).revisions)
                 if version is not None:
                     want[name] = version
             if name in want and asyncio.run(_serving(urls[name], key)) >= want[name]:

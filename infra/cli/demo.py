@@ -277,7 +277,7 @@ def _describe_failure(exc: Exception, phase: str, logs: Path) -> str:
 
 
 def _caught_up(settings: Settings, method: str, quiet_s: float = 2.0, run: str | None = None,
-               log: list | None = None) -> int | None:
+               log: list | None = None, revisions: bool | None = None) -> int | None:
     """The version of the method's run that has trained on everything the users said so
     far, or None.
 
@@ -311,7 +311,7 @@ def _caught_up(settings: Settings, method: str, quiet_s: float = 2.0, run: str |
         return None
     ends: dict[tuple[str, int], int] = {}
     for i in samples:
-        if has_signal(i.event, rule(method)):
+        if has_signal(i.event, rule(method), settings.learner.revisions if revisions is None else revisions):
             ends[(i.topic, i.partition)] = max(ends.get((i.topic, i.partition), 0), i.offset + 1)
     checkpoints = [e for e in events if isinstance(e, CheckpointPublished) and e.run == (run or f"demo-{method}")]
     if not ends:   # nothing in the log this run can learn from: it is caught up as it is

@@ -35,8 +35,7 @@ def test_a_real_hole_in_the_log_is_passed_after_one_rewind():
     assert order.admit("t0", 5) is Verdict.DELIVER
     assert order.admit("t0", 8) is Verdict.REWIND        # 6, 7 missing: maybe skipped
     assert order.admit("t0", 9) is Verdict.REWIND        # stale, from the fetch in hand
-    assert order.admit("t0", 8) is Verdict.REWIND        # first after the seek, not the same pair yet
-    assert order.admit("t0", 8) is Verdict.GAP           # the same record first again: a hole
+    assert order.admit("t0", 8) is Verdict.GAP           # the lowest of them first again: a hole
     assert order.admit("t0", 9) is Verdict.DELIVER
 
 
@@ -100,3 +99,16 @@ def test_a_never_committed_log_whose_head_was_deleted_goes_on_from_its_first_rec
     assert order.admit("f1", 12) is Verdict.REWIND
     assert order.admit("f1", 12) is Verdict.GAP
     assert order.admit("f1", 13) is Verdict.DELIVER
+
+
+def test_a_hole_is_found_when_the_stale_batch_and_the_fetch_after_the_seek_hold_many_records():
+    """Every record of a stale batch rewinds; the first one read after the seek is compared with
+    the lowest of them, so a hole is passed however many records each fetch returns."""
+    order = OffsetOrder()
+    order.seeked("f1", 0)                               # retention deleted 0..11
+    assert {order.admit("f1", o) for o in range(12, 40)} == {Verdict.REWIND}
+    assert order.admit("f1", 12) is Verdict.GAP         # the fetch after the seek starts at 12 again
+    assert [order.admit("f1", o) for o in range(13, 40)] == [Verdict.DELIVER] * 27
+    order.seeked("f1", 50)
+    assert {order.admit("f1", o) for o in (55, 56, 57)} == {Verdict.REWIND}
+    assert [order.admit("f1", o) for o in range(50, 58)] == [Verdict.DELIVER] * 8   # no hole: all come

@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from infra.settings import load_settings
-from processors.assemble import handler, on_sample, revision, session_key
+from processors.assemble import Waiting, as_earlier, as_later, handler, revision, revision_key
 from processors.stage import Context
 from schemas.events import JudgeVote, Method, NextStateKind, RewardJudged, SampleReady, TransitionFormed
 from tests.processors.helpers import turn
@@ -41,7 +41,6 @@ def test_an_approved_redo_of_a_rejected_answer_is_trained_in_the_rejected_answer
 @pytest.mark.parametrize("why,a,b", [
     ("the redo was rejected too", A, B.model_copy(update={"reward": -1.0})),
     ("the first answer was not rejected", A.model_copy(update={"reward": 0.0}), B),
-    ("not the next turn", A, B.model_copy(update={"turn_index": 2})),
     ("another session", A, B.model_copy(update={"session_id": "t"})),
     ("history rewritten", A, B.model_copy(update={"prompt_token_ids": [1, 5, 3, 7, 9]})),
     ("the same prompt, nothing after it", A, B.model_copy(update={"prompt_token_ids": [1, 2, 3]})),
@@ -53,22 +52,41 @@ def test_what_is_not_a_revision(why, a, b):
     assert revision(a, b) is None, why
 
 
-def test_the_pair_is_found_whichever_sample_comes_first_and_the_session_keeps_the_later_one():
-    kept, made = on_sample(None, A)
-    assert made == [] and kept.turn_index == 0 and kept.teacher_logprobs is None   # rows left behind
-    kept, made = on_sample(kept, B)
-    assert [m.revision_of for m in made] == [A.event_id] and kept.event_id == B.event_id
-    kept2, made2 = on_sample(None, B)
-    kept2, made2 = on_sample(kept2, A)      # the redo's sample was assembled first
-    assert [m.event_id for m in made2] == [made[0].event_id] and kept2.event_id == B.event_id
+def test_the_pair_is_made_whichever_side_is_decided_first_and_the_entry_goes():
+    waiting, made = as_earlier(None, A, now=1.0, partition=2)
+    assert made == [] and waiting.rejected.event_id == A.event_id and waiting.partition == 2
+    assert waiting.rejected.teacher_logprobs is None                  # the teacher rows stay behind
+    gone, made = as_later(waiting, B, follows_answer=True, now=2.0)
+    assert gone is None and [m.revision_of for m in made] == [A.event_id]
+    waiting, first = as_later(None, B, follows_answer=True, now=1.0)   # the redo was decided first
+    assert first == [] and waiting.approved.event_id == B.event_id
+    gone, again = as_earlier(waiting, A, now=2.0)
+    assert gone is None and [m.event_id for m in again] == [made[0].event_id]
+
+
+def test_sides_that_form_no_revision_leave_a_mark_or_nothing():
+    mark, _ = as_earlier(None, A.model_copy(update={"reward": 1.0}), now=1.0)   # approved: a mark
+    assert mark == Waiting(at=1.0)
+    assert as_later(mark, B, follows_answer=True, now=2.0) == (None, [])     # the redo takes it away
+    assert as_earlier(None, None, now=1.0)[0] == Waiting(at=1.0)             # no sample at all: a mark
+    assert as_later(None, B, follows_answer=False, now=1.0) == (None, [])    # a first answer waits for nothing
+    assert as_later(None, B.model_copy(update={"reward": -1.0}), follows_answer=True, now=1.0) == (None, [])
+
+
+def turn_id(session: str, index: int) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{session}/{index}"))
 
 
 def transition(session: str, index: int, response: list[int]) -> TransitionFormed:
-    t = turn(session, index, [{"role": "user", "content": "how do I boil an egg?"}],
-             response_token_ids=response, response_logprobs=[-0.4] * len(response))
+    messages = [{"role": "user", "content": "how do I boil an egg?"}]
+    if index:
+        messages += [{"role": "assistant", "content": "first you"}, {"role": "user", "content": "shorter please"}]
+    t = turn(session, index, messages, response_token_ids=response, response_logprobs=[-0.4] * len(response),
+             event_id=turn_id(session, index))
     return TransitionFormed(tenant="test", session_id=session, turn_index=index, turn=t,
                             next_state_kind=NextStateKind.NEXT_TURN,
-                            next_messages_json=json.dumps([{"role": "user", "content": "shorter please"}]))
+                            next_messages_json=json.dumps([{"role": "user", "content": "shorter please"}]),
+                            next_turn_event_id=turn_id(session, index + 1) if index == 0 else None)
 
 
 def judged(t: TransitionFormed, r: int) -> RewardJudged:
@@ -108,6 +126,23 @@ def test_the_assemble_stage_sends_the_revision_beside_the_two_samples_once():
     assert r.prompt_token_ids == t0.turn.prompt_token_ids and r.response_token_ids == [200, 201]
     assert r.revision_of == next(o.event_id for o in out if o.turn_index == 0 and o.revision_of is None)
     assert t0.turn.event_id in r.parent_ids and t1.turn.event_id in r.parent_ids   # audit finds it from either turn
-    assert state[session_key(r)]["turn_index"] == 1
+    assert not any(k.startswith("revise:") for k in state)            # the pair was made: nothing waits
     off, state = run(events, revisions=False)
-    assert len(off) == 2 and not any(o.revision_of for o in off) and not any(k.startswith("session:") for k in state)
+    assert len(off) == 2 and not any(o.revision_of for o in off) and not any(k.startswith("revise:") for k in state)
+
+
+def test_an_entry_whose_other_side_never_came_is_dropped_by_the_timer_after_the_wait():
+    s = f"s-{uuid.uuid4().hex[:6]}"
+    t0 = transition(s, 0, [100, 101])
+    out, state = run([t0, judged(t0, -1)])
+    (k,) = [k for k in state if k.startswith("revise:")]
+    assert k == revision_key("test", turn_id(s, 1)) and state[k]["rejected"]["reward"] == -1.0
+    settings = load_settings()
+    handle = handler(Context(settings, state))
+    request = json.dumps({"key": k}).encode()
+    kept = asyncio.run(handle(request, None, 0, -1))
+    assert kept.keep is None and kept.note == "revision entry not expired"
+    state[k]["at"] -= settings.processors.revision_wait_s + 1
+    dropped = asyncio.run(handle(request, None, 0, -1))
+    dropped.keep()
+    assert k not in state and dropped.note == "revision entry expired"
