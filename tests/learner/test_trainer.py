@@ -136,6 +136,7 @@ def test_a_revision_trains_as_if_sampled_by_the_policy_now_whatever_its_behaviou
     assert metrics["grad_norm"] == pytest.approx(expected, rel=1e-4)
     assert metrics["ratio_mean"] == pytest.approx(1.0) and metrics["clip_frac"] == 0.0
     assert metrics["is_weight_mean"] == pytest.approx(1.0)
+    assert metrics["revisions"] == 1.0 and metrics["reward_mean"] == 0.0   # no judged answer in the step
     plain = Trainer(settings(method="combined", grad_clip=1e-6, adv_norm="batch"), tiny_model_dir)
     as_sampled = plain.train_step([collate([sample.model_copy(update={"revision_of": None})], plain.pad_id)])
     assert as_sampled["clip_frac"] == 1.0 and as_sampled["grad_norm"] == 0.0
