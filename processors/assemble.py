@@ -264,7 +264,8 @@ SIDES = {TransitionFormed: Side.TRANSITION, RewardJudged: Side.JUDGEMENT, HintJu
 
 def handler(ctx: Context) -> Handler:
     method = parse_method(ctx.settings.processors.method)
-    revisions = ctx.settings.processors.revisions
+    # a sample without a reward (opd) is never a side of a revision
+    revisions = ctx.settings.processors.revisions and METHODS[method].reward_term
     wait_s = ctx.settings.processors.revision_wait_s
     joins = ctx.state
 
