@@ -128,10 +128,10 @@ class StageApp(faust.App):
             if verdict is Verdict.GAP:
                 log.warning("%s: %s[%d] has no records at offsets %d..%d; going on from %d",
                             self.conf.id, tp.topic, tp.partition, expected, message.offset - 1, message.offset)
-                if consumer._committed_offset.get(tp):
-                    # so commits can pass it. Not the head of a never-committed partition: faust
-                    # checks the head only after a commit, and it would list every offset of a
-                    # deleted head (millions, for an old log) when it commits.
+                if expected > 0 or consumer._committed_offset.get(tp):
+                    # so commits can pass it. Not the deleted head of a never-committed partition:
+                    # faust checks the head only after a commit, and it would list every offset
+                    # of that head (millions, for an old log) when it commits.
                     await consumer._add_gap(tp, expected, message.offset - 1)
             if verdict in (Verdict.DELIVER, Verdict.GAP):
                 try:

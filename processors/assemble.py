@@ -60,8 +60,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from processors.dead_letters import validate_sample
 from infra.settings import Settings
+from processors.dead_letters import validate_sample
 from processors.stage import Context, ControlSend, Handler, Result, Stage, Timer
 from schemas.events import HintJudged, Method, RewardJudged, SampleReady, TransitionFormed, derived_id
 from schemas.methods import METHODS

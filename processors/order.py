@@ -17,15 +17,15 @@ seek to the committed offset; where the group has none, to 0, the start of the l
 record at that offset is handed on. One below it was handed on already since the seek, so it
 is dropped. One above it means records in front were skipped. It is dropped too, and the
 partition is rewound to the expected offset. If the first record after that rewind is the
-same one, the offsets in between do not exist (transaction markers, compaction, or the head
+lowest one seen above it since, the offsets in between do not exist (transaction markers, compaction, or the head
 of a log that retention deleted, before the first record of a never-committed partition), and
 it is handed on.
 
 The start of a never-committed partition is not taken from the first record read: records
 fetched before the seek and still in faust's hands come after it, and faust drops the ones it
 had queued. A worker restarted before its first commit took such a stale record (offset 1) for
-the start and never read offset 0 (measured: one SESSION_END in about ten runs of
-tests/processors/test_stages_kafka.py under CPU load).
+the start and never read offset 0, a SESSION_END (seen in a CI run beside a benchmark, and in
+1 of 4 runs of tests/processors/test_stages_kafka.py's kill test under CPU load).
 
 ``processors.app.StageApp`` puts it in front of faust's delivery and turns off faust's own
 read-offset filter for the stage's inputs, so this is the only filter. Changelogs are left to
