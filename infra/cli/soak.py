@@ -318,7 +318,10 @@ def audit(settings: Settings, ns: str, state: SoakState) -> dict[str, Any]:
     samples: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for p, o, s in log["SampleReady"]:
         samples[s.event_id].append((p, o))
-    sample_parents = {s.parent_ids[1] for _, _, s in log["SampleReady"] if len(s.parent_ids) > 1}
+    # one sample per transition; hindsight revisions (processors.assemble) come besides them
+    revisions = {s.event_id for _, _, s in log["SampleReady"] if s.revision_of}
+    sample_parents = {s.parent_ids[1] for _, _, s in log["SampleReady"]
+                      if len(s.parent_ids) > 1 and not s.revision_of}
     checkpoints = sorted((c for _, _, c in log["CheckpointPublished"]), key=lambda c: c.version)
     trained: Counter = Counter()    # trained (fresh, or stale with a corrected weight)
     dropped: Counter = Counter()    # too stale: not trained, by the staleness policy
@@ -347,7 +350,8 @@ def audit(settings: Settings, ns: str, state: SoakState) -> dict[str, Any]:
         "turns_with_two_transitions": sum(1 for n in by_turn.values() if n > 1),
         "transitions_unjudged": sum(1 for tid in transitions if tid not in judged),
         "transitions_without_sample": sum(1 for tid in transitions if tid not in sample_parents),
-        "samples": len(samples),
+        "samples": len(samples) - len(revisions),
+        "revisions": len(revisions),
         "checkpoints": len(checkpoints),
         "samples_trained_twice": sum(1 for n in trained.values() if n > 1),
         "samples_dropped_as_stale": len(dropped),
