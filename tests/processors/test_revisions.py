@@ -1,5 +1,6 @@
 """Hindsight revisions in assemble: a rejected answer's approved redo, trained in the rejected
-answer's context (processors.assemble, ``revision`` and the handler's session entries)."""
+answer's context (processors.assemble: ``revision``, the entries that wait for the other side,
+and the timer that drops them)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import uuid
 import pytest
 
 from infra.settings import load_settings
-from processors.assemble import Waiting, as_earlier, as_later, handler, revision, revision_key
+from processors.assemble import Waiting, as_earlier, as_later, handler, revision, revision_key, scan
 from processors.stage import Context
 from schemas.events import JudgeVote, Method, NextStateKind, RewardJudged, SampleReady, TransitionFormed
 from tests.processors.helpers import turn
@@ -146,3 +147,17 @@ def test_an_entry_whose_other_side_never_came_is_dropped_by_the_timer_after_the_
     dropped = asyncio.run(handle(request, None, 0, -1))
     dropped.keep()
     assert k not in state and dropped.note == "revision entry expired"
+
+
+def test_the_timer_asks_for_the_expired_revision_entries_only_on_their_partitions():
+    settings = load_settings()
+    old = Waiting(at=0.0, partition=2).model_dump(mode="json")
+    fresh = Waiting(at=9e12, partition=1).model_dump(mode="json")
+    table = {revision_key("t", "x"): old, revision_key("t", "y"): fresh, str(uuid.uuid4()): {"done": True}}
+    sent = []
+
+    async def send(key: bytes, value: bytes, partition: int) -> None:
+        sent.append((key.decode(), json.loads(value), partition))
+
+    asyncio.run(scan(settings, table, send))
+    assert sent == [(revision_key("t", "x"), {"key": revision_key("t", "x")}, 2)]
