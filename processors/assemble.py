@@ -213,8 +213,6 @@ def as_earlier(waiting: Waiting | None, sample: SampleReady | None, now: float,
     if waiting is not None and waiting.approved is not None:
         made = revision(sample, waiting.approved) if sample is not None else None
         return None, [made] if made is not None else []
-    if waiting is not None:
-        return waiting, []      # decided twice (a replay of its sides): already waiting
     rejected = _light(sample) if sample is not None and sample.reward < 0 else None
     return Waiting(rejected=rejected, at=now, partition=partition), []
 
@@ -290,7 +288,9 @@ def handler(ctx: Context) -> Handler:
             # as the later side of a pair: under its own turn's id; as the earlier: its successor's
             later = revision_key(transition.tenant, transition.turn.event_id)
             was = _waiting(joins.get(later))
-            w, more = as_later(was, sample, follows_answer(transition), now, partition)
+            # the messages are parsed only where the sample could wait for its earlier answer
+            follows = was is None and sample is not None and sample.reward > 0 and follows_answer(transition)
+            w, more = as_later(was, sample, follows, now, partition)
             if w is not was:
                 waits[later] = w
             made += more

@@ -70,25 +70,16 @@ class Variant:
         name = method if not env else f"{method}[{rest}]"
         return cls(name, method.strip(), env)
 
-    def learner(self, settings: Settings) -> Any:
-        """The learner settings this variant's learner runs with (its env over `settings`)."""
-        from infra.settings import LearnerSettings
+    def learner(self) -> Any:
+        """The learner settings this variant's learner process loads: this environment and the
+        variant's own (the child's parse, not a second one)."""
+        import os
+        from unittest import mock
 
-        prefix = "NEXTSTATE_LEARNER__"
-        nested: dict[str, Any] = {}
-        for key, value in self.env.items():
-            *path, leaf = key.removeprefix(prefix).lower().split("__")
-            node = nested
-            for part in path:
-                node = node.setdefault(part, {})
-            node[leaf] = value
-        base = settings.learner.model_dump()
-        for part, sub in nested.items():
-            if isinstance(sub, dict) and isinstance(base.get(part), dict):
-                base[part] = {**base[part], **sub}
-            else:
-                base[part] = sub
-        return LearnerSettings.model_validate(base)
+        from infra.settings import load_settings
+
+        with mock.patch.dict(os.environ, self.env):
+            return load_settings().learner
 
 
 @dataclass
@@ -273,6 +264,7 @@ def _await_runs(settings: Settings, cfg: PersonalBenchConfig, runs: dict[str, st
     want: dict[str, int] = {}
     ready: dict[str, bool] = {name: False for name in runs}
     variants = {v.name: v for v in cfg.variants}
+    revisions = {name: v.learner().revisions for name, v in variants.items()}
     from infra.eventlog import read_log
 
     while time.monotonic() < deadline and not all(ready.values()):
@@ -283,7 +275,7 @@ def _await_runs(settings: Settings, cfg: PersonalBenchConfig, runs: dict[str, st
                 continue
             if name not in want:
                 version = _caught_up(settings, variants[name].method, run=run, log=log,
-                                     revisions=variants[name].learner(settings).revisions)
+                                     revisions=revisions[name])
                 if version is not None:
                     want[name] = version
             if name in want and asyncio.run(_serving(urls[name], key)) >= want[name]:
