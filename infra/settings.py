@@ -349,6 +349,10 @@ class LossSettings(_Section):
     # off: one extra forward, no second copy); full weights 0 (a reference would be a second
     # copy of the model). `nextstate bench personal` reports how far answers drift either way.
     kl_coef: float | None = Field(default=None, ge=0)
+    # How the KL is taken: "k3" from the sampled token's logprobs (GRPO's estimate), "full" the
+    # exact KL of the two next-token distributions at every trained position (the reference's
+    # whole vocabulary row: one more [tokens, vocab] tensor a micro-batch).
+    kl_form: Literal["k3", "full"] = "k3"
     entropy_coef: float = 0.0
     tis_cap: float = 2.0
     eps: float = 1e-6

@@ -29,6 +29,9 @@ Conventions (documented once, here):
   form: the proximal policy is the current weights at forward time (``ρ = π_θ / sg(π_θ)``), and
   the behaviour gap is corrected by a truncated importance weight
   ``min(sg(π_θ) / π_behaviour, tis_cap)``. Without it the clip would zero their gradient.
+- **KL to the reference** (``kl_coef`` > 0): ``k3`` estimates KL(π_θ‖π_ref) from the sampled
+  token alone (``exp(d) − d − 1``, d = ref − logp); ``full`` is the exact KL of the two
+  next-token distributions over the whole vocabulary at each trained position.
 - **Aggregation.** Token-mean over the loss-mask tokens of the whole optimizer step: each
   micro-batch contributes ``sum(loss over its mask tokens) / N_step``. Long responses weigh more
   than short ones, and a fully masked sample contributes exactly nothing.
@@ -60,6 +63,7 @@ class LossParams(Protocol):
     w_rl: float
     w_opd: float
     kl_coef: float
+    kl_form: str
     entropy_coef: float
     tis_cap: float
     eps: float
@@ -221,6 +225,18 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> tor
     return (torch.exp(d) - d - 1.0) * mask
 
 
+KL_FORMS = ("k3", "full")
+
+
+def full_kl(logits: torch.Tensor, lse: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Exact KL(π_θ‖π_ref) of the next-token distributions at every position, [B, T]: the
+    policy's logits [B, T, V] with their logsumexp [B, T], the reference's log-softmax [B, T, V].
+    Unlike the sampled-token estimate it also sees the tokens no sample took, the greedy
+    answer's among them."""
+    logp = logits - lse.unsqueeze(-1)
+    return (logp.exp() * (logp - ref_logprobs)).sum(-1)
+
+
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the softmax at every position, [B, T, V] -> [B, T]."""
     logp = torch.log_softmax(logits.float(), dim=-1)
@@ -272,13 +288,13 @@ class MicroLoss:
 
 def micro_batch_loss(logp: torch.Tensor, behaviour: torch.Tensor, adv: torch.Tensor,
                      mask: torch.Tensor, stale: torch.Tensor, step_tokens: int, cfg: LossParams,
-                     ref_logp: torch.Tensor | None = None,
+                     kl: torch.Tensor | None = None,
                      entropy: torch.Tensor | None = None,
                      distill: torch.Tensor | None = None,
                      proximal_logp: torch.Tensor | None = None) -> MicroLoss:
     """policy + w_opd·distill + kl_coef·KL − entropy_coef·H, summed over mask tokens, / the
     step's mask tokens. `distill` is the per-token top-K KL to the teacher (0 where a sample
-    has none)."""
+    has none), `kl` the per-token KL to the reference (`k3_kl` or `full_kl`)."""
     mask = mask.to(logp.dtype)
     denom = float(max(step_tokens, 1))
     terms = policy_terms(logp, behaviour, adv, mask, stale, cfg, proximal_logp)
@@ -288,10 +304,10 @@ def micro_batch_loss(logp: torch.Tensor, behaviour: torch.Tensor, adv: torch.Ten
         d = distill * mask
         total = total + cfg.w_opd * d.sum()
         sums["distill"] = float(d.detach().sum())
-    if ref_logp is not None:
-        kl = k3_kl(logp, ref_logp, mask)
-        total = total + cfg.kl_coef * kl.sum()
-        sums["kl"] = float(kl.detach().sum())
+    if kl is not None:
+        k = kl * mask
+        total = total + cfg.kl_coef * k.sum()
+        sums["kl"] = float(k.detach().sum())
     if entropy is not None:
         ent = entropy * mask
         total = total - cfg.entropy_coef * ent.sum()

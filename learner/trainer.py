@@ -32,8 +32,8 @@ import torch
 from infra.errors import LearnerError
 from infra.settings import LearnerSettings
 from learner.batching import Batch
-from learner.losses import (RewardWindow, advantages, entropy_from_logits, micro_batch_loss, normalisation_keys,
-                            sample_rewards, topk_direction, topk_kl)
+from learner.losses import (RewardWindow, advantages, entropy_from_logits, full_kl, k3_kl, micro_batch_loss,
+                            normalisation_keys, sample_rewards, topk_direction, topk_kl)
 from schemas.methods import rule
 
 DS_TAG = "ds"
@@ -208,14 +208,20 @@ class Trainer:
         kl = topk_kl(student, batch.top_logprobs[:, start:], valid, self.topk)
         return torch.nn.functional.pad(kl, (start, 0))
 
-    def _reference_logprobs(self, batch: Batch) -> torch.Tensor:
+    def _reference_kl(self, logits: torch.Tensor, lse: torch.Tensor, logp: torch.Tensor,
+                      start: int, batch: Batch) -> torch.Tensor:
+        """[B, T-1] KL to the reference at every position (`loss.kl_form`); the reference is the
+        base: the adapter switched off with LoRA, the frozen copy otherwise."""
         with torch.no_grad():
             if self.lora:
                 with self.engine.module.disable_adapter():
-                    logits, start = self._logits(self.engine, batch)
+                    ref, _ = self._logits(self.engine, batch)   # same batch: same start
             else:
-                logits, start = self._logits(self.ref_model, batch)
-            return self._token_logprobs(logits, start, batch)
+                ref, _ = self._logits(self.ref_model, batch)
+            if self.loss_cfg.kl_form == "k3":
+                return k3_kl(logp, self._token_logprobs(ref, start, batch), batch.mask)
+            ref = torch.log_softmax(ref, dim=-1)
+        return torch.nn.functional.pad(full_kl(logits, lse, ref), (start, 0))
 
     # -- one optimizer step ---------------------------------------------------------------
 
@@ -299,7 +305,7 @@ class Trainer:
             # a sample whose teacher term is its KL to the teacher's top-K gets no sampled-token gap
             token_teacher = batch.has_teacher * (1 - batch.has_top) if distill is not None else batch.has_teacher
             adv = advantages(self.rule, r, batch.teacher, batch.behaviour, token_teacher, cfg)
-            ref = self._reference_logprobs(batch) if cfg.kl_coef > 0 else None
+            kl = self._reference_kl(logits, lse, logp, start, batch) if cfg.kl_coef > 0 else None
             ent = (torch.nn.functional.pad(entropy_from_logits(logits), (start, 0))
                    if cfg.entropy_coef > 0 else None)
             first = len(proximal) <= i
@@ -313,7 +319,7 @@ class Trainer:
                 behaviour = torch.where(batch.revision[:, None], proximal[i], behaviour)
                 stale = stale | batch.revision
             part = micro_batch_loss(logp, behaviour, adv, batch.mask, stale,
-                                    step_tokens, cfg, ref_logp=ref, entropy=ent, distill=distill,
+                                    step_tokens, cfg, kl=kl, entropy=ent, distill=distill,
                                     proximal_logp=None if first else proximal[i])
             # The loss is already divided by the step's token count: no further /grad_accum.
             self.engine.backward(part.loss, scale_wrt_gas=False)

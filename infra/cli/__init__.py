@@ -64,9 +64,11 @@ def config_show() -> None:
     lp = settings.learner
     trains = f"LoRA (rank {lp.lora_rank})" if lp.uses_lora(device) else "full weights"
     lr_note = "" if lp.lr is not None else " (the default for that)"
+    loss = lp.loss_for(device)
+    kl = f"{loss.kl_coef:g} ({loss.kl_form})" if loss.kl_coef > 0 else "0"
     console.print(f"decided here: the learner trains on {device} with {trains} at lr "
                   f"{lp.learning_rate(device):g}{lr_note}, {lp.updates_per_step(device)} update(s) per step's "
-                  f"samples and KL to the base {lp.loss_for(device).kl_coef:g}; the teacher term is "
+                  f"samples and KL to the base {kl}; the teacher term is "
                   f"{lp.loss.opd_form}; the hint stage's teacher is {describe_teacher(settings)}, reading the "
                   f"hint {settings.processors.hint_placement} the user's message; a rejected answer's approved "
                   f"redo {'trains' if settings.processors.revisions and lp.revisions and rule(lp.method).reward_term else 'does not train'} "

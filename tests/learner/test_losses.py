@@ -12,6 +12,7 @@ from infra.settings import LossSettings
 from learner.losses import (
     advantages,
     entropy_from_logits,
+    full_kl,
     k3_kl,
     micro_batch_loss,
     normalisation_keys,
@@ -144,13 +145,26 @@ def test_k3_kl_by_hand_and_zero_off_mask():
     assert float(k3_kl(logp, logp, torch.ones(1, 2)).sum()) == 0.0
 
 
+def test_full_kl_by_hand_sees_the_tokens_no_sample_took():
+    # policy (0.5, 0.25, 0.25), reference (0.25, 0.25, 0.5): KL = 0.5 ln 2 + 0 + 0.25 ln 0.5
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25]]])) + 3.0   # any shift: logsumexp is taken
+    lse = torch.logsumexp(logits, dim=-1)
+    ref = torch.log(torch.tensor([[[0.25, 0.25, 0.5]]]))
+    assert full_kl(logits, lse, ref).tolist() == [[pytest.approx(0.25 * math.log(2))]]
+    assert full_kl(logits, lse, torch.log_softmax(logits, -1)).abs().max() < 1e-6
+    # the gradient moves mass off the token the reference finds unlikely, sampled or not
+    logits.requires_grad_(True)
+    full_kl(logits, torch.logsumexp(logits, -1), ref).sum().backward()
+    assert logits.grad[0, 0, 0] > 0 > logits.grad[0, 0, 2]
+
+
 def test_kl_and_entropy_enter_the_loss_with_their_coefficients():
     cfg = LossSettings(kl_coef=0.1, entropy_coef=0.01)
     logp = torch.tensor([[math.log(0.5)]])
     ref = torch.tensor([[math.log(0.25)]])
     ent = torch.tensor([[math.log(4.0)]])
     out = micro_batch_loss(logp, logp.clone(), torch.zeros(1, 1), torch.ones(1, 1),
-                           torch.tensor([False]), 1, cfg, ref_logp=ref, entropy=ent)
+                           torch.tensor([False]), 1, cfg, kl=k3_kl(logp, ref, torch.ones(1, 1)), entropy=ent)
     assert float(out.loss) == pytest.approx(0.1 * (0.5 - math.log(0.5) - 1) - 0.01 * math.log(4))
 
 

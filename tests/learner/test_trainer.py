@@ -174,6 +174,22 @@ def test_a_step_without_signal_leaves_weights_and_optimizer_as_they_were(tiny_mo
     assert taught["skipped"] == 0.0 and taught["distill_kl"] > 0
 
 
+@pytest.mark.parametrize("lora", [True, False])
+def test_full_kl_to_the_base_is_zero_at_the_base_and_pulls_back_after(tiny_model_dir, lora):
+    """kl_form full: the first step's policy is the base (KL 0); once the weights moved, the
+    KL term alone (no reward, no teacher) brings the distributions back towards the base."""
+    ls = settings(method="rl", lora=lora, lr=1e-2, loss=LossSettings(kl_coef=1.0, kl_form="full"))
+    trainer = Trainer(ls, tiny_model_dir)
+    sample = make_sample(5, reward=1.0)
+    first = trainer.train_step([collate([sample, make_sample(6, reward=-1.0)], trainer.pad_id)])
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6)
+    moved = trainer.train_step([collate([sample, make_sample(6, reward=-1.0)], trainer.pad_id)])
+    assert moved["kl"] > 0
+    trainer.loss_cfg = trainer.loss_cfg.model_copy(update={"w_rl": 0.0})   # the KL alone now
+    kls = [trainer.train_step([collate([sample], trainer.pad_id)])["kl"] for _ in range(4)]
+    assert kls[-1] < kls[0]
+
+
 def _train(trainer: Trainer, seeds: list[int]) -> None:
     for seed in seeds:
         trainer.train_step([collate([make_sample(seed, reward=1.0 if seed % 2 else -1.0),
