@@ -262,14 +262,14 @@ class Trainer:
         return metrics
 
     def _has_signal(self, batches: list[Batch], normed: tuple[torch.Tensor, ...]) -> bool:
-        """Whether the step's loss depends on the weights at all: a nonzero advantage on a
-        trained token, a teacher distribution, or a KL or entropy term. A personal agent's step
-        whose answers all got the same verdict has none (its normalised rewards are 0). Such a
-        step must not reach the optimizer: with a zero gradient Adam still moves every weight
-        along its momentum, so a run that cannot learn a preference would drift anyway."""
+        """Whether the step carries signal: a nonzero advantage on a trained token or a teacher
+        distribution. A personal agent's step whose answers all got the same verdict has none
+        (its normalised rewards are 0). Such a step must not reach the optimizer: with a zero
+        gradient Adam still moves every weight along its momentum, so a run that cannot learn a
+        preference would drift anyway. The KL and entropy terms only regularise what a signal
+        moves: alone they do not make a step (which keeps the weights, and the served model's
+        prefix cache, as they were)."""
         cfg = self.loss_cfg
-        if cfg.kl_coef > 0 or cfg.entropy_coef > 0:
-            return True
         for batch, r in zip(batches, normed):
             if self.topk is not None and bool(batch.has_top.any()):
                 return True
