@@ -360,8 +360,9 @@ class LossSettings(_Section):
 
 LORA_LR = 2e-4
 FULL_LR = 1e-5
-# KL to the base with LoRA: 0. 0.2 did not keep greedy answers from looping (the teacher's
-# distribution does more for that) and slowed what was learned (`nextstate bench personal`).
+# KL to the base with LoRA: 0. k3 at 0.2 did not keep greedy answers from looping and slowed
+# what was learned; the full KL at 0.25 stopped the loops but learned brief later and less
+# (.69 against .88 after 48), at 1.0 hardly at all (`nextstate bench personal`, README).
 LORA_KL = 0.0
 LORA_EPOCHS = 4
 
