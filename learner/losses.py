@@ -225,9 +225,6 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> tor
     return (torch.exp(d) - d - 1.0) * mask
 
 
-KL_FORMS = ("k3", "full")
-
-
 def full_kl(logits: torch.Tensor, lse: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Exact KL(π_θ‖π_ref) of the next-token distributions at every position, [B, T]: the
     policy's logits [B, T, V] with their logsumexp [B, T], the reference's log-softmax [B, T, V].

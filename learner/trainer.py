@@ -218,9 +218,11 @@ class Trainer:
                     ref, _ = self._logits(self.engine, batch)   # same batch: same start
             else:
                 ref, _ = self._logits(self.ref_model, batch)
-            if self.loss_cfg.kl_form == "k3":
-                return k3_kl(logp, self._token_logprobs(ref, start, batch), batch.mask)
-            ref = torch.log_softmax(ref, dim=-1)
+            ref = (self._token_logprobs(ref, start, batch) if self.loss_cfg.kl_form == "k3"
+                   else torch.log_softmax(ref, dim=-1))
+        # the policy's side outside no_grad: the KL's gradient flows through it
+        if self.loss_cfg.kl_form == "k3":
+            return k3_kl(logp, ref, batch.mask)
         return torch.nn.functional.pad(full_kl(logits, lse, ref), (start, 0))
 
     # -- one optimizer step ---------------------------------------------------------------

@@ -179,13 +179,13 @@ def test_a_step_without_signal_leaves_weights_and_optimizer_as_they_were(tiny_mo
     assert held.train_step([collate([make_sample(20, reward=1.0), make_sample(21, reward=1.0)], 0)])["skipped"] == 1.0
 
 
-@pytest.mark.parametrize("lora", [True, False])
-def test_full_kl_to_the_base_is_zero_at_the_base_and_holds_the_policy_near_it(tiny_model_dir, lora):
-    """kl_form full: the first step's policy is the base (KL 0). Two learners take the same
-    steps; the one whose KL term weighs 1 ends nearer the base than the one whose weighs ~0
-    (the metric is the unweighted KL either way)."""
+@pytest.mark.parametrize("lora,form", [(True, "full"), (False, "full"), (True, "k3")])
+def test_kl_to_the_base_is_zero_at_the_base_and_holds_the_policy_near_it(tiny_model_dir, lora, form):
+    """The first step's policy is the base (KL 0). Two learners take the same steps; the one
+    whose KL term weighs 1 ends nearer the base than the one whose weighs ~0 (the metric is the
+    unweighted KL either way): the term's gradient reaches the weights."""
     def run(coef: float) -> list[float]:
-        trainer = Trainer(settings(method="rl", lora=lora, lr=1e-2, loss=LossSettings(kl_coef=coef, kl_form="full")),
+        trainer = Trainer(settings(method="rl", lora=lora, lr=1e-2, loss=LossSettings(kl_coef=coef, kl_form=form)),
                           tiny_model_dir)
         return [trainer.train_step([collate([make_sample(5, reward=1.0), make_sample(6, reward=-1.0)],
                                             trainer.pad_id)])["kl"] for _ in range(5)]
