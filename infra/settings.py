@@ -353,6 +353,11 @@ class LossSettings(_Section):
     # exact KL of the two next-token distributions at every trained position (the reference's
     # whole vocabulary row: one more [tokens, vocab] tensor a micro-batch).
     kl_form: Literal["k3", "full"] = "k3"
+    # Where the KL applies: "all" trained tokens, or "negative" only the tokens whose advantage
+    # is below zero, where the update pushes the sampled token down and its probability goes
+    # wherever the model puts it (where a collapsing numbered list comes from); a token pushed
+    # up stays free to move.
+    kl_on: Literal["all", "negative"] = "all"
     entropy_coef: float = 0.0
     tis_cap: float = 2.0
     eps: float = 1e-6

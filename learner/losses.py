@@ -31,7 +31,9 @@ Conventions (documented once, here):
   ``min(sg(π_θ) / π_behaviour, tis_cap)``. Without it the clip would zero their gradient.
 - **KL to the reference** (``kl_coef`` > 0): ``k3`` estimates KL(π_θ‖π_ref) from the sampled
   token alone (``exp(d) − d − 1``, d = ref − logp); ``full`` is the exact KL of the two
-  next-token distributions over the whole vocabulary at each trained position.
+  next-token distributions over the whole vocabulary at each trained position. ``kl_on =
+  negative`` keeps it to the tokens whose advantage is below zero: pushed down, their
+  probability goes wherever the model puts it; a token pushed up stays free.
 - **Aggregation.** Token-mean over the loss-mask tokens of the whole optimizer step: each
   micro-batch contributes ``sum(loss over its mask tokens) / N_step``. Long responses weigh more
   than short ones, and a fully masked sample contributes exactly nothing.
@@ -64,6 +66,7 @@ class LossParams(Protocol):
     w_opd: float
     kl_coef: float
     kl_form: str
+    kl_on: str
     entropy_coef: float
     tis_cap: float
     eps: float
@@ -291,7 +294,8 @@ def micro_batch_loss(logp: torch.Tensor, behaviour: torch.Tensor, adv: torch.Ten
                      proximal_logp: torch.Tensor | None = None) -> MicroLoss:
     """policy + w_opd·distill + kl_coef·KL − entropy_coef·H, summed over mask tokens, / the
     step's mask tokens. `distill` is the per-token top-K KL to the teacher (0 where a sample
-    has none), `kl` the per-token KL to the reference (`k3_kl` or `full_kl`)."""
+    has none), `kl` the per-token KL to the reference (`k3_kl` or `full_kl`), on every mask
+    token or (``kl_on = negative``) on those whose advantage is below zero."""
     mask = mask.to(logp.dtype)
     denom = float(max(step_tokens, 1))
     terms = policy_terms(logp, behaviour, adv, mask, stale, cfg, proximal_logp)
@@ -303,6 +307,8 @@ def micro_batch_loss(logp: torch.Tensor, behaviour: torch.Tensor, adv: torch.Ten
         sums["distill"] = float(d.detach().sum())
     if kl is not None:
         k = kl * mask
+        if cfg.kl_on == "negative":
+            k = k * (adv < 0).to(k.dtype)
         total = total + cfg.kl_coef * k.sum()
         sums["kl"] = float(k.detach().sum())
     if entropy is not None:

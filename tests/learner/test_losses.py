@@ -168,6 +168,22 @@ def test_kl_and_entropy_enter_the_loss_with_their_coefficients():
     assert float(out.loss) == pytest.approx(0.1 * (0.5 - math.log(0.5) - 1) - 0.01 * math.log(4))
 
 
+def test_kl_on_negative_counts_only_the_tokens_pushed_down():
+    logp = torch.full((1, 3), math.log(0.5))
+    kl = torch.tensor([[0.2, 0.3, 0.5]])
+    adv = torch.tensor([[1.0, -1.0, 0.0]])
+    mask = torch.ones(1, 3)
+    stale = torch.tensor([False])
+    every = micro_batch_loss(logp, logp.clone(), adv, mask, stale, 3, LossSettings(kl_coef=1.0), kl=kl)
+    neg = micro_batch_loss(logp, logp.clone(), adv, mask, stale, 3,
+                           LossSettings(kl_coef=1.0, kl_on="negative"), kl=kl)
+    assert every.sums["kl"] == pytest.approx(1.0)
+    assert neg.sums["kl"] == pytest.approx(0.3)
+    # ratio 1: the policy term is −A summed over the tokens; the KL adds what it counts
+    assert float(every.loss) * 3 == pytest.approx(0.0 + 1.0)
+    assert float(neg.loss) * 3 == pytest.approx(0.0 + 0.3)
+
+
 def test_entropy_of_uniform_logits():
     assert entropy_from_logits(torch.zeros(1, 2, 4)).tolist() == [[pytest.approx(math.log(4))] * 2]
 
