@@ -95,3 +95,70 @@ async def test_non_loopback_needs_a_key() -> None:
 
     with pytest.raises(ConfigError, match="API_KEY"):
         build_app(object(), ServingSettings(host="0.0.0.0"))
+
+
+class _ResettingEngineServer(threading.Thread):
+    """Answers /info and /generate like `nextstate serve`, except that the connection of the
+    first /generate is reset once its request has been read: what a client sees when the server
+    closed an idle pooled connection just as the request went out."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.generates = 0
+
+    def run(self) -> None:
+        import json
+        import struct
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                while len(body) < length:
+                    body += conn.recv(65536)
+                if head.startswith(b"POST /score"):   # a proxy's error page, say
+                    conn.sendall(b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/html\r\n"
+                                 b"connection: close\r\ncontent-length: 15\r\n\r\n<h1>oops</h1>\r\n")
+                    continue
+                if head.startswith(b"GET /info"):
+                    answer = {"name": "local", "model": "m", "policy_version": 3, "max_context": 64}
+                else:
+                    self.generates += 1
+                    if self.generates == 1:
+                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        continue   # closed with a reset, nothing answered
+                    n = json.loads(body)["params"]["max_new_tokens"]
+                    answer = {"token_ids": [7] * n, "logprobs": [-1.0] * n, "finish_reason": "length",
+                              "policy_version": 3, "prompt_tokens": 2}
+                raw = json.dumps(answer).encode()
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(raw), raw))
+
+
+async def test_a_request_reset_before_any_answer_is_sent_once_more_and_a_page_is_an_error() -> None:
+    from serving.remote import RemoteEngine
+
+    server = _ResettingEngineServer()
+    server.start()
+    remote = RemoteEngine(ServingSettings(engine="remote", engine_url=f"http://127.0.0.1:{server.port}"))
+    try:
+        assert remote.info().policy_version == 3
+        gen = await remote.generate([1, 2], SamplingParams(max_new_tokens=4))
+        assert gen.token_ids == [7] * 4 and remote.retried == 1 and server.generates == 2
+        with pytest.raises(ServingError, match="answered 502 with no JSON"):
+            await remote.score([1], [2])
+    finally:
+        await remote.close()
+        server.sock.close()
