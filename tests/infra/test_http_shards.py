@@ -36,3 +36,11 @@ def test_open_streams_spread_over_shards_and_release_on_close():
         assert transport._busy == [0, 0, 0, 0]
 
     asyncio.run(main())
+
+
+def test_the_shards_share_one_tls_context():
+    # httpx would build one per transport (loading the CA bundle each time, on the event loop);
+    # a client of many shards, and each retry's fresh transport, use the one built once.
+    transport = RetryOnFreshConnection(httpx.Limits(max_connections=4 * POOL_SHARD))
+    contexts = {id(pool._pool._ssl_context) for pool in transport.pools}
+    assert len(transport.pools) == 4 and contexts == {id(transport._ssl)}
