@@ -186,9 +186,14 @@ def run_gateway_bench(settings: Any, model: str | None, levels: list[int], max_t
                 requests = max(rounds * clients, 48)
                 direct, via = [], []
                 own.clear()
+                cpu = 0.0
                 for _ in range(4):  # alternate, so drift in machine load hits both sides alike
                     direct += direct_calls(clients, requests // 4)
+                    # this process's CPU while only the gateway works in it (the clients have
+                    # their own process; with --engine process, so has the engine)
+                    started = time.process_time()
                     via += http(clients, requests // 4)
+                    cpu += time.process_time() - started
                 row = {"clients": clients, "requests": len(direct),
                        "direct_p50_ms": _pct(direct, 0.5) * 1e3, "direct_p99_ms": _pct(direct, 0.99) * 1e3,
                        "gateway_p50_ms": _pct(via, 0.5) * 1e3, "gateway_p99_ms": _pct(via, 0.99) * 1e3,
@@ -197,13 +202,15 @@ def run_gateway_bench(settings: Any, model: str | None, levels: list[int], max_t
                 row["added_p50_ms"] = row["gateway_p50_ms"] - row["direct_p50_ms"]
                 row["added_p99_ms"] = row["gateway_p99_ms"] - row["direct_p99_ms"]
                 row["own_p50_ms"], row["own_p99_ms"] = _pct(own, 0.5) * 1e3, _pct(own, 0.99) * 1e3
+                row["gateway_cpu_ms"] = cpu / len(via) * 1e3   # engine included when inline
                 rows.append(row)
                 console.print(
                     f"clients {clients:>3}  n={len(direct):>4}  direct p50 {row['direct_p50_ms']:8.1f} ms  "
                     f"p99 {row['direct_p99_ms']:8.1f} ms | gateway p50 {row['gateway_p50_ms']:8.1f} ms  "
                     f"p99 {row['gateway_p99_ms']:8.1f} ms | added p50 {row['added_p50_ms']:+7.1f} ms  "
                     f"p99 {row['added_p99_ms']:+7.1f} ms | own p50 {row['own_p50_ms']:5.2f} ms  "
-                    f"p99 {row['own_p99_ms']:5.2f} ms")
+                    f"p99 {row['own_p99_ms']:5.2f} ms | CPU {row['gateway_cpu_ms']:.2f} ms a request"
+                    f"{' (engine included)' if server_proc is None else ''}")
             pool.shutdown()
         console.print(f"turns spooled: {gw.spool.appended} with {gw.spool.fsyncs} fsyncs (group commit)")
     finally:

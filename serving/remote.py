@@ -15,6 +15,8 @@ from typing import Any
 import aiohttp
 import httpx
 import orjson
+from aiohttp.helpers import get_env_proxy_for_url
+from yarl import URL
 
 from infra.errors import ContextLengthError, ServingError
 from infra.http import KEEPALIVE_EXPIRY_S
@@ -62,6 +64,13 @@ class RemoteEngine:
         self._sessions: dict[int, tuple[aiohttp.ClientSession, aiohttp.ClientSession]] = {}
         self._info: EngineInfo | None = None
         self.retried = 0
+        # The proxy the environment names for this address, looked up once: aiohttp's
+        # trust_env would look it up (and read ~/.netrc) on a worker thread for every request.
+        try:
+            proxy, auth = get_env_proxy_for_url(URL(self.url))
+            self._proxy: dict[str, Any] = {"proxy": proxy, "proxy_auth": auth}
+        except LookupError:
+            self._proxy = {}
         self._sync_info()
 
     def _headers(self) -> dict[str, str]:
@@ -83,7 +92,7 @@ class RemoteEngine:
         return EngineInfo(**data)
 
     async def start(self) -> None:
-        async with self._session()[0].get(self.url + "/info") as resp:
+        async with self._session()[0].get(self.url + "/info", **self._proxy) as resp:
             self._info = self._parse_info(resp.status, await resp.read())
 
     def _session(self) -> tuple[aiohttp.ClientSession, aiohttp.ClientSession]:
@@ -96,7 +105,7 @@ class RemoteEngine:
                                             sock_read=self.settings.request_timeout_s)
 
             def session(**connector: Any) -> aiohttp.ClientSession:
-                return aiohttp.ClientSession(headers=self._headers(), timeout=timeout, trust_env=True,
+                return aiohttp.ClientSession(headers=self._headers(), timeout=timeout,
                                              connector=aiohttp.TCPConnector(limit=100, **connector))
 
             sessions = (session(keepalive_timeout=KEEPALIVE_EXPIRY_S), session(force_close=True))
@@ -106,7 +115,7 @@ class RemoteEngine:
     async def _send(self, path: str, body: bytes) -> aiohttp.ClientResponse:
         """POST, once more on a fresh connection if the first try died before any answer."""
         pooled, fresh = self._session()
-        kwargs = {"data": body, "headers": {"content-type": "application/json"}}
+        kwargs = {"data": body, "headers": {"content-type": "application/json"}, **self._proxy}
         try:
             return await pooled.post(self.url + path, **kwargs)
         except NOT_DELIVERED:
