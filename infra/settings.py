@@ -345,6 +345,10 @@ class LossSettings(_Section):
     opd_form: Literal["token", "topk_forward", "topk_reverse"] = "topk_forward"
     w_rl: float = 1.0
     w_opd: float = 1.0
+    # The weight of a token's advantage where it is below zero (1: symmetric). Pushed down, a
+    # sampled token's probability goes wherever the model already puts it; below 1 the update
+    # leans on what was approved and on the teacher term (`nextstate bench personal`).
+    neg_weight: float = Field(default=1.0, ge=0, le=1)
     # None: by what trains. LoRA LORA_KL (its reference is the base with the adapter switched
     # off: one extra forward, no second copy); full weights 0 (a reference would be a second
     # copy of the model). `nextstate bench personal` reports how far answers drift either way.

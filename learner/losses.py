@@ -23,6 +23,7 @@ Conventions (documented once, here):
   included), where the sampled-token gap only pushes the one sampled token up or down.
   Samples without top-K rows keep the sampled-token term. ``token`` is the sampled-token
   term only.
+- **Negative advantages** are scaled by ``neg_weight`` (1: as they are) before the surrogate.
 - **Surrogate.** PPO clipped, asymmetric: ``max(−ρA, −clip(ρ, 1−ε_low, 1+ε_high)·A)`` with
   ``ρ = π_θ / π_behaviour``.
 - **Stale samples** (older than the allowed lag, under the ``correct`` policy) use the decoupled
@@ -64,6 +65,7 @@ class LossParams(Protocol):
     opd_form: str
     w_rl: float
     w_opd: float
+    neg_weight: float
     kl_coef: float
     kl_form: str
     kl_on: str
@@ -292,12 +294,15 @@ def micro_batch_loss(logp: torch.Tensor, behaviour: torch.Tensor, adv: torch.Ten
                      entropy: torch.Tensor | None = None,
                      distill: torch.Tensor | None = None,
                      proximal_logp: torch.Tensor | None = None) -> MicroLoss:
-    """policy + w_opd·distill + kl_coef·KL − entropy_coef·H, summed over mask tokens, / the
-    step's mask tokens. `distill` is the per-token top-K KL to the teacher (0 where a sample
+    """policy (negative advantages × neg_weight) + w_opd·distill + kl_coef·KL − entropy_coef·H,
+    summed over mask tokens, / the step's mask tokens. `distill` is the per-token top-K KL to the teacher (0 where a sample
     has none), `kl` the per-token KL to the reference (`k3_kl` or `full_kl`), on every mask
     token or (``kl_on = negative``) on those whose advantage is below zero."""
     mask = mask.to(logp.dtype)
     denom = float(max(step_tokens, 1))
+    pushed_down = adv < 0
+    if cfg.neg_weight != 1.0:
+        adv = torch.where(pushed_down, adv * cfg.neg_weight, adv)
     terms = policy_terms(logp, behaviour, adv, mask, stale, cfg, proximal_logp)
     total = terms.loss.sum()
     sums = {"policy_loss": float(terms.loss.detach().sum())}
@@ -308,7 +313,7 @@ def micro_batch_loss(logp: torch.Tensor, behaviour: torch.Tensor, adv: torch.Ten
     if kl is not None:
         k = kl * mask
         if cfg.kl_on == "negative":
-            k = k * (adv < 0).to(k.dtype)
+            k = k * pushed_down.to(k.dtype)
         total = total + cfg.kl_coef * k.sum()
         sums["kl"] = float(k.detach().sum())
     if entropy is not None:

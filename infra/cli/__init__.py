@@ -68,7 +68,7 @@ def config_show() -> None:
     kl = f"{loss.kl_coef:g} ({loss.kl_form}, {loss.kl_on} tokens)" if loss.kl_coef > 0 else "0"
     console.print(f"decided here: the learner trains on {device} with {trains} at lr "
                   f"{lp.learning_rate(device):g}{lr_note}, {lp.updates_per_step(device)} update(s) per step's "
-                  f"samples and KL to the base {kl}; the teacher term is "
+                  f"samples, negative advantages × {loss.neg_weight:g} and KL to the base {kl}; the teacher term is "
                   f"{lp.loss.opd_form}; the hint stage's teacher is {describe_teacher(settings)}, reading the "
                   f"hint {settings.processors.hint_placement} the user's message; a rejected answer's approved "
                   f"redo {'trains' if settings.processors.revisions and lp.revisions and rule(lp.method).reward_term else 'does not train'} "

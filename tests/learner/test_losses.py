@@ -184,6 +184,27 @@ def test_kl_on_negative_counts_only_the_tokens_pushed_down():
     assert float(neg.loss) * 3 == pytest.approx(0.0 + 0.3)
 
 
+def test_neg_weight_scales_only_the_tokens_pushed_down():
+    logp = torch.full((1, 3), math.log(0.5), requires_grad=True)
+    adv = torch.tensor([[1.0, -1.0, -0.5]])
+    mask = torch.ones(1, 3)
+    stale = torch.tensor([False])
+    grads = []
+    for w in (1.0, 0.25, 0.0):
+        logp.grad = None
+        out = micro_batch_loss(logp, logp.detach().clone(), adv, mask, stale, 3, LossSettings(neg_weight=w))
+        out.loss.backward()
+        grads.append(logp.grad[0].tolist())
+        # ratio 1: the policy loss is −(A scaled) summed over the tokens
+        assert out.sums["policy_loss"] == pytest.approx(-1.0 + 1.5 * w)
+    # d(−ρA)/dlogp = −A/3 a token: the approved token's pull is the same at every weight
+    assert grads[0] == pytest.approx([-1 / 3, 1 / 3, 0.5 / 3])
+    assert grads[1] == pytest.approx([-1 / 3, 0.25 / 3, 0.125 / 3])
+    assert grads[2] == pytest.approx([-1 / 3, 0.0, 0.0])
+    with pytest.raises(ValueError):
+        LossSettings(neg_weight=1.5)
+
+
 def test_entropy_of_uniform_logits():
     assert entropy_from_logits(torch.zeros(1, 2, 4)).tolist() == [[pytest.approx(math.log(4))] * 2]
 
