@@ -166,7 +166,7 @@ class RemoteEngine:
                     delta = TokenDelta(**data)
                     self._seen(delta.policy_version)
                     yield delta
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:   # ValueError: a line too long
             raise ServingError(f"engine at {self.url}/generate failed: {exc!r}") from exc
 
     async def score(self, prompt_ids: list[int], continuation_ids: list[int],
