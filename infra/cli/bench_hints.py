@@ -21,27 +21,29 @@ import time
 from pathlib import Path
 from typing import Any
 
-from producers.simulated.personas import PERSONAS, split_questions
+from producers.simulated.personas import PERSONAS, Persona, split_questions
 from schemas.events import SamplingParams
 from serving.chat import PLACEMENTS, render_prompt, with_hint
 
 MAX_NEW_TOKENS = 96   # as bench personal's probes
 
 
-async def _rate(engine: Any, tokenizer: Any, questions: list[str], check: Any, hint: str | None = None,
+async def _rate(engine: Any, tokenizer: Any, questions: list[str], persona: Persona, hint: str | None = None,
                 placement: str = "before") -> float:
-    """Share of the questions whose greedy answer meets `check`, with the hint if one is given."""
+    """Share of the questions whose greedy answer satisfies the persona, with the hint if one is
+    given."""
     params = SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW_TOKENS)
 
-    async def answer(q: str) -> str:
+    async def satisfied(q: str) -> bool:
         messages = [{"role": "user", "content": q}]
         if hint is not None:
             messages = with_hint(messages, hint, placement)
         gen = await engine.generate(render_prompt(tokenizer, messages, None), params)
-        return tokenizer.decode(gen.token_ids, skip_special_tokens=True)
+        return persona.satisfied_by(tokenizer.decode(gen.token_ids, skip_special_tokens=True),
+                                    gen.finish_reason != "length")
 
-    texts = await asyncio.gather(*(answer(q) for q in questions))
-    return sum(bool(check(t)) for t in texts) / len(texts)
+    verdicts = await asyncio.gather(*(satisfied(q) for q in questions))
+    return sum(verdicts) / len(verdicts)
 
 
 async def measure(engine: Any, tokenizer: Any, preferences: list[str],
@@ -50,10 +52,10 @@ async def measure(engine: Any, tokenizer: Any, preferences: list[str],
     rows = []
     for name in preferences:
         persona = PERSONAS[name]
-        base = await _rate(engine, tokenizer, questions, persona.check)
+        base = await _rate(engine, tokenizer, questions, persona)
         row: dict[str, Any] = {"preference": name, "base": base, "placements": {}}
         for placement in placements:
-            rates = [await _rate(engine, tokenizer, questions, persona.check, hint, placement)
+            rates = [await _rate(engine, tokenizer, questions, persona, hint, placement)
                      for hint in persona.corrections]
             row["placements"][placement] = {"per_wording": rates, "mean": sum(rates) / len(rates)}
         rows.append(row)

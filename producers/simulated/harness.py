@@ -25,6 +25,7 @@ class Answer:
     text: str
     policy_version: int
     session_id: str
+    finished: bool = True   # False: cut off at the token limit (finish_reason "length")
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,9 @@ class GatewayUsers:
             body["seed"] = seed
         r = await self.client.post("/v1/chat/completions", json=body, headers=headers)
         r.raise_for_status()
-        data = r.json()
-        return Answer(data["choices"][0]["message"]["content"] or "",
-                      int(r.headers.get("X-Policy-Version", "0")), session_id)
+        choice = r.json()["choices"][0]
+        return Answer(choice["message"]["content"] or "", int(r.headers.get("X-Policy-Version", "0")),
+                      session_id, choice.get("finish_reason") != "length")
 
     def _with_system(self, messages: list[dict]) -> list[dict]:
         if self.system_prompt:
@@ -94,11 +95,11 @@ class GatewayUsers:
         seed = rng.randrange(2**31)
         history = [{"role": "user", "content": question}]
         first = await self.chat(history, sid, seed=seed)
-        reaction = persona.react(first.text, rng)
+        reaction = persona.react(first.text, rng, first.finished)
         history += [{"role": "assistant", "content": first.text},
                     {"role": "user", "content": reaction.text}]
         second = await self.chat(history, sid, seed=seed + 1)
-        closing = persona.react(second.text, rng)
+        closing = persona.react(second.text, rng, second.finished)
         await self.feedback(sid, kind="thumbs", thumbs=closing.thumbs, text=closing.text,
                             source=f"simulated:{persona.name}")
         r = await self.client.post(f"/v1/sessions/{sid}/end", headers={"X-Request-Id": uuid.uuid4().hex})
@@ -110,17 +111,17 @@ class GatewayUsers:
                     seed: int = 0) -> ProbeResult:
         """First responses to held-out questions, as side turns (never trained on): greedy by
         default, or `samples` answers to each question at `temperature` (seeded, so two
-        policies meet the same draws). Give probes more room than training turns: a cut-off
-        answer must not pass for brief."""
+        policies meet the same draws). Probes get more room than training turns, so that what
+        is judged is mostly whole answers; a cut-off one does not pass for brief."""
         answers = await asyncio.gather(*(
             self.chat([{"role": "user", "content": q}], f"probe-{uuid.uuid4().hex[:10]}",
                       turn_type="side", temperature=temperature, done=True, max_tokens=max_tokens,
                       seed=None if temperature == 0.0 else seed + 1000 * i + k)
             for i, q in enumerate(questions) for k in range(samples)))
-        texts = [a.text for a in answers]
+        n = len(answers)
         return ProbeResult(
             policy_version=min(a.policy_version for a in answers),
-            satisfaction=sum(satisfaction(t, personas) for t in texts) / len(texts),
-            per_persona={p.name: sum(p.check(t) for t in texts) / len(texts) for p in personas},
-            answers=texts,
+            satisfaction=sum(satisfaction(a.text, personas, a.finished) for a in answers) / n,
+            per_persona={p.name: sum(p.satisfied_by(a.text, a.finished) for a in answers) / n for p in personas},
+            answers=[a.text for a in answers],
         )

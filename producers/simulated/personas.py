@@ -5,6 +5,12 @@ the policy nor the judge ever sees a checker: the persona reacts to a response i
 (a correction, a re-ask, thanks) and with thumbs, and only that reaction enters the log.
 The preferences are compatible with each other, so one policy can satisfy all of them.
 
+Whatever the preference, nobody is satisfied by an answer that loops (one sentence said
+LOOP_REPEATS times or more; such a person says so in words of their own), and a preference about
+the whole answer (`whole`: brief) is not met by an answer the token limit cut off: at that
+limit it was still going. Token-dense text ("1. 1. 1. …", "T-T-T-…") stays under 40 words
+long after the reader has seen that it is no answer.
+
 Pure: no HTTP, no Kafka. `harness.py` makes them talk to a gateway.
 """
 
@@ -14,6 +20,8 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from producers.simulated.quality import max_sentence_repeats
 
 MARKDOWN = re.compile(r"(\*\*|__|^\s*#{1,6}\s|^\s*[-*+]\s|^\s*\d+[.)]\s|`)", re.MULTILINE)
 IMPERIAL = re.compile(
@@ -72,6 +80,18 @@ def formal_register(text: str) -> bool:
     return bool(text.strip()) and not CONTRACTION.search(text) and "!" not in text
 
 
+LOOP_REPEATS = 3   # as quality.looping: a sentence said this often in one answer is a loop
+REPEATING = (
+    "You're repeating yourself. Please just answer the question.",
+    "That says the same thing over and over. Please answer properly.",
+    "Stop repeating yourself and give me a real answer.",
+)
+
+
+def loops(text: str) -> bool:
+    return max_sentence_repeats(text) >= LOOP_REPEATS
+
+
 @dataclass(frozen=True)
 class Persona:
     name: str
@@ -83,11 +103,20 @@ class Persona:
         "Perfect, thank you.",
         "Great answer, thanks!",
     )
+    whole: bool = False                # the preference is about the whole answer (its length)
 
-    def react(self, response: str, rng: random.Random) -> "Reaction":
-        if self.check(response):
+    def satisfied_by(self, response: str, finished: bool = True) -> bool:
+        """Whether this person is satisfied; `finished` is False when the answer was cut off at
+        the token limit (finish_reason "length")."""
+        if loops(response) or (self.whole and not finished):
+            return False
+        return self.check(response)
+
+    def react(self, response: str, rng: random.Random, finished: bool = True) -> "Reaction":
+        if self.satisfied_by(response, finished):
             return Reaction(satisfied=True, text=rng.choice(self.thanks), thumbs=1)
-        return Reaction(satisfied=False, text=rng.choice(self.corrections), thumbs=-1)
+        words = REPEATING if loops(response) else self.corrections
+        return Reaction(satisfied=False, text=rng.choice(words), thumbs=-1)
 
 
 @dataclass(frozen=True)
@@ -105,6 +134,7 @@ PERSONAS: dict[str, Persona] = {
             ("That's way too long. Please keep your answers under 40 words.",
              "Too much text. Answer in a couple of short sentences, under 40 words.",
              "No, that's too long for me. Keep it brief, under 40 words please."),
+            whole=True,
         ),
         Persona(
             "plain", "no markdown formatting", no_markdown,
@@ -214,7 +244,7 @@ def split_questions(questions: tuple[str, ...] = QUESTIONS) -> tuple[list[str], 
     return list(questions[:cut]), list(questions[cut:])
 
 
-def satisfaction(response: str, personas: list[Persona] | None = None) -> float:
-    """Share of personas whose hidden preference the response meets (0..1)."""
+def satisfaction(response: str, personas: list[Persona] | None = None, finished: bool = True) -> float:
+    """Share of personas the response satisfies (0..1); `finished` as in Persona.satisfied_by."""
     personas = personas or list(PERSONAS.values())
-    return sum(p.check(response) for p in personas) / len(personas)
+    return sum(p.satisfied_by(response, finished) for p in personas) / len(personas)

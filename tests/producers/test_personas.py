@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import random
 
-from producers.simulated.personas import PERSONAS, QUESTIONS, satisfaction, split_questions
+import re
+
+from processors.judges.feedback import APPROVAL_PATTERNS, CORRECTION_PATTERNS
+from producers.simulated.personas import PERSONAS, QUESTIONS, REPEATING, satisfaction, split_questions
 
 
 def test_checkers():
@@ -35,6 +38,30 @@ def test_reaction_reveals_preference_without_the_checker():
             continue
         assert not reaction.satisfied and reaction.thumbs == -1
         assert reaction.text in persona.corrections
+
+
+def test_nobody_takes_a_loop_and_brief_takes_no_cut_off_answer():
+    rng = random.Random(0)
+    # Under 40 words and formal, lowercase-free of markdown... and still no answer.
+    loop = "1. 1. 1. 1. 1. 1. 1. 1. 1. 1. 1. 1. 1. 1. 1."
+    sentence_loop = "Use a pot. " * 3 + "Water it."
+    for persona in PERSONAS.values():
+        for text in (loop, sentence_loop):
+            reaction = persona.react(text, rng)
+            assert not reaction.satisfied and reaction.thumbs == -1 and reaction.text in REPEATING
+    # The feedback judge reads each of those words as a correction (reward -1, and the hint).
+    for text in REPEATING:
+        assert any(re.search(p, text, re.IGNORECASE) for p in CORRECTION_PATTERNS)
+        assert not any(re.search(p, text, re.IGNORECASE) for p in APPROVAL_PATTERNS)
+    brief, formal = PERSONAS["brief"], PERSONAS["formal"]
+    short = "Repot it in spring, in a pot one size up, with cactus soil"
+    assert brief.satisfied_by(short) and not brief.satisfied_by(short, finished=False)
+    cut = brief.react(short, rng, finished=False)
+    assert not cut.satisfied and cut.text in brief.corrections
+    # A preference about the style, not the length, can be judged on what was said so far.
+    assert formal.satisfied_by(short, finished=False)
+    assert satisfaction(short, [brief, formal], finished=False) == 0.5
+    assert satisfaction(loop, [brief, formal]) == 0.0
 
 
 def test_one_response_can_satisfy_everyone():
