@@ -112,6 +112,7 @@ class Probe:
     answers: list[str]
     base_logprob: float | None = None
     sampled_rate: float | None = None   # at the users' temperature, probe_samples per question
+    sampled_looping: float | None = None   # the share of those sampled answers that loop
 
     def quality(self, base_share: float) -> dict[str, Any]:
         share = distinct_bigram_share(self.answers)
@@ -143,12 +144,16 @@ async def _probe(url: str, key: str, questions: list[str], preference: str, max_
         await users.close()
 
 
-def _sampled(url: str, key: str, questions: list[str], preference: str, cfg: PersonalBenchConfig) -> float | None:
-    """The satisfaction of answers sampled as users get them (None when not asked for)."""
+def _sampled(url: str, key: str, questions: list[str], preference: str,
+             cfg: PersonalBenchConfig) -> dict[str, float | None]:
+    """Probe fields of answers sampled as users get them: their satisfaction and the share of
+    them that loop (None when not asked for)."""
     if not cfg.probe_samples:
-        return None
-    return asyncio.run(_probe(url, key, questions, preference, cfg.probe_max_tokens, cfg.temperature,
-                              cfg.probe_samples)).satisfaction
+        return {"sampled_rate": None, "sampled_looping": None}
+    result = asyncio.run(_probe(url, key, questions, preference, cfg.probe_max_tokens, cfg.temperature,
+                                cfg.probe_samples))
+    return {"sampled_rate": result.satisfaction,
+            "sampled_looping": looping(result.answers) / len(result.answers)}
 
 
 async def _serving(url: str, key: str) -> int:
@@ -191,9 +196,9 @@ def run_preference(settings: Settings, cfg: PersonalBenchConfig, preference: str
         result = PreferenceResult(
             preference,
             Probe("base", 0, 0, base.satisfaction, base.answers,
-                  sampled_rate=_sampled(urls[served], key, questions, preference, cfg)),
+                  **_sampled(urls[served], key, questions, preference, cfg)),
             Probe("base+hint", 0, 0, hinted.satisfaction, hinted.answers,
-                  sampled_rate=_sampled(urls[served], key, hinted_questions, preference, cfg)))
+                  **_sampled(urls[served], key, hinted_questions, preference, cfg)))
         console.print(f"  {preference}: base {base.satisfaction:.2f}, hint-conditioned {hinted.satisfaction:.2f}"
                       + (f"; sampled {result.base.sampled_rate:.2f} and {result.hinted.sampled_rate:.2f}"
                          if cfg.probe_samples else ""))
@@ -219,7 +224,7 @@ def run_preference(settings: Settings, cfg: PersonalBenchConfig, preference: str
             probes = asyncio.run(_probe_all(urls, key, questions, preference, cfg.probe_max_tokens))
             for name, p in probes.items():
                 result.probes.append(Probe(name, result.sessions, p.policy_version, p.satisfaction, p.answers,
-                                           sampled_rate=_sampled(urls[name], key, questions, preference, cfg)))
+                                           **_sampled(urls[name], key, questions, preference, cfg)))
             console.print(f"  {preference} after {result.sessions}: " + ", ".join(
                 f"{escape(p.variant)} v{p.version}{'' if versions.get(p.variant) else ' (behind)'} {p.rate:.2f}"
                 + (f" (sampled {p.sampled_rate:.2f})" if p.sampled_rate is not None else "")
@@ -371,8 +376,8 @@ def report(cfg: PersonalBenchConfig, results: list[PreferenceResult], out: Path,
     for col in ("preference", "base", "base+hint", "after", *map(escape, names)):
         sampled.add_column(col, justify="right" if col != "preference" else "left")
     quality = Table(title="answer quality on the probes after the last round (base model for reference)")
-    for col in ("preference", "run", "rate", "bigram share ×base", "looping answers", "non-answers",
-                "base logprob/token", "Δ vs base answers"):
+    for col in ("preference", "run", "rate", "bigram share ×base", "looping answers", "looping sampled",
+                "non-answers", "base logprob/token", "Δ vs base answers"):
         quality.add_column(col, justify="right" if col not in ("preference", "run") else "left")
     for r in results:
         rounds = sorted({p.interactions for p in r.probes})
@@ -389,14 +394,16 @@ def report(cfg: PersonalBenchConfig, results: list[PreferenceResult], out: Path,
         base_share = distinct_bigram_share(r.base.answers)
         base_q = r.base.quality(base_share)
         quality.add_row(r.preference, "base", f"{r.base.rate:.2f}", "1.00", str(base_q["looping"]),
-                        f"{base_q['empty']:.2f}", _fmt(base_q["base_logprob"]), "")
+                        _fmt(r.base.sampled_looping, digits=2), f"{base_q['empty']:.2f}",
+                        _fmt(base_q["base_logprob"]), "")
         last = max(rounds, default=None)
         for p in (p for p in r.probes if p.interactions == last):
             q = p.quality(base_share)
             drop = (q["base_logprob"] - base_q["base_logprob"]
                     if q["base_logprob"] is not None and base_q["base_logprob"] is not None else None)
             quality.add_row("", escape(p.variant), f"{p.rate:.2f}", _fmt(q["bigram_ratio"]), str(q["looping"]),
-                            f"{q['empty']:.2f}", _fmt(q["base_logprob"]), _fmt(drop, signed=True))
+                            _fmt(p.sampled_looping, digits=2), f"{q['empty']:.2f}", _fmt(q["base_logprob"]),
+                            _fmt(drop, signed=True))
     _save(cfg, results, out, elapsed_s)
     console.print(table)
     if cfg.probe_samples:
