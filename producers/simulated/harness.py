@@ -4,7 +4,8 @@ A session: the persona asks a question; the agent answers; the persona reacts in
 correction or thanks), which is the next user message and so the next state of the first
 turn; the agent answers again; the persona gives thumbs on that answer and the session ends.
 Probes are side turns (served and recorded, never trained on), greedy, one per question:
-first-response satisfaction is the share of persona checkers the answer meets.
+first-response satisfaction is the share of personas the answer satisfies
+(Persona.satisfied_by: the answer's text, and whether the token limit cut it off).
 
 Talks HTTP only (httpx), so the same harness works against a GPU deployment.
 """

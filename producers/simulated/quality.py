@@ -7,7 +7,8 @@ questions:
 
 - `distinct_bigram_share`: distinct word bigrams over all word bigrams of the set (repetition
   within and across answers lowers it; compare with the base model's share on the same probes);
-- `max_sentence_repeats`: the most times one sentence occurs in one answer (3 or more is a loop);
+- `max_sentence_repeats`: the most times one sentence occurs in one answer (LOOP_REPEATS or
+  more is a loop: `loops`; the simulated users reject such an answer too);
 - the base model's mean per-token logprob of the answers (computed by the benchmark with the
   base weights): how far from ordinary language the answers drifted.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+LOOP_REPEATS = 3   # one sentence this often in one answer is a loop
 _WORD = re.compile(r"[\w']+")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
@@ -54,9 +56,14 @@ def max_sentence_repeats(answer: str) -> int:
     return max(counts.values(), default=0)
 
 
-def looping(answers: list[str], limit: int = 3) -> int:
-    """How many answers repeat some sentence `limit` times or more."""
-    return sum(max_sentence_repeats(a) >= limit for a in answers)
+def loops(answer: str) -> bool:
+    """Whether the answer says one sentence LOOP_REPEATS times or more."""
+    return max_sentence_repeats(answer) >= LOOP_REPEATS
+
+
+def looping(answers: list[str]) -> int:
+    """How many of the answers loop."""
+    return sum(map(loops, answers))
 
 
 def empty_share(answers: list[str], min_words: int = 3) -> float:
