@@ -34,7 +34,10 @@ Conventions (documented once, here):
   token alone (``exp(d) − d − 1``, d = ref − logp); ``full`` is the exact KL of the two
   next-token distributions over the whole vocabulary at each trained position. ``kl_on =
   negative`` keeps it to the tokens whose advantage is below zero: pushed down, their
-  probability goes wherever the model puts it; a token pushed up stays free.
+  probability goes wherever the model puts it; a token pushed up stays free. ``kl_on =
+  start`` keeps it to the first ``kl_start_tokens`` tokens of every trained span (a response):
+  the positions whose context is nearly the same in every sample, where an update adds up
+  across prompts and moves the policy most.
 - **Aggregation.** Token-mean over the loss-mask tokens of the whole optimizer step: each
   micro-batch contributes ``sum(loss over its mask tokens) / N_step``. Long responses weigh more
   than short ones, and a fully masked sample contributes exactly nothing.
@@ -69,6 +72,7 @@ class LossParams(Protocol):
     kl_coef: float
     kl_form: str
     kl_on: str
+    kl_start_tokens: int
     entropy_coef: float
     tis_cap: float
     eps: float
@@ -239,6 +243,16 @@ def full_kl(logits: torch.Tensor, lse: torch.Tensor, ref_logprobs: torch.Tensor)
     return (logp.exp() * (logp - ref_logprobs)).sum(-1)
 
 
+def span_starts(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, T] 1 where a mask token is among the first `n` of its trained span (a run of mask
+    tokens; a multi-turn sample has one per assistant turn), else 0."""
+    on = mask > 0
+    idx = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    # the last position at or before each one that is off the mask (-1 before the first)
+    last_off = torch.cummax(torch.where(on, torch.full_like(idx, -1), idx), dim=-1).values
+    return (on & (idx - last_off <= n)).to(mask.dtype)
+
+
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the softmax at every position, [B, T, V] -> [B, T]."""
     logp = torch.log_softmax(logits.float(), dim=-1)
@@ -297,7 +311,8 @@ def micro_batch_loss(logp: torch.Tensor, behaviour: torch.Tensor, adv: torch.Ten
     """policy (negative advantages × neg_weight) + w_opd·distill + kl_coef·KL − entropy_coef·H,
     summed over mask tokens, / the step's mask tokens. `distill` is the per-token top-K KL to the teacher (0 where a sample
     has none), `kl` the per-token KL to the reference (`k3_kl` or `full_kl`), on every mask
-    token or (``kl_on = negative``) on those whose advantage is below zero."""
+    token, (``kl_on = negative``) on those whose advantage is below zero, or (``start``) on
+    the first ``kl_start_tokens`` of each trained span."""
     mask = mask.to(logp.dtype)
     denom = float(max(step_tokens, 1))
     pushed_down = adv < 0
@@ -314,6 +329,8 @@ def micro_batch_loss(logp: torch.Tensor, behaviour: torch.Tensor, adv: torch.Ten
         k = kl * mask
         if cfg.kl_on == "negative":
             k = k * pushed_down.to(k.dtype)
+        elif cfg.kl_on == "start":
+            k = k * span_starts(mask, cfg.kl_start_tokens)
         total = total + cfg.kl_coef * k.sum()
         sums["kl"] = float(k.detach().sum())
     if entropy is not None:

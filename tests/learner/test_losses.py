@@ -21,6 +21,7 @@ from learner.losses import (
     opd_term,
     policy_terms,
     sample_rewards,
+    span_starts,
     topk_direction,
     topk_kl,
 )
@@ -182,6 +183,26 @@ def test_kl_on_negative_counts_only_the_tokens_pushed_down():
     # ratio 1: the policy term is −A summed over the tokens; the KL adds what it counts
     assert float(every.loss) * 3 == pytest.approx(0.0 + 1.0)
     assert float(neg.loss) * 3 == pytest.approx(0.0 + 0.3)
+
+
+def test_span_starts_marks_the_first_tokens_of_every_trained_span():
+    mask = torch.tensor([[0, 1, 1, 1, 1, 0, 0, 1, 1, 0],
+                         [1, 1, 1, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.float32)
+    assert span_starts(mask, 2).tolist() == [[0, 1, 1, 0, 0, 0, 0, 1, 1, 0],
+                                             [1, 1, 0, 0, 0, 0, 0, 0, 0, 0]]
+    assert span_starts(mask, 100).tolist() == mask.tolist()
+
+
+def test_kl_on_start_counts_only_the_first_tokens_of_the_response():
+    logp = torch.full((1, 5), math.log(0.5))
+    kl = torch.tensor([[9.0, 0.5, 0.25, 0.125, 4.0]])   # position 0 is prompt: off the mask
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0, 1.0]])
+    adv = torch.zeros(1, 5)
+    stale = torch.tensor([False])
+    out = micro_batch_loss(logp, logp.clone(), adv, mask, stale, 4,
+                           LossSettings(kl_coef=2.0, kl_on="start", kl_start_tokens=2), kl=kl)
+    assert out.sums["kl"] == pytest.approx(0.75)
+    assert float(out.loss) == pytest.approx(2.0 * 0.75 / 4)
 
 
 def test_neg_weight_scales_only_the_tokens_pushed_down():
