@@ -33,7 +33,8 @@ from infra.errors import LearnerError
 from infra.settings import LearnerSettings
 from learner.batching import Batch
 from learner.losses import (RewardWindow, advantages, entropy_from_logits, full_kl, k3_kl, micro_batch_loss,
-                            normalisation_keys, sample_rewards, topk_direction, topk_kl)
+                            normalisation_keys, sample_rewards, span_starts, topk_direction,
+                            topk_kl)
 from schemas.methods import rule
 
 DS_TAG = "ds"
@@ -218,12 +219,23 @@ class Trainer:
                     ref, _ = self._logits(self.engine, batch)   # same batch: same start
             else:
                 ref, _ = self._logits(self.ref_model, batch)
-            ref = (self._token_logprobs(ref, start, batch) if self.loss_cfg.kl_form == "k3"
-                   else torch.log_softmax(ref, dim=-1))
+            if self.loss_cfg.kl_form == "k3":
+                ref = self._token_logprobs(ref, start, batch)
+            elif self.loss_cfg.kl_on == "start":
+                # only the rows the term counts: a response's first tokens, not [B, T, V]
+                rows = span_starts(batch.mask[:, start:], self.loss_cfg.kl_start_tokens).bool()
+                ref = torch.log_softmax(ref[rows], dim=-1)
+            else:
+                ref = torch.log_softmax(ref, dim=-1)
         # the policy's side outside no_grad: the KL's gradient flows through it
         if self.loss_cfg.kl_form == "k3":
             return k3_kl(logp, ref, batch.mask)
-        return torch.nn.functional.pad(full_kl(logits, lse, ref), (start, 0))
+        if self.loss_cfg.kl_on == "start":
+            kl = torch.zeros_like(lse)
+            kl[rows] = full_kl(logits[rows], lse[rows], ref)
+        else:
+            kl = full_kl(logits, lse, ref)
+        return torch.nn.functional.pad(kl, (start, 0))
 
     # -- one optimizer step ---------------------------------------------------------------
 

@@ -65,7 +65,9 @@ def config_show() -> None:
     trains = f"LoRA (rank {lp.lora_rank})" if lp.uses_lora(device) else "full weights"
     lr_note = "" if lp.lr is not None else " (the default for that)"
     loss = lp.loss_for(device)
-    kl = f"{loss.kl_coef:g} ({loss.kl_form}, {loss.kl_on} tokens)" if loss.kl_coef > 0 else "0"
+    where = (f"the first {loss.kl_start_tokens} tokens of each response" if loss.kl_on == "start"
+             else f"{loss.kl_on} tokens")
+    kl = f"{loss.kl_coef:g} ({loss.kl_form}, {where})" if loss.kl_coef > 0 else "0"
     console.print(f"decided here: the learner trains on {device} with {trains} at lr "
                   f"{lp.learning_rate(device):g}{lr_note}, {lp.updates_per_step(device)} update(s) per step's "
                   f"samples, negative advantages × {loss.neg_weight:g} and KL to the base {kl}; the teacher term is "

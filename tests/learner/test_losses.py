@@ -175,7 +175,8 @@ def test_kl_on_negative_counts_only_the_tokens_pushed_down():
     adv = torch.tensor([[1.0, -1.0, 0.0]])
     mask = torch.ones(1, 3)
     stale = torch.tensor([False])
-    every = micro_batch_loss(logp, logp.clone(), adv, mask, stale, 3, LossSettings(kl_coef=1.0), kl=kl)
+    every = micro_batch_loss(logp, logp.clone(), adv, mask, stale, 3,
+                             LossSettings(kl_coef=1.0, kl_on="all"), kl=kl)
     neg = micro_batch_loss(logp, logp.clone(), adv, mask, stale, 3,
                            LossSettings(kl_coef=1.0, kl_on="negative"), kl=kl)
     assert every.sums["kl"] == pytest.approx(1.0)

@@ -12,6 +12,7 @@ import torch
 
 from infra.settings import LearnerSettings, LossSettings
 from learner.batching import collate
+from learner.losses import span_starts
 from learner.trainer import Trainer
 from tests.learner.samples import make_sample
 
@@ -121,7 +122,9 @@ def test_a_revision_trains_as_if_sampled_by_the_policy_now_whatever_its_behaviou
     logprobs say nothing about this prompt. Its first pass has ρ = 1 and no importance weight:
     the gradient of −advantage·mean logp. Taken as a plain sample instead, behaviour logprobs
     of −30 would make ρ huge and the clip would zero its gradient."""
-    trainer = Trainer(settings(method="combined", grad_clip=1e-6, adv_norm="batch"), tiny_model_dir)
+    # no KL to the base: the gradient below is the reward term's alone
+    no_kl = LossSettings(kl_coef=0.0)
+    trainer = Trainer(settings(method="combined", grad_clip=1e-6, adv_norm="batch", loss=no_kl), tiny_model_dir)
     sample = make_sample(5, reward=1.0).model_copy(update={
         "behaviour_logprobs": [-30.0] * 3, "advantage": 1.0, "normaliser": "revision", "revision_of": "a"})
     batch = collate([sample], trainer.pad_id)
@@ -137,7 +140,7 @@ def test_a_revision_trains_as_if_sampled_by_the_policy_now_whatever_its_behaviou
     assert metrics["ratio_mean"] == pytest.approx(1.0) and metrics["clip_frac"] == 0.0
     assert metrics["is_weight_mean"] == pytest.approx(1.0)
     assert metrics["revisions"] == 1.0 and metrics["reward_mean"] == 0.0   # no judged answer in the step
-    plain = Trainer(settings(method="combined", grad_clip=1e-6, adv_norm="batch"), tiny_model_dir)
+    plain = Trainer(settings(method="combined", grad_clip=1e-6, adv_norm="batch", loss=no_kl), tiny_model_dir)
     as_sampled = plain.train_step([collate([sample.model_copy(update={"revision_of": None})], plain.pad_id)])
     assert as_sampled["clip_frac"] == 1.0 and as_sampled["grad_norm"] == 0.0
 
@@ -193,6 +196,33 @@ def test_kl_to_the_base_is_zero_at_the_base_and_holds_the_policy_near_it(tiny_mo
     held, free = run(1.0), run(1e-9)
     assert held[0] == pytest.approx(0.0, abs=1e-6) and free[0] == pytest.approx(0.0, abs=1e-6)
     assert free[-1] > 0 and held[-1] < free[-1]
+
+
+def test_kl_on_the_start_is_the_full_kl_at_each_response_s_first_tokens(tiny_model_dir):
+    """`kl_on=start` takes the reference's distribution only at the first tokens of each
+    response; what it gives there is the exact KL the every-token form gives, and 0 elsewhere."""
+    def kl(on: str) -> torch.Tensor:
+        trainer = Trainer(settings(method="rl", lora=True, lr=1e-2, adv_norm="batch",
+                                   loss=LossSettings(kl_coef=1.0, kl_form="full", kl_on=on, kl_start_tokens=2)),
+                          tiny_model_dir)
+        torch.manual_seed(0)
+        for _, p in trainer.engine.module.named_parameters():   # move the adapter off the base
+            if p.requires_grad:
+                p.data.normal_(0, 0.05)
+        batch = collate([make_sample(5, reward=1.0), make_sample(6, reward=-1.0, prompt_len=7),
+                         # two assistant turns, a tool's output between them
+                         make_sample(7, response_len=7, loss_mask=[1, 1, 1, 0, 0, 1, 1])], trainer.pad_id)
+        with torch.no_grad():
+            logits, start = trainer._logits(trainer.engine, batch)
+            lse = torch.logsumexp(logits, dim=-1)
+            return trainer._reference_kl(logits, lse, trainer._token_logprobs(logits, start, batch, lse),
+                                         start, batch), batch.mask
+
+    (start_kl, mask), (every, _) = kl("start"), kl("all")
+    first = span_starts(mask, 2).bool()
+    assert int(first.sum()) == 8 and bool((every[first] > 0).all())
+    assert torch.allclose(start_kl[first], every[first], atol=1e-6)
+    assert bool((start_kl[~first] == 0).all())
 
 
 def _train(trainer: Trainer, seeds: list[int]) -> None:
