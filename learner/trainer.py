@@ -209,10 +209,10 @@ class Trainer:
         kl = topk_kl(student, batch.top_logprobs[:, start:], valid, self.topk)
         return torch.nn.functional.pad(kl, (start, 0))
 
-    def _reference_kl(self, logits: torch.Tensor, lse: torch.Tensor, logp: torch.Tensor,
-                      start: int, batch: Batch) -> torch.Tensor:
-        """[B, T-1] KL to the reference at every position (`loss.kl_form`); the reference is the
-        base: the adapter switched off with LoRA, the frozen copy otherwise."""
+    def _reference(self, batch: Batch, start: int) -> torch.Tensor:
+        """The reference's side of the KL (`loss.kl_form`, `loss.kl_on`): the base's logprob of
+        each target token (k3), or its log-softmax rows where the KL is counted (full). The
+        base is the adapter switched off with LoRA, the frozen copy otherwise."""
         with torch.no_grad():
             if self.lora:
                 with self.engine.module.disable_adapter():
@@ -220,17 +220,25 @@ class Trainer:
             else:
                 ref, _ = self._logits(self.ref_model, batch)
             if self.loss_cfg.kl_form == "k3":
-                ref = self._token_logprobs(ref, start, batch)
-            elif self.loss_cfg.kl_on == "start":
+                return self._token_logprobs(ref, start, batch)
+            if self.loss_cfg.kl_on == "start":
                 # only the rows the term counts: a response's first tokens, not [B, T, V]
-                rows = span_starts(batch.mask[:, start:], self.loss_cfg.kl_start_tokens).bool()
-                ref = torch.log_softmax(ref[rows], dim=-1)
-            else:
-                ref = torch.log_softmax(ref, dim=-1)
-        # the policy's side outside no_grad: the KL's gradient flows through it
+                ref = ref[span_starts(batch.mask[:, start:], self.loss_cfg.kl_start_tokens).bool()]
+            return torch.log_softmax(ref, dim=-1)
+
+    def _reference_kept(self) -> bool:
+        """Whether a step keeps its reference tensors from the first pass for the later ones
+        (the base does not change within a step): not the every-position rows, [B, T, V] each."""
+        return self.loss_cfg.kl_form == "k3" or self.loss_cfg.kl_on == "start"
+
+    def _reference_kl(self, logits: torch.Tensor, lse: torch.Tensor, logp: torch.Tensor,
+                      start: int, batch: Batch, ref: torch.Tensor) -> torch.Tensor:
+        """[B, T-1] KL to the reference (`_reference`) at every position it is counted, 0 elsewhere;
+        the gradient flows through the policy's side."""
         if self.loss_cfg.kl_form == "k3":
             return k3_kl(logp, ref, batch.mask)
         if self.loss_cfg.kl_on == "start":
+            rows = span_starts(batch.mask[:, start:], self.loss_cfg.kl_start_tokens).bool()
             kl = torch.zeros_like(lse)
             kl[rows] = full_kl(logits[rows], lse[rows], ref)
         else:
@@ -258,10 +266,11 @@ class Trainer:
         if not self._has_signal(batches, normed):
             return self._still_metrics(batches, rewards, started)
         proximal: list[torch.Tensor] = []
-        totals = self._pass(batches, normed, proximal)
+        refs: list[torch.Tensor | None] = []
+        totals = self._pass(batches, normed, proximal, refs)
         last = totals
         for _ in range(self.epochs - 1):
-            last = self._pass(batches, normed, proximal)
+            last = self._pass(batches, normed, proximal, refs)
         elapsed = time.perf_counter() - started
         metrics = self._step_metrics(totals, batches, rewards, elapsed)
         metrics["skipped"] = 0.0   # every step sets it: a gauge must not keep a skipped step's 1
@@ -302,10 +311,11 @@ class Trainer:
         return metrics
 
     def _pass(self, batches: list[Batch], normed: tuple[torch.Tensor, ...],
-              proximal: list[torch.Tensor]) -> dict[str, float]:
+              proximal: list[torch.Tensor], refs: list[torch.Tensor | None]) -> dict[str, float]:
         """One forward/backward over every micro-batch (`normed`: each one's reward terms) and
         one optimizer update; the sums. The first pass fills `proximal` with its logprobs, which
-        later passes use as the stale samples' proximal policy."""
+        later passes use as the stale samples' proximal policy, and `refs` with the KL's
+        reference side where it is kept (`_reference_kept`)."""
         cfg = self.loss_cfg
         step_tokens = int(sum(int(b.mask.sum()) for b in batches))
         totals: dict[str, float] = {}
@@ -319,7 +329,12 @@ class Trainer:
             # a sample whose teacher term is its KL to the teacher's top-K gets no sampled-token gap
             token_teacher = batch.has_teacher * (1 - batch.has_top) if distill is not None else batch.has_teacher
             adv = advantages(self.rule, r, batch.teacher, batch.behaviour, token_teacher, cfg)
-            kl = self._reference_kl(logits, lse, logp, start, batch) if cfg.kl_coef > 0 else None
+            kl = None
+            if cfg.kl_coef > 0:
+                if len(refs) <= i:
+                    refs.append(self._reference(batch, start) if self._reference_kept() else None)
+                ref = refs[i] if refs[i] is not None else self._reference(batch, start)
+                kl = self._reference_kl(logits, lse, logp, start, batch, ref)
             ent = (torch.nn.functional.pad(entropy_from_logits(logits), (start, 0))
                    if cfg.entropy_coef > 0 else None)
             first = len(proximal) <= i

@@ -216,13 +216,36 @@ def test_kl_on_the_start_is_the_full_kl_at_each_response_s_first_tokens(tiny_mod
             logits, start = trainer._logits(trainer.engine, batch)
             lse = torch.logsumexp(logits, dim=-1)
             return trainer._reference_kl(logits, lse, trainer._token_logprobs(logits, start, batch, lse),
-                                         start, batch), batch.mask
+                                         start, batch, trainer._reference(batch, start)), batch.mask
 
     (start_kl, mask), (every, _) = kl("start"), kl("all")
     first = span_starts(mask, 2).bool()
     assert int(first.sum()) == 8 and bool((every[first] > 0).all())
     assert torch.allclose(start_kl[first], every[first], atol=1e-6)
     assert bool((start_kl[~first] == 0).all())
+
+
+@pytest.mark.parametrize("form", ["full", "k3"])
+def test_a_step_takes_the_reference_once_and_trains_as_if_it_took_it_every_pass(tiny_model_dir, monkeypatch, form):
+    """The base does not change within a step: its side of the KL is taken on the first pass
+    and kept for the later ones, with the same weights as a step that takes it every pass."""
+    def run(kept: bool) -> tuple[int, dict[str, torch.Tensor]]:
+        trainer = Trainer(settings(method="rl", lora=True, lr=1e-2, epochs=3, adv_norm="batch",
+                                   loss=LossSettings(kl_coef=1.0, kl_form=form, kl_on="start")), tiny_model_dir)
+        calls = []
+        taken = trainer._reference
+        monkeypatch.setattr(trainer, "_reference", lambda *a: calls.append(1) or taken(*a))
+        monkeypatch.setattr(trainer, "_reference_kept", lambda: kept)
+        for seed in (3, 9):
+            trainer.train_step([collate([make_sample(seed, reward=1.0), make_sample(seed + 1, reward=-1.0)],
+                                        trainer.pad_id),
+                                collate([make_sample(seed + 2, reward=-1.0)], trainer.pad_id)])
+        return len(calls), _trainable(trainer)
+
+    (once, kept), (every, fresh) = run(True), run(False)
+    assert once == 2 * 2 and every == 2 * 2 * 3   # steps × micro-batches (× passes)
+    assert kept.keys() == fresh.keys()
+    assert all(torch.allclose(kept[n], fresh[n], atol=1e-6) for n in kept)
 
 
 def _train(trainer: Trainer, seeds: list[int]) -> None:
