@@ -364,7 +364,7 @@ class LossSettings(_Section):
     # "start": only the first `kl_start_tokens` tokens of each response. Their context is
     # nearly the same in every sample (the chat template's assistant header), so what moves
     # them moves every answer's start: on SmolLM2-135M the first token's KL to the base grew
-    # to 1–2 nats in a few updates (0.1–0.5 at later positions), and a flat first-token
+    # to 1–2 nats in a few updates (0.1–0.7 at later positions), and a flat first-token
     # distribution is where greedy answers began a collapsing "1. 1. 1." list.
     kl_on: Literal["all", "negative", "start"] = "all"
     kl_start_tokens: int = Field(default=4, ge=1)
