@@ -201,7 +201,7 @@ def test_kl_to_the_base_is_zero_at_the_base_and_holds_the_policy_near_it(tiny_mo
 def test_kl_on_the_start_is_the_full_kl_at_each_response_s_first_tokens(tiny_model_dir):
     """`kl_on=start` takes the reference's distribution only at the first tokens of each
     response; what it gives there is the exact KL the every-token form gives, and 0 elsewhere."""
-    def kl(on: str) -> torch.Tensor:
+    def kl(on: str) -> tuple[torch.Tensor, torch.Tensor]:
         trainer = Trainer(settings(method="rl", lora=True, lr=1e-2, adv_norm="batch",
                                    loss=LossSettings(kl_coef=1.0, kl_form="full", kl_on=on, kl_start_tokens=2)),
                           tiny_model_dir)
