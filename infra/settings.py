@@ -343,6 +343,12 @@ class LossSettings(_Section):
     # topk_forward by `nextstate bench personal`: it learned as fast as the token term and
     # kept the answers' variety.
     opd_form: Literal["token", "topk_forward", "topk_reverse"] = "topk_forward"
+    # The temperature of the teacher's top-K distribution in the KL (learner.losses.tempered_bins;
+    # below 1 sharper). The hint-conditioned base is less sure than the base, most at an answer's
+    # first token (SmolLM2-135M on the 16 + 1 bins the KL sees: 1.96 against 1.72 nats there,
+    # 1.36 against 1.30 later; `nextstate bench hints`), and a forward KL to it spreads the
+    # policy out.
+    opd_temperature: float = Field(default=1.0, gt=0, le=1)
     w_rl: float = 1.0
     w_opd: float = 1.0
     # The weight of a token's advantage where it is below zero (1: symmetric). Pushed down, a

@@ -22,7 +22,7 @@ Conventions (documented once, here):
   moves probability towards every token the teacher prefers (the end of a short answer
   included), where the sampled-token gap only pushes the one sampled token up or down.
   Samples without top-K rows keep the sampled-token term. ``token`` is the sampled-token
-  term only.
+  term only. ``opd_temperature`` below 1 takes the teacher's bins sharper (`tempered_bins`).
 - **Negative advantages** are scaled by ``neg_weight`` (1: as they are) before the surrogate.
 - **Surrogate.** PPO clipped, asymmetric: ``max(−ρA, −clip(ρ, 1−ε_low, 1+ε_high)·A)`` with
   ``ρ = π_θ / π_behaviour``.
@@ -66,6 +66,7 @@ class LossParams(Protocol):
     clip_high: float
     opd_clip: float
     opd_form: str
+    opd_temperature: float
     w_rl: float
     w_opd: float
     neg_weight: float
@@ -112,13 +113,30 @@ def _with_tail(top: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.cat([top, tail], dim=-1)
 
 
+def tempered_bins(top: torch.Tensor, valid: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The teacher's K + 1 bins (`_with_tail`) at `temperature`: each top-K logprob divided by it,
+    and the tail as if its mass were spread over tokens as likely as the least likely of the K
+    (tail · p_K^(1/T − 1): for T < 1 the most a tail of tokens no likelier than p_K can keep),
+    all renormalised. The tail is not one token: tempered as one, a tail heavier than any
+    single token would grow instead of shrink. T = 1 is `_with_tail`."""
+    bins = _with_tail(top, valid)
+    if temperature == 1.0:
+        return bins
+    least = torch.where(valid, top, torch.zeros_like(top)).min(-1).values
+    tail = bins[..., -1] + (1.0 / temperature - 1.0) * least
+    scaled = torch.cat([bins[..., :-1] / temperature, tail.unsqueeze(-1)], dim=-1)
+    out = scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)
+    return torch.where(valid.any(-1, keepdim=True), out, bins)
+
+
 def topk_kl(student_top: torch.Tensor, teacher_top: torch.Tensor, valid: torch.Tensor,
-            direction: str) -> torch.Tensor:
+            direction: str, temperature: float = 1.0) -> torch.Tensor:
     """Per-position KL [B, T] on K + 1 bins, from the logprobs both policies give the teacher's
     top-K ids [B, T, K] (padding marked False in `valid`): ``forward`` KL(teacher‖student),
-    ``reverse`` KL(student‖teacher). A position with no valid entry has KL 0."""
+    ``reverse`` KL(student‖teacher). A position with no valid entry has KL 0. The teacher's
+    bins are taken at `temperature` (`tempered_bins`; below 1 sharper)."""
     s = _with_tail(student_top, valid)
-    t = _with_tail(teacher_top.to(s.dtype), valid)
+    t = tempered_bins(teacher_top.to(s.dtype), valid, temperature)
     if direction == "forward":
         p, a, b = t.exp(), t, s
     elif direction == "reverse":

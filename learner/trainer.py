@@ -206,7 +206,8 @@ class Trainer:
             return None
         ids, valid = batch.top_ids[:, start:], batch.top_valid[:, start:]
         student = logits.gather(-1, ids) - lse.unsqueeze(-1)
-        kl = topk_kl(student, batch.top_logprobs[:, start:], valid, self.topk)
+        kl = topk_kl(student, batch.top_logprobs[:, start:], valid, self.topk,
+                     self.loss_cfg.opd_temperature)
         return torch.nn.functional.pad(kl, (start, 0))
 
     def _reference(self, batch: Batch, start: int) -> torch.Tensor:

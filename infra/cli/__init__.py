@@ -68,10 +68,11 @@ def config_show() -> None:
     where = (f"the first {loss.kl_start_tokens} tokens of each response" if loss.kl_on == "start"
              else f"{loss.kl_on} tokens")
     kl = f"{loss.kl_coef:g} ({loss.kl_form}, {where})" if loss.kl_coef > 0 else "0"
+    teacher_t = "" if loss.opd_temperature == 1 else f" with the teacher at temperature {loss.opd_temperature:g}"
     console.print(f"decided here: the learner trains on {device} with {trains} at lr "
                   f"{lp.learning_rate(device):g}{lr_note}, {lp.updates_per_step(device)} update(s) per step's "
                   f"samples, negative advantages × {loss.neg_weight:g} and KL to the base {kl}; the teacher term is "
-                  f"{lp.loss.opd_form}; the hint stage's teacher is {describe_teacher(settings)}, reading the "
+                  f"{lp.loss.opd_form}{teacher_t}; the hint stage's teacher is {describe_teacher(settings)}, reading the "
                   f"hint {settings.processors.hint_placement} the user's message; a rejected answer's approved "
                   f"redo {'trains' if settings.processors.revisions and lp.revisions and rule(lp.method).reward_term else 'does not train'} "
                   f"in the rejected answer's context (revisions)", markup=False)

@@ -9,6 +9,13 @@ correction wordings as the hint, greedy, on the local engine loaded with the ser
 teacher's engine when `processors.teacher_model=served`) and the renderer the teacher uses
 (`serving.chat.with_hint`). The base model's rate without a hint is printed beside them.
 
+Beside each rate, how sure the teacher is: the entropy of its next-token distribution on the
+K + 1 bins the learner's teacher term sees (its top `processors.teacher_top_k` tokens and the
+rest as one bin, `learner.losses`), along the base model's own greedy answers, at the first
+token and averaged over the later ones, against the base model's without the hint. A teacher
+flatter than the base spreads out a policy that a forward KL pulls towards it
+(`learner.loss.opd_temperature`).
+
 No Kafka, no gateway: a loaded engine and the probes. About 2 minutes a preference on two cores
 with the embedded model.
 """
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -28,36 +36,70 @@ from serving.chat import PLACEMENTS, render_prompt, with_hint
 MAX_NEW_TOKENS = 96   # as bench personal's probes
 
 
+def _prompt(tokenizer: Any, question: str, hint: str | None, placement: str) -> list[int]:
+    messages = [{"role": "user", "content": question}]
+    if hint is not None:
+        messages = with_hint(messages, hint, placement)
+    return render_prompt(tokenizer, messages, None)
+
+
 async def _rate(engine: Any, tokenizer: Any, questions: list[str], persona: Persona, hint: str | None = None,
-                placement: str = "before") -> float:
+                placement: str = "before") -> tuple[float, list[list[int]]]:
     """Share of the questions whose greedy answer satisfies the persona, with the hint if one is
-    given."""
+    given, and the answers' token ids."""
     params = SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW_TOKENS)
 
-    async def satisfied(q: str) -> bool:
-        messages = [{"role": "user", "content": q}]
-        if hint is not None:
-            messages = with_hint(messages, hint, placement)
-        gen = await engine.generate(render_prompt(tokenizer, messages, None), params)
-        return persona.satisfied_by(tokenizer.decode(gen.token_ids, skip_special_tokens=True),
-                                    gen.finish_reason != "length")
+    async def answer(q: str) -> tuple[bool, list[int]]:
+        gen = await engine.generate(_prompt(tokenizer, q, hint, placement), params)
+        return (persona.satisfied_by(tokenizer.decode(gen.token_ids, skip_special_tokens=True),
+                                     gen.finish_reason != "length"), list(gen.token_ids))
 
-    verdicts = await asyncio.gather(*(satisfied(q) for q in questions))
-    return sum(verdicts) / len(verdicts)
+    done = await asyncio.gather(*(answer(q) for q in questions))
+    return sum(ok for ok, _ in done) / len(done), [ids for _, ids in done]
 
 
-async def measure(engine: Any, tokenizer: Any, preferences: list[str],
-                  placements: list[str]) -> list[dict[str, Any]]:
+def bins_entropy(top_logprobs: list[float]) -> float:
+    """Entropy (nats) of a top-K distribution with the rest of the vocabulary as one more bin."""
+    probs = [math.exp(lp) for lp in top_logprobs]
+    rest = max(0.0, 1.0 - sum(probs))
+    return -sum(p * math.log(p) for p in probs + [rest] if p > 0)
+
+
+async def _spread(engine: Any, tokenizer: Any, questions: list[str], answers: list[list[int]], top_k: int,
+                  hint: str | None = None, placement: str = "before") -> dict[str, float]:
+    """Mean bin entropy of the base model's next-token distribution along `answers`, under the
+    question alone or with the hint: at the first token, and over the later ones."""
+    first: list[float] = []
+    later: list[float] = []
+    for q, ids in zip(questions, answers):
+        if not ids:
+            continue
+        scores = await engine.score(_prompt(tokenizer, q, hint, placement), ids, top_k=top_k, base=True)
+        h = [bins_entropy(row) for row in scores.top_logprobs or []]
+        first += h[:1]
+        later += h[1:]
+    return {"first": sum(first) / max(len(first), 1), "later": sum(later) / max(len(later), 1)}
+
+
+async def measure(engine: Any, tokenizer: Any, preferences: list[str], placements: list[str],
+                  top_k: int = 16) -> list[dict[str, Any]]:
     _, questions = split_questions()
     rows = []
     for name in preferences:
         persona = PERSONAS[name]
-        base = await _rate(engine, tokenizer, questions, persona)
+        base, answers = await _rate(engine, tokenizer, questions, persona)
         row: dict[str, Any] = {"preference": name, "base": base, "placements": {}}
+        if top_k:
+            row["entropy"] = await _spread(engine, tokenizer, questions, answers, top_k)
         for placement in placements:
-            rates = [await _rate(engine, tokenizer, questions, persona, hint, placement)
+            rates = [(await _rate(engine, tokenizer, questions, persona, hint, placement))[0]
                      for hint in persona.corrections]
             row["placements"][placement] = {"per_wording": rates, "mean": sum(rates) / len(rates)}
+            if top_k:
+                spreads = [await _spread(engine, tokenizer, questions, answers, top_k, hint, placement)
+                           for hint in persona.corrections]
+                row["placements"][placement]["entropy"] = {
+                    where: sum(sp[where] for sp in spreads) / len(spreads) for where in ("first", "later")}
         rows.append(row)
     return rows
 
@@ -78,7 +120,8 @@ def run_hints_bench(settings: Any, preferences: list[str], placements: list[str]
 
     async def go() -> list[dict[str, Any]]:
         try:
-            return await measure(engine, engine.tokenizer, preferences, placements)
+            return await measure(engine, engine.tokenizer, preferences, placements,
+                                 settings.processors.teacher_top_k)
         finally:
             await engine.close()
 
@@ -95,6 +138,19 @@ def run_hints_bench(settings: Any, preferences: list[str], placements: list[str]
                  f"{row['placements'][p]['mean']:.2f}" for p in placements]
         table.add_row(row["preference"], f"{row['base']:.2f}", *cells)
     console.print(table)
+    if any("entropy" in row for row in rows):
+        spread = Table(title=f"entropy (nats) of the next token on the teacher term's "
+                             f"{settings.processors.teacher_top_k} + 1 bins, along the base model's greedy "
+                             f"answers: first token / later tokens")
+        spread.add_column("preference")
+        spread.add_column("base", justify="right")
+        for placement in placements:
+            spread.add_column(f"hinted, hint {placement}", justify="right")
+        for row in rows:
+            cells = [f"{row['placements'][p]['entropy']['first']:.2f} / {row['placements'][p]['entropy']['later']:.2f}"
+                     for p in placements]
+            spread.add_row(row["preference"], f"{row['entropy']['first']:.2f} / {row['entropy']['later']:.2f}", *cells)
+        console.print(spread)
     console.print(f"{time.monotonic() - started:.0f}s; the teacher reads the hint "
                   f"{settings.processors.hint_placement} the message (processors.hint_placement)")
     if out is not None:

@@ -21,6 +21,7 @@ from learner.losses import (
     opd_term,
     policy_terms,
     sample_rewards,
+    tempered_bins,
     span_starts,
     topk_direction,
     topk_kl,
@@ -339,6 +340,55 @@ def test_forward_topk_kl_moves_probability_to_every_token_the_teacher_prefers():
     p = torch.softmax(logits, -1)[0, 0]
     assert float(p[4]) == pytest.approx(0.5, abs=0.01) and float(p[5]) == pytest.approx(0.3, abs=0.01)
     assert float(p[:4].sum()) == pytest.approx(0.2, abs=0.01)
+
+
+def test_a_tempered_teacher_is_its_softmax_at_that_temperature_over_the_whole_vocabulary():
+    g = torch.Generator().manual_seed(3)
+    student = torch.log_softmax(torch.randn(1, 4, 9, generator=g), -1)
+    teacher = torch.log_softmax(torch.randn(1, 4, 9, generator=g), -1)
+    ids = teacher.argsort(-1, descending=True)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    s, t = student.gather(-1, ids), teacher.gather(-1, ids)
+    sharp = torch.log_softmax(teacher / 0.6, -1)
+    assert torch.allclose(topk_kl(s, t, valid, "forward", 0.6), _full_kl(sharp, student), atol=1e-4)
+    assert torch.allclose(topk_kl(s, t, valid, "reverse", 0.6), _full_kl(student, sharp), atol=1e-4)
+    assert torch.equal(tempered_bins(t, valid, 1.0), tempered_bins(t, valid, 1))
+    assert torch.allclose(topk_kl(s, t, valid, "forward", 1.0), _full_kl(teacher, student), atol=1e-4)
+
+
+def test_the_tail_is_tempered_as_tokens_no_likelier_than_the_last_of_the_top_k():
+    top = torch.log(torch.tensor([[0.3, 0.2, 0.1]]))    # the tail holds 0.4, more than any token
+    valid = torch.tensor([[True, True, True]])
+    bins = tempered_bins(top, valid, 0.5).exp()[0]
+    raw = torch.tensor([0.09, 0.04, 0.01, 0.4 * 0.1])   # p², and the tail as four tokens of 0.1
+    assert torch.allclose(bins, raw / raw.sum(), atol=1e-6)
+    assert float(bins[-1]) < 0.4                         # one bin of 0.4 squared would have grown
+    # padding does not count as the least likely token; a row with nothing valid is left alone
+    padded = tempered_bins(torch.log(torch.tensor([[0.3, 0.2, 0.1, 0.5]])),
+                           torch.tensor([[True, True, True, False]]), 0.5).exp()[0]
+    assert torch.allclose(padded[[0, 1, 2, 4]], raw / raw.sum(), atol=1e-6) and float(padded[3]) == 0
+    empty = tempered_bins(torch.zeros(1, 3), torch.zeros(1, 3, dtype=torch.bool), 0.5).exp()[0]
+    assert float(empty[-1]) == pytest.approx(1.0) and float(empty[:3].sum()) == 0
+
+
+def test_a_forward_kl_to_a_flat_teacher_spreads_the_student_less_at_a_lower_temperature():
+    teacher = torch.log(torch.tensor([0.3, 0.2, 0.15, 0.1]))[None, None]   # tokens 0-3; 0.25 elsewhere
+    ids = torch.arange(4)[None, None]
+    valid = torch.ones(1, 1, 4, dtype=torch.bool)
+    start = torch.tensor([[[4.0, 1.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0]]])   # sure of token 0
+    ends = {}
+    for temperature in (1.0, 0.5):
+        logits = start.clone().requires_grad_(True)
+        for _ in range(300):
+            kl = topk_kl(torch.log_softmax(logits, -1).gather(-1, ids), teacher, valid, "forward", temperature)
+            grad, = torch.autograd.grad(kl.sum(), logits)
+            logits = (logits - 0.5 * grad).detach().requires_grad_(True)
+        ends[temperature] = logits
+    h = {k: float(entropy_from_logits(v)) for k, v in ends.items()}
+    assert h[1.0] > float(entropy_from_logits(start)) + 1.0        # as flat as the teacher
+    assert h[0.5] < h[1.0] - 0.25
+    for logits in ends.values():                                    # the teacher's order either way
+        assert torch.equal(logits[0, 0, :4].argsort(descending=True), torch.arange(4))
 
 
 def test_opd_form_names_the_direction():

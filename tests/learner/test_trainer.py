@@ -12,7 +12,7 @@ import torch
 
 from infra.settings import LearnerSettings, LossSettings
 from learner.batching import collate
-from learner.losses import span_starts
+from learner.losses import span_starts, topk_kl
 from learner.trainer import Trainer
 from tests.learner.samples import make_sample
 
@@ -77,6 +77,25 @@ def test_topk_distillation_pulls_the_policy_towards_the_teachers_distribution(ti
     assert all(m["adv_mean"] == 0 and m["adv_std"] == 0 for m in steps)
     assert steps[-1]["distill_kl"] < steps[0]["distill_kl"]
     assert first_choice_logprob() > before
+
+
+def test_the_teacher_term_takes_the_teacher_at_the_configured_temperature(tiny_model_dir):
+    sample = make_sample(4, teacher=True, top_k=4)
+    batch = collate([sample], 0)
+    got = {}
+    for temperature in (1.0, 0.5):
+        trainer = Trainer(settings(method="opd", loss=LossSettings(opd_temperature=temperature, kl_coef=0.0)),
+                          tiny_model_dir)
+        with torch.no_grad():
+            logits, start = trainer._logits(trainer.engine, batch)
+            lse = torch.logsumexp(logits, -1)
+            got[temperature] = trainer._distill(logits, lse, start, batch)
+            ids, valid = batch.top_ids[:, start:], batch.top_valid[:, start:]
+            want = topk_kl(logits.gather(-1, ids) - lse.unsqueeze(-1), batch.top_logprobs[:, start:], valid,
+                           "forward", temperature)
+        assert torch.allclose(got[temperature][:, start:], want)
+    trained = batch.mask > 0
+    assert not torch.allclose(got[0.5][trained], got[1.0][trained])
 
 
 def test_epochs_train_the_same_samples_again_within_the_clip(tiny_model_dir):
