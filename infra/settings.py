@@ -347,7 +347,8 @@ class LossSettings(_Section):
     # below 1 sharper). The hint-conditioned base is less sure than the base, most at an answer's
     # first token (SmolLM2-135M on the 16 + 1 bins the KL sees: 1.96 against 1.72 nats there,
     # 1.36 against 1.30 later; `nextstate bench hints`), and a forward KL to it spreads the
-    # policy out.
+    # policy out. The top-K forms only. 1 until more runs settle it: at 0.5 `brief` looped less
+    # and ended higher, `formal` learned later (`nextstate bench personal`, one run each, README).
     opd_temperature: float = Field(default=1.0, gt=0, le=1)
     w_rl: float = 1.0
     w_opd: float = 1.0
