@@ -104,10 +104,22 @@ async def measure(engine: Any, tokenizer: Any, preferences: list[str], placement
     return rows
 
 
-def run_hints_bench(settings: Any, preferences: list[str], placements: list[str], out: Path | None,
-                    console: Any) -> list[dict[str, Any]]:
+def _table(title: str, placement_columns: list[str], rows: list[tuple[str, str, list[str]]]) -> Any:
+    """A table of one row per preference: its name, the base model's cell, one cell per placement."""
     from rich.table import Table
 
+    table = Table(title=title)
+    table.add_column("preference")
+    table.add_column("base", justify="right")
+    for column in placement_columns:
+        table.add_column(column, justify="right")
+    for name, base, cells in rows:
+        table.add_row(name, base, *cells)
+    return table
+
+
+def run_hints_bench(settings: Any, preferences: list[str], placements: list[str], out: Path | None,
+                    console: Any) -> list[dict[str, Any]]:
     from infra.errors import ConfigError
     from serving import create_engine
 
@@ -127,30 +139,23 @@ def run_hints_bench(settings: Any, preferences: list[str], placements: list[str]
 
     started = time.monotonic()
     rows = asyncio.run(go())
-    table = Table(title=f"hint-conditioned base, greedy, {len(split_questions()[1])} probes × each correction "
-                        f"wording ({engine.info().model})")
-    table.add_column("preference")
-    table.add_column("base", justify="right")
-    for placement in placements:
-        table.add_column(f"hint {placement}: per wording → mean", justify="right")
-    for row in rows:
-        cells = [f"{' '.join(f'{r:.2f}' for r in row['placements'][p]['per_wording'])} → "
-                 f"{row['placements'][p]['mean']:.2f}" for p in placements]
-        table.add_row(row["preference"], f"{row['base']:.2f}", *cells)
-    console.print(table)
+    console.print(_table(
+        f"hint-conditioned base, greedy, {len(split_questions()[1])} probes × each correction wording "
+        f"({engine.info().model})",
+        [f"hint {p}: per wording → mean" for p in placements],
+        [(row["preference"], f"{row['base']:.2f}",
+          [f"{' '.join(f'{r:.2f}' for r in row['placements'][p]['per_wording'])} → "
+           f"{row['placements'][p]['mean']:.2f}" for p in placements]) for row in rows]))
     if any("entropy" in row for row in rows):
-        spread = Table(title=f"entropy (nats) of the next token on the teacher term's "
-                             f"{settings.processors.teacher_top_k} + 1 bins, along the base model's greedy "
-                             f"answers: first token / later tokens")
-        spread.add_column("preference")
-        spread.add_column("base", justify="right")
-        for placement in placements:
-            spread.add_column(f"hinted, hint {placement}", justify="right")
-        for row in rows:
-            cells = [f"{row['placements'][p]['entropy']['first']:.2f} / {row['placements'][p]['entropy']['later']:.2f}"
-                     for p in placements]
-            spread.add_row(row["preference"], f"{row['entropy']['first']:.2f} / {row['entropy']['later']:.2f}", *cells)
-        console.print(spread)
+        def pair(spread: dict[str, float]) -> str:
+            return f"{spread['first']:.2f} / {spread['later']:.2f}"
+
+        console.print(_table(
+            f"entropy (nats) of the next token on the teacher term's {settings.processors.teacher_top_k} + 1 "
+            f"bins, along the base model's greedy answers: first token / later tokens",
+            [f"hinted, hint {p}" for p in placements],
+            [(row["preference"], pair(row["entropy"]), [pair(row["placements"][p]["entropy"]) for p in placements])
+             for row in rows]))
     console.print(f"{time.monotonic() - started:.0f}s; the teacher reads the hint "
                   f"{settings.processors.hint_placement} the message (processors.hint_placement)")
     if out is not None:
