@@ -350,6 +350,10 @@ class LossSettings(_Section):
     # policy out. The top-K forms only. 1 until more runs settle it: at 0.5 `brief` looped less
     # and ended higher, `formal` learned later (`nextstate bench personal`, one run each, README).
     opd_temperature: float = Field(default=1.0, gt=0, le=1)
+    # 0: the temperature applies at every position; n: only at the first n tokens of each
+    # response (the rest at 1), where the teacher is flattest and where an update moves every
+    # answer's start (the "start" of `kl_on`).
+    opd_temperature_tokens: int = Field(default=0, ge=0)
     w_rl: float = 1.0
     w_opd: float = 1.0
     # The weight of a token's advantage where it is below zero (1: symmetric). Pushed down, a

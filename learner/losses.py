@@ -22,7 +22,8 @@ Conventions (documented once, here):
   moves probability towards every token the teacher prefers (the end of a short answer
   included), where the sampled-token gap only pushes the one sampled token up or down.
   Samples without top-K rows keep the sampled-token term. ``token`` is the sampled-token
-  term only. ``opd_temperature`` below 1 takes the teacher's bins sharper (`tempered_bins`).
+  term only. ``opd_temperature`` below 1 takes the teacher's bins sharper (`tempered_bins`),
+  at every position or, with ``opd_temperature_tokens`` n, at the first n of each response.
 - **Negative advantages** are scaled by ``neg_weight`` (1: as they are) before the surrogate.
 - **Surrogate.** PPO clipped, asymmetric: ``max(−ρA, −clip(ρ, 1−ε_low, 1+ε_high)·A)`` with
   ``ρ = π_θ / π_behaviour``.
@@ -67,6 +68,7 @@ class LossParams(Protocol):
     opd_clip: float
     opd_form: str
     opd_temperature: float
+    opd_temperature_tokens: int
     w_rl: float
     w_opd: float
     neg_weight: float

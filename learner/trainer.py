@@ -206,8 +206,12 @@ class Trainer:
             return None
         ids, valid = batch.top_ids[:, start:], batch.top_valid[:, start:]
         student = logits.gather(-1, ids) - lse.unsqueeze(-1)
-        kl = topk_kl(student, batch.top_logprobs[:, start:], valid, self.topk,
-                     self.loss_cfg.opd_temperature)
+        teacher, cfg = batch.top_logprobs[:, start:], self.loss_cfg
+        kl = topk_kl(student, teacher, valid, self.topk, cfg.opd_temperature)
+        if cfg.opd_temperature != 1.0 and cfg.opd_temperature_tokens:
+            # tempered at each response's first tokens only, as taken at the rest
+            first = span_starts(batch.mask[:, start:], cfg.opd_temperature_tokens).bool()
+            kl = torch.where(first, kl, topk_kl(student, teacher, valid, self.topk))
         return torch.nn.functional.pad(kl, (start, 0))
 
     def _reference(self, batch: Batch, start: int) -> torch.Tensor:

@@ -68,7 +68,9 @@ def config_show() -> None:
     where = (f"the first {loss.kl_start_tokens} tokens of each response" if loss.kl_on == "start"
              else f"{loss.kl_on} tokens")
     kl = f"{loss.kl_coef:g} ({loss.kl_form}, {where})" if loss.kl_coef > 0 else "0"
-    teacher_t = "" if loss.opd_temperature == 1 else f" with the teacher at temperature {loss.opd_temperature:g}"
+    teacher_t = "" if loss.opd_temperature == 1 else (
+        f" with the teacher at temperature {loss.opd_temperature:g}"
+        + (f" on the first {loss.opd_temperature_tokens} tokens of each response" if loss.opd_temperature_tokens else ""))
     console.print(f"decided here: the learner trains on {device} with {trains} at lr "
                   f"{lp.learning_rate(device):g}{lr_note}, {lp.updates_per_step(device)} update(s) per step's "
                   f"samples, negative advantages × {loss.neg_weight:g} and KL to the base {kl}; the teacher term is "

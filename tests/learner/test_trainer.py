@@ -96,6 +96,16 @@ def test_the_teacher_term_takes_the_teacher_at_the_configured_temperature(tiny_m
         assert torch.allclose(got[temperature][:, start:], want)
     trained = batch.mask > 0
     assert not torch.allclose(got[0.5][trained], got[1.0][trained])
+    # tempered at each response's first two tokens only, as at 1 after them
+    trainer = Trainer(settings(method="opd", loss=LossSettings(opd_temperature=0.5, opd_temperature_tokens=2,
+                                                               kl_coef=0.0)), tiny_model_dir)
+    with torch.no_grad():
+        logits, start = trainer._logits(trainer.engine, batch)
+        first = trainer._distill(logits, torch.logsumexp(logits, -1), start, batch)
+    head = span_starts(batch.mask, 2).bool()
+    assert int(head.sum()) == 2 and int(trained.sum()) > 2
+    assert torch.allclose(first[head], got[0.5][head]) and torch.allclose(first[~head], got[1.0][~head])
+    assert not torch.allclose(first[head], got[1.0][head])
 
 
 def test_epochs_train_the_same_samples_again_within_the_clip(tiny_model_dir):
