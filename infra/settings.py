@@ -347,8 +347,9 @@ class LossSettings(_Section):
     # below 1 sharper). The hint-conditioned base is less sure than the base, most at an answer's
     # first token (SmolLM2-135M on the 16 + 1 bins the KL sees: 1.96 against 1.72 nats there,
     # 1.36 against 1.30 later; `nextstate bench hints`), and a forward KL to it spreads the
-    # policy out. The top-K forms only. 1 until more runs settle it: at 0.5 `brief` looped less
-    # and ended higher, `formal` learned later (`nextstate bench personal`, one run each, README).
+    # policy out. The top-K forms only. 1: at 0.5 `brief` looped less and ended higher, `formal`
+    # learned later, `plain` did worse, at 0.5 on the first 4 tokens neither moved; the served
+    # runs alone moved as much between repeats (`nextstate bench personal`, five runs, README).
     opd_temperature: float = Field(default=1.0, gt=0, le=1)
     # 0: the temperature applies at every position; n: only at the first n tokens of each
     # response (the rest at 1), where the teacher is flattest and where an update moves every
