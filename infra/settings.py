@@ -385,6 +385,26 @@ class LossSettings(_Section):
     eps: float = 1e-6
 
 
+class LoopGuardSettings(_Section):
+    """The learner's check of its own greedy answers (learner.loop_guard). Users who sample
+    never meet an answer that loops, so their rewards cannot reach the greedy mode of the
+    policy, where SmolLM2-135M's answers began to loop a sentence after a few updates. Before
+    each step the policy answers up to `prompts` of the step's contexts greedily; an answer in
+    which one `ngram`-token sequence occurs `repeats` times or more loops, and its tokens that
+    repeat an earlier `unlikely_ngram`-gram of it are pushed down with the unlikelihood
+    -log(1 - p), weighted `coef` against the step's trained tokens (sequence-level
+    unlikelihood). 0 prompts: off."""
+
+    prompts: int = Field(default=4, ge=0)
+    max_new_tokens: int = Field(default=96, ge=1)
+    # a longer context is not checked (its greedy answer costs a prefill of all of it)
+    max_prompt_tokens: int = Field(default=2048, ge=1)
+    ngram: int = Field(default=8, ge=2)
+    repeats: int = Field(default=3, ge=2)
+    unlikely_ngram: int = Field(default=4, ge=1)
+    coef: float = Field(default=1.0, ge=0)
+
+
 LORA_LR = 2e-4
 FULL_LR = 1e-5
 # KL to the base with LoRA: 0. k3 at 0.2 did not keep greedy answers from looping and slowed
@@ -431,6 +451,7 @@ class LearnerSettings(_Section):
     max_staleness: int = Field(default=4, ge=0)
     staleness_policy: Annotated[StalenessPolicy, BeforeValidator(_lower)] = "correct"
     loss: LossSettings = LossSettings()
+    loop_guard: LoopGuardSettings = LoopGuardSettings()
     checkpoint_every_steps: int = Field(default=4, ge=1)
     checkpoint_every_s: float = 300.0
     checkpoint_idle_s: float = Field(default=5.0, gt=0)   # publish unpublished steps once the feed is this quiet

@@ -39,6 +39,9 @@ Conventions (documented once, here):
   start`` keeps it to the first ``kl_start_tokens`` tokens of every trained span (a response):
   the positions whose context is nearly the same in every sample, where an update adds up
   across prompts and moves the policy most.
+- **Unlikelihood** (learner.loop_guard): ``−log(1 − p)`` of each token marked as a repeat in
+  the policy's own looping greedy answers, ``coef``-weighted and divided by the step's trained
+  token count like every other term; it fades as p falls, where −log p would not stop.
 - **Aggregation.** Token-mean over the loss-mask tokens of the whole optimizer step: each
   micro-batch contributes ``sum(loss over its mask tokens) / N_step``. Long responses weigh more
   than short ones, and a fully masked sample contributes exactly nothing.
@@ -252,6 +255,13 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> tor
     """Low-variance KL(π_θ‖π_ref) estimate per token: exp(d) − d − 1, d = ref − logp; ≥ 0."""
     d = _safe_log_ratio(ref_logp, logp, mask)
     return (torch.exp(d) - d - 1.0) * mask
+
+
+def unlikelihood(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """−log(1 − p) per token where `mask` is 1, else 0 (p = exp(logp), kept below 1 so the
+    term stays finite where the policy is sure of the token)."""
+    p = logp.exp().clamp(max=1.0 - 1e-6)
+    return -torch.log1p(-p) * mask
 
 
 def full_kl(logits: torch.Tensor, lse: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,9 @@ Save layout (under one checkpoint directory, uploaded as is):
 - ``train_state/``: DeepSpeed's checkpoint (optimizer, scheduler, step, client state; for LoRA
   without the frozen base). Only a resuming learner needs it.
 
+Before a step the policy's own greedy answers to some of its contexts are checked for loops
+(learner.loop_guard); the repeats of a looping one are pushed down in the same step.
+
 Knows nothing about Kafka or the object store.
 """
 
@@ -34,7 +37,8 @@ from infra.settings import LearnerSettings
 from learner.batching import Batch
 from learner.losses import (RewardWindow, advantages, entropy_from_logits, full_kl, k3_kl, micro_batch_loss,
                             normalisation_keys, sample_rewards, span_starts, topk_direction,
-                            topk_kl)
+                            topk_kl, unlikelihood)
+from learner.loop_guard import LoopBatch, LoopGuard
 from schemas.methods import rule
 
 DS_TAG = "ds"
@@ -175,6 +179,10 @@ class Trainer:
         self._params = params
         self._own_grad_norm = not bf16 and ls.zero_stage == 0
         self.trainable_params = sum(p.numel() for p in params)
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        eos = model.config.eos_token_id if eos is None else eos
+        self.loop_guard = LoopGuard(ls.loop_guard, self.pad_id,
+                                    [] if eos is None else [eos] if isinstance(eos, int) else list(eos))
 
     # -- forward --------------------------------------------------------------------------
 
@@ -270,14 +278,17 @@ class Trainer:
                                 self.reward_window).split([len(b.rewards) for b in batches])
         if not self._has_signal(batches, normed):
             return self._still_metrics(batches, rewards, started)
+        looping, guarded = (self.loop_guard.check(self.engine.module, batches, self.device)
+                            if self.loop_guard.on else (None, {}))
         proximal: list[torch.Tensor] = []
         refs: list[torch.Tensor | None] = []
-        totals = self._pass(batches, normed, proximal, refs)
+        totals = self._pass(batches, normed, proximal, refs, looping)
         last = totals
         for _ in range(self.epochs - 1):
-            last = self._pass(batches, normed, proximal, refs)
+            last = self._pass(batches, normed, proximal, refs, looping)
         elapsed = time.perf_counter() - started
         metrics = self._step_metrics(totals, batches, rewards, elapsed)
+        metrics.update(guarded)
         metrics["skipped"] = 0.0   # every step sets it: a gauge must not keep a skipped step's 1
         if self.epochs > 1:
             n = max(last["tokens"], 1.0)
@@ -316,15 +327,25 @@ class Trainer:
         return metrics
 
     def _pass(self, batches: list[Batch], normed: tuple[torch.Tensor, ...],
-              proximal: list[torch.Tensor], refs: list[torch.Tensor | None]) -> dict[str, float]:
+              proximal: list[torch.Tensor], refs: list[torch.Tensor | None],
+              looping: LoopBatch | None = None) -> dict[str, float]:
         """One forward/backward over every micro-batch (`normed`: each one's reward terms) and
         one optimizer update; the sums. The first pass fills `proximal` with its logprobs, which
         later passes use as the stale samples' proximal policy, and `refs` with the KL's
-        reference side where it is kept (`_reference_kept`)."""
+        reference side where it is kept (`_reference_kept`). `looping`: the policy's looping
+        greedy answers (learner.loop_guard), their repeats pushed down in every pass."""
         cfg = self.loss_cfg
         step_tokens = int(sum(int(b.mask.sum()) for b in batches))
         totals: dict[str, float] = {}
         self.engine.train()
+        if looping is not None:
+            # before the micro-batches, so the last of them still closes the accumulation
+            self.engine.set_gradient_accumulation_boundary(False)
+            logits, start = self._logits(self.engine, looping)
+            ul = unlikelihood(self._token_logprobs(logits, start, looping), looping.mask)
+            self.engine.backward(self.settings.loop_guard.coef * ul.sum() / max(step_tokens, 1),
+                                 scale_wrt_gas=False)
+            totals.update(unlikelihood=float(ul.sum()), unlikely_tokens=float(looping.mask.sum()))
         for i, (batch, r) in enumerate(zip(batches, normed)):
             self.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
             logits, start = self._logits(self.engine, batch)
@@ -381,6 +402,7 @@ class Trainer:
         metrics = {
             "loss": (t["policy_loss"] + self.loss_cfg.w_opd * t.get("distill", 0.0)
                      + self.loss_cfg.kl_coef * t.get("kl", 0.0)
+                     + self.settings.loop_guard.coef * t.get("unlikelihood", 0.0)
                      - self.loss_cfg.entropy_coef * t.get("entropy", 0.0)) / n,
             "policy_loss": t["policy_loss"] / n,
             # the judged answers' rewards: a revision repeats its approved answer's
@@ -409,6 +431,10 @@ class Trainer:
             metrics["entropy"] = t["entropy"] / n
         if "distill" in t:
             metrics["distill_kl"] = t["distill"] / n
+        if "unlikelihood" in t:
+            # per pushed-down token (their count beside it)
+            metrics["unlikelihood"] = t["unlikelihood"] / max(t["unlikely_tokens"], 1.0)
+            metrics["unlikely_tokens"] = t["unlikely_tokens"]
         return metrics
 
     # -- save / restore -------------------------------------------------------------------

@@ -25,6 +25,7 @@ from learner.losses import (
     tempered_bins,
     topk_direction,
     topk_kl,
+    unlikelihood,
 )
 from schemas.methods import METHODS, Signal, method, rule
 
@@ -417,3 +418,17 @@ def test_a_stale_sample_takes_the_proximal_policy_it_is_given():
     assert float(later.ratio) == pytest.approx(math.exp(0.2)) and float(later.is_weight) == pytest.approx(math.exp(0.3))
     beyond = policy_terms(logp, behaviour, adv, mask, stale, CFG, proximal_logp=torch.tensor([[-1.5]]))
     assert bool(beyond.clipped[0, 0])   # ratio e^0.5 > 1.28 with a positive advantage
+
+
+def test_unlikelihood_is_minus_log_one_minus_p_on_the_marked_tokens_and_stays_finite():
+    logp = torch.log(torch.tensor([[0.5, 0.9, 1.0, 0.2]]))
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    ul = unlikelihood(logp, mask)
+    assert ul[0, 0].item() == pytest.approx(math.log(2))
+    assert ul[0, 1].item() == pytest.approx(-math.log(0.1), rel=1e-5)
+    assert torch.isfinite(ul).all() and ul[0, 2].item() > 10   # p = 1: large, not inf
+    assert ul[0, 3].item() == 0
+    # its gradient pushes the marked token's logprob down
+    x = logp.clone().requires_grad_(True)
+    unlikelihood(x, mask)[0, :2].sum().backward()
+    assert (x.grad[0, :2] > 0).all() and x.grad[0, 3] == 0

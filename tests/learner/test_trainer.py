@@ -10,8 +10,9 @@ import json
 import pytest
 import torch
 
-from infra.settings import LearnerSettings, LossSettings
+from infra.settings import LearnerSettings, LoopGuardSettings, LossSettings
 from learner.batching import collate
+from learner.loop_guard import loops, repeated_positions
 from learner.losses import span_starts, topk_kl
 from learner.trainer import Trainer
 from tests.learner.samples import make_sample
@@ -20,7 +21,10 @@ pytestmark = pytest.mark.slow  # DeepSpeed import and engine setup: a few second
 
 
 def settings(**kw) -> LearnerSettings:
-    base = dict(device="cpu", lr=5e-2, lora=True, lora_rank=4, lora_alpha=8, token_budget=64, adv_norm="none")
+    # the loop guard off unless a test turns it on: the tiny random model's greedy answers all
+    # loop, and its term would move every step these tests compute by hand
+    base = dict(device="cpu", lr=5e-2, lora=True, lora_rank=4, lora_alpha=8, token_budget=64, adv_norm="none",
+                loop_guard=LoopGuardSettings(prompts=0))
     return LearnerSettings(**{**base, **kw})
 
 
@@ -106,6 +110,39 @@ def test_the_teacher_term_takes_the_teacher_at_the_configured_temperature(tiny_m
     assert int(head.sum()) == 2 and int(trained.sum()) > 2
     assert torch.allclose(first[head], got[0.5][head]) and torch.allclose(first[~head], got[1.0][~head])
     assert not torch.allclose(first[head], got[1.0][head])
+
+
+def test_the_loop_guard_pushes_down_the_repeats_of_the_policys_own_looping_greedy_answer(tiny_model_dir):
+    """The tiny random model's greedy answers repeat one token: the guard finds them and the
+    step lowers those repeats' probability, beside what the sample itself trains."""
+    sample = make_sample(3, reward=1.0)
+    guard = LoopGuardSettings(max_new_tokens=24)
+    moved, answers = {}, {}
+    for on in (True, False):
+        trainer = Trainer(settings(method="rl", lr=1e-2, loop_guard=guard if on else guard.model_copy(update={"prompts": 0})),
+                          tiny_model_dir)
+        prompt = list(sample.prompt_token_ids)
+        answer = trainer.loop_guard.answer(trainer.engine.module, [prompt], trainer.device)[0]
+        assert loops(answer, guard.ngram, guard.repeats)
+        repeats = torch.tensor(repeated_positions(answer, guard.unlikely_ngram), dtype=torch.bool)
+
+        def repeat_logprob() -> float:
+            ids = torch.tensor([prompt + answer])
+            with torch.no_grad():
+                logp = trainer.engine.module(input_ids=ids).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+            return float(logp.gather(-1, ids[0, len(prompt):, None]).squeeze(-1)[repeats].mean())
+
+        before = repeat_logprob()
+        metrics = trainer.train_step([collate([sample], trainer.pad_id)])
+        moved[on], answers[on] = repeat_logprob() - before, answer
+        if on:
+            assert metrics["loop_guard_answers"] == 1 and metrics["loop_guard_loops"] == 1
+            assert metrics["unlikely_tokens"] == float(repeats.sum()) > 0
+            assert metrics["unlikelihood"] > 0 and metrics["loop_guard_s"] > 0
+        else:
+            assert not any(k.startswith(("loop_guard", "unlikel")) for k in metrics)
+    assert answers[True] == answers[False]   # the same weights answer the same
+    assert moved[True] < moved[False] and moved[True] < 0
 
 
 def test_epochs_train_the_same_samples_again_within_the_clip(tiny_model_dir):
