@@ -77,6 +77,11 @@ def test_config_show_says_what_the_device_decides(monkeypatch):
     out = " ".join(CliRunner().invoke(app, ["config", "show"]).output.split())
     assert f"trains on cpu with LoRA (rank 16) at lr {LORA_LR:g} (the default for that)" in out
     assert "teacher is the served base model" in out
+    assert "greedy answers to 4 of each step's contexts are checked for loops" in out
+    monkeypatch.setenv("NEXTSTATE_LEARNER__LOOP_GUARD__PROMPTS", "0")
+    out = " ".join(CliRunner().invoke(app, ["config", "show"]).output.split())
+    assert "greedy answers are not checked for loops" in out
+    monkeypatch.delenv("NEXTSTATE_LEARNER__LOOP_GUARD__PROMPTS")
     s = load_settings()
     assert s.learner.learning_rate("cpu") == LORA_LR and s.learner.learning_rate("cuda") == FULL_LR
     monkeypatch.setenv("NEXTSTATE_LEARNER__LR", "3e-6")
