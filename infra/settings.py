@@ -393,7 +393,9 @@ class LoopGuardSettings(_Section):
     which one `ngram`-token sequence occurs `repeats` times or more loops, and its tokens that
     repeat an earlier `unlikely_ngram`-gram of it are pushed down with the unlikelihood
     -log(1 - p), weighted `coef` against the step's trained tokens (sequence-level
-    unlikelihood). 0 prompts: off."""
+    unlikelihood). 0 prompts: off. On by default: on SmolLM2-135M it left 4 looping greedy
+    probe answers over `brief` and `plain`'s eight rounds against 10 without it on the same
+    logs, for 27-38 % of the step time on two cores (`nextstate bench personal`, README)."""
 
     prompts: int = Field(default=4, ge=0)
     max_new_tokens: int = Field(default=96, ge=1)
