@@ -9,6 +9,10 @@
 2. Time from the end of a step to its CheckpointPublished (save + upload + publish).
 3. SmolLM2-135M-Instruct on this machine, LoRA and full fine-tuning: seconds per 4×128 step.
 
+Both run without the loop guard (learner.loop_guard): 1 and 3 measure the feed and the step,
+and the guard's greedy answers, which the tiny random model loops on every prompt, would be
+most of each step. What the guard costs on real traffic is `bench personal`'s loop_guard_s.
+
 Uses a fresh topic namespace and bucket, removed afterwards. Knows nothing the loop does not.
 """
 
@@ -160,7 +164,8 @@ def smollm2_steps(settings: Settings, lora: bool, steps: int, work: Path) -> dic
 
     path = resolve_model(settings.serving.model, settings.serving.cache_dir)
     ls = settings.learner.model_copy(update={
-        "lora": lora, "device": "cpu", "token_budget": 512, "grad_accum": 1, "run": "bench"})
+        "lora": lora, "device": "cpu", "token_budget": 512, "grad_accum": 1, "run": "bench",
+        "loop_guard": settings.learner.loop_guard.model_copy(update={"prompts": 0})})
     trainer = Trainer(ls, path)
     samples = bench_samples(4 * (steps + 1), 64, 64, vocab=trainer.engine.module.config.vocab_size)
     timed_loop(trainer, MemorySampleSource(samples[:4]), ls, work / "warm")  # first-step costs
@@ -183,12 +188,13 @@ def run_learner_bench(settings: Settings, prompt: int, response: int, model: str
         path = Path(model) if model else build_tiny_model(work / "tiny")
         ls = settings.learner.model_copy(update={
             "run": "bench", "device": "cpu", "lora": True, "grad_accum": 1,
-            "token_budget": 4 * (prompt + response), "fill_timeout_s": 0.5})
+            "token_budget": 4 * (prompt + response), "fill_timeout_s": 0.5,
+            "loop_guard": settings.learner.loop_guard.model_copy(update={"prompts": 0})})
         trainer = Trainer(ls, path)
         vocab = trainer.engine.module.config.vocab_size
         name = model or "tiny test model"
         console.print(f"[bold]loop fed from Kafka vs memory[/bold] ({name}, LoRA, samples of "
-                      f"{prompt}+{response} tokens, 4 per step)")
+                      f"{prompt}+{response} tokens, 4 per step, loop guard off)")
         r = kafka_vs_memory(settings, ls, trainer, lambda n: bench_samples(n, prompt, response, vocab), work,
                             seconds, rounds, console)
         del trainer
