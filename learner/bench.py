@@ -34,6 +34,11 @@ from learner.sources import MemorySampleSource, PrefetchingSource
 from schemas.events import Method, SampleReady
 
 
+def _guard_off(settings: Settings):
+    """The learner's loop guard with no prompts checked (see the module docstring)."""
+    return settings.learner.loop_guard.model_copy(update={"prompts": 0})
+
+
 def bench_samples(n: int, prompt: int, response: int, vocab: int, seed: int = 0) -> list[SampleReady]:
     import random
 
@@ -165,7 +170,7 @@ def smollm2_steps(settings: Settings, lora: bool, steps: int, work: Path) -> dic
     path = resolve_model(settings.serving.model, settings.serving.cache_dir)
     ls = settings.learner.model_copy(update={
         "lora": lora, "device": "cpu", "token_budget": 512, "grad_accum": 1, "run": "bench",
-        "loop_guard": settings.learner.loop_guard.model_copy(update={"prompts": 0})})
+        "loop_guard": _guard_off(settings)})
     trainer = Trainer(ls, path)
     samples = bench_samples(4 * (steps + 1), 64, 64, vocab=trainer.engine.module.config.vocab_size)
     timed_loop(trainer, MemorySampleSource(samples[:4]), ls, work / "warm")  # first-step costs
@@ -189,7 +194,7 @@ def run_learner_bench(settings: Settings, prompt: int, response: int, model: str
         ls = settings.learner.model_copy(update={
             "run": "bench", "device": "cpu", "lora": True, "grad_accum": 1,
             "token_budget": 4 * (prompt + response), "fill_timeout_s": 0.5,
-            "loop_guard": settings.learner.loop_guard.model_copy(update={"prompts": 0})})
+            "loop_guard": _guard_off(settings)})
         trainer = Trainer(ls, path)
         vocab = trainer.engine.module.config.vocab_size
         name = model or "tiny test model"
