@@ -180,7 +180,8 @@ def run_preference(settings: Settings, cfg: PersonalBenchConfig, preference: str
                         for q in questions]
     result: PreferenceResult | None = None
     try:
-        parts.start("processors", ["process", "all"])
+        # a teacher that follows the policy (processors.teacher_policy=current) follows the served run
+        parts.start("processors", ["process", "all"], {"NEXTSTATE_SERVING__CHECKPOINT_RUN": runs[served]})
         for v in cfg.variants:
             slug = _slug(v.name)
             parts.start(f"gateway-{slug}", ["gateway"], {
@@ -350,7 +351,7 @@ def run_personal_bench(settings: Settings, cfg: PersonalBenchConfig, console: Co
                   f"{cfg.variants[0].name}, lr {learner.lr or 'default'}, grad_accum {learner.grad_accum}, adv_norm {learner.adv_norm}, "
                   f"token_budget {learner.token_budget}, w_rl {learner.loss.w_rl}, w_opd {learner.loss.w_opd}, "
                   f"kl_coef {learner.loss.kl_coef if learner.loss.kl_coef is not None else 'default'}, teacher {settings.processors.teacher_model} "
-                  f"(hint {settings.processors.hint_placement} the message)", markup=False)
+                  f"{settings.processors.teacher_policy} (hint {settings.processors.hint_placement} the message)", markup=False)
     results: list[PreferenceResult] = []
     for preference in cfg.preferences:
         results.append(run_preference(settings, cfg, preference, console))
