@@ -459,10 +459,11 @@ class LearnerSettings(_Section):
     checkpoint_idle_s: float = Field(default=5.0, gt=0)   # publish unpublished steps once the feed is this quiet
     work_dir: Path = Field(default_factory=lambda: _state_root() / "learner")
     # How the reward term of a sample without a precomputed advantage is normalised:
-    # "batch" (a mean/std baseline over the step; personal-agent traffic has no task groups),
-    # "group", "step" or "none" (learner.losses). General agents' samples carry their own.
-    adv_norm: Annotated[AdvNorm, BeforeValidator(_lower)] = "batch"
-    # "running": rewards against the last `adv_window` rewards of any step (learner.losses.RewardWindow)
+    # "running" (against the last `adv_window` rewards of any step, learner.losses.RewardWindow;
+    # personal-agent traffic has no task groups, and its steps are a few samples that often share
+    # one verdict), "batch" (a mean/std over the step, which gives such a step no signal), "group",
+    # "step" or "none" (learner.losses). General agents' samples carry their own.
+    adv_norm: Annotated[AdvNorm, BeforeValidator(_lower)] = "running"
     adv_window: int = Field(default=64, ge=1)
     lr_schedule: Annotated[LrSchedule, BeforeValidator(_lower)] = "constant"
     warmup_steps: int = Field(default=0, ge=0)

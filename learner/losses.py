@@ -178,7 +178,7 @@ def normalisation_keys(task_groups: Sequence[str | None], step_indices: Sequence
         return list(task_groups)
     if mode == "step":
         return [None if g is None or s is None else (g, s) for g, s in zip(task_groups, step_indices)]
-    raise ValueError(f"unknown advantage normalisation {mode!r}; known: none, group, step, batch")
+    raise ValueError(f"unknown advantage normalisation {mode!r}; known: none, group, step, batch, running")
 
 
 def normalise_rewards(rewards: torch.Tensor, keys: Sequence[Hashable | None],

@@ -71,13 +71,17 @@ def config_show() -> None:
     teacher_t = "" if loss.opd_temperature == 1 else (
         f" with the teacher at temperature {loss.opd_temperature:g}"
         + (f" on the first {loss.opd_temperature_tokens} tokens of each response" if loss.opd_temperature_tokens else ""))
+    baseline = {"running": f"the last {lp.adv_window} rewards of any step", "batch": "the step's mean and spread",
+                "group": "their task group's mean and spread",
+                "step": "their task group's at the same step", "none": "no baseline"}[lp.adv_norm]
     g = lp.loop_guard
     guard = (f"the policy's greedy answers to {g.prompts} of each step's contexts are checked for loops (one "
              f"{g.ngram}-token sequence {g.repeats} times) and their repeats pushed down × {g.coef:g}"
              if g.prompts and g.coef else "the policy's greedy answers are not checked for loops")
     console.print(f"decided here: the learner trains on {device} with {trains} at lr "
                   f"{lp.learning_rate(device):g}{lr_note}, {lp.updates_per_step(device)} update(s) per step's "
-                  f"samples, negative advantages × {loss.neg_weight:g} and KL to the base {kl}; {guard}; the teacher term is "
+                  f"samples, rewards against {baseline}, negative advantages × {loss.neg_weight:g} and KL to the "
+                  f"base {kl}; {guard}; the teacher term is "
                   f"{lp.loss.opd_form}{teacher_t}; the hint stage's teacher is {describe_teacher(settings)}, reading the "
                   f"hint {settings.processors.hint_placement} the user's message; a rejected answer's approved "
                   f"redo {'trains' if settings.processors.revisions and lp.revisions and rule(lp.method).reward_term else 'does not train'} "

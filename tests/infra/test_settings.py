@@ -78,9 +78,13 @@ def test_config_show_says_what_the_device_decides(monkeypatch):
     assert f"trains on cpu with LoRA (rank 16) at lr {LORA_LR:g} (the default for that)" in out
     assert "teacher is the served base model" in out
     assert "greedy answers to 4 of each step's contexts are checked for loops" in out
+    assert "rewards against the last 64 rewards of any step" in out
     monkeypatch.setenv("NEXTSTATE_LEARNER__LOOP_GUARD__PROMPTS", "0")
+    monkeypatch.setenv("NEXTSTATE_LEARNER__ADV_NORM", "batch")
     out = " ".join(CliRunner().invoke(app, ["config", "show"]).output.split())
     assert "greedy answers are not checked for loops" in out
+    assert "rewards against the step's mean and spread" in out
+    monkeypatch.delenv("NEXTSTATE_LEARNER__ADV_NORM")
     monkeypatch.delenv("NEXTSTATE_LEARNER__LOOP_GUARD__PROMPTS")
     s = load_settings()
     assert s.learner.learning_rate("cpu") == LORA_LR and s.learner.learning_rate("cuda") == FULL_LR
