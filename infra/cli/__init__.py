@@ -73,7 +73,7 @@ def config_show() -> None:
         + (f" on the first {loss.opd_temperature_tokens} tokens of each response" if loss.opd_temperature_tokens else ""))
     baseline = {"running": f"the last {lp.adv_window} rewards of any step", "batch": "the step's mean and spread",
                 "group": "their task group's mean and spread",
-                "step": "their task group's at the same step", "none": "no baseline"}[lp.adv_norm]
+                "step": "their task group's mean and spread at the same step", "none": "no baseline"}[lp.adv_norm]
     g = lp.loop_guard
     guard = (f"the policy's greedy answers to {g.prompts} of each step's contexts are checked for loops (one "
              f"{g.ngram}-token sequence {g.repeats} times) and their repeats pushed down × {g.coef:g}"
