@@ -355,6 +355,13 @@ class LossSettings(_Section):
     # response (the rest at 1), where the teacher is flattest and where an update moves every
     # answer's start (the "start" of `kl_on`).
     opd_temperature_tokens: int = Field(default=0, ge=0)
+    # How much further than the hinted teacher the teacher term aims (learner.losses.guided_bins):
+    # each of its top-K bins moved g × its log-ratio to the base model's bin in the student's own
+    # context (the hint's effect), that ratio capped at ±opd_guidance_cap. It costs one more
+    # forward (the base: LoRA's adapter off, else a frozen copy) a micro-batch per step.
+    # 0: the teacher as it is.
+    opd_guidance: float = Field(default=0.0, ge=0)
+    opd_guidance_cap: float = Field(default=1.0, gt=0)
     w_rl: float = 1.0
     w_opd: float = 1.0
     # The weight of a token's advantage where it is below zero (1: symmetric). Pushed down, a

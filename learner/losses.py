@@ -24,6 +24,12 @@ Conventions (documented once, here):
   Samples without top-K rows keep the sampled-token term. ``token`` is the sampled-token
   term only. ``opd_temperature`` below 1 takes the teacher's bins sharper (`tempered_bins`),
   at every position or, with ``opd_temperature_tokens`` n, at the first n of each response.
+  ``opd_guidance`` g > 0 takes the teacher further along what the hint changed
+  (`guided_bins`): per bin ``log t + g·clip(log t − log u, ±opd_guidance_cap)``, renormalised,
+  where u is the base model's distribution in the student's own (unhinted) context. The
+  hinted teacher moves many tokens only a little away from the base; the gap is the hint's
+  effect, and g scales it. The cap keeps a token the base almost never writes (the hint's own
+  words, its labels) from being raised by more than a factor e^(g·cap).
 - **Negative advantages** are scaled by ``neg_weight`` (1: as they are) before the surrogate.
 - **Surrogate.** PPO clipped, asymmetric: ``max(−ρA, −clip(ρ, 1−ε_low, 1+ε_high)·A)`` with
   ``ρ = π_θ / π_behaviour``.
@@ -72,6 +78,8 @@ class LossParams(Protocol):
     opd_form: str
     opd_temperature: float
     opd_temperature_tokens: int
+    opd_guidance: float
+    opd_guidance_cap: float
     w_rl: float
     w_opd: float
     neg_weight: float
@@ -134,14 +142,33 @@ def tempered_bins(top: torch.Tensor, valid: torch.Tensor, temperature: float) ->
     return torch.where(valid.any(-1, keepdim=True), out, bins)
 
 
+def guided_bins(teacher: torch.Tensor, base: torch.Tensor, valid: torch.Tensor, guidance: float,
+                cap: float) -> torch.Tensor:
+    """The teacher's K + 1 bins taken `guidance` further along the hint's effect: per bin
+    ``teacher + guidance·clip(teacher − base, ±cap)`` (log space), renormalised, with `base`
+    the base model's bins on the same ids in the unhinted context. ``guidance`` 0 is `teacher`.
+    A position with no valid entry keeps the teacher's bins."""
+    if guidance == 0:
+        return teacher
+    effect = torch.clamp(teacher - base, -cap, cap)
+    out = teacher + guidance * effect
+    out = out - torch.logsumexp(out, dim=-1, keepdim=True)
+    return torch.where(valid.any(-1, keepdim=True), out, teacher)
+
+
 def topk_kl(student_top: torch.Tensor, teacher_top: torch.Tensor, valid: torch.Tensor,
-            direction: str, temperature: float = 1.0) -> torch.Tensor:
+            direction: str, temperature: float = 1.0, base_top: torch.Tensor | None = None,
+            guidance: float = 0.0, cap: float = 1.0) -> torch.Tensor:
     """Per-position KL [B, T] on K + 1 bins, from the logprobs both policies give the teacher's
     top-K ids [B, T, K] (padding marked False in `valid`): ``forward`` KL(teacher‖student),
     ``reverse`` KL(student‖teacher). A position with no valid entry has KL 0. The teacher's
-    bins are taken at `temperature` (`tempered_bins`; below 1 sharper)."""
+    bins are taken at `temperature` (`tempered_bins`; below 1 sharper) and, given the base
+    model's logprobs of the same ids (`base_top`), `guidance` further along the hint's effect
+    (`guided_bins`)."""
     s = _with_tail(student_top, valid)
     t = tempered_bins(teacher_top.to(s.dtype), valid, temperature)
+    if base_top is not None and guidance != 0:
+        t = guided_bins(t, _with_tail(base_top.to(s.dtype), valid), valid, guidance, cap)
     if direction == "forward":
         p, a, b = t.exp(), t, s
     elif direction == "reverse":

@@ -160,9 +160,9 @@ class Trainer:
 
             model = get_peft_model(model, LoraConfig(r=ls.lora_rank, lora_alpha=ls.lora_alpha,
                                                      target_modules="all-linear", lora_dropout=0.0))
-        elif self.loss_cfg.kl_coef > 0:
-            # Full fine-tuning needs its own frozen copy of the base for the KL reference;
-            # with LoRA the reference is the same model with the adapter switched off.
+        elif self.loss_cfg.kl_coef > 0 or self._guided():
+            # Full fine-tuning needs its own frozen copy of the base for the KL reference (and
+            # the teacher's guidance); with LoRA it is the same model with the adapter off.
             self.ref_model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
             self.ref_model.requires_grad_(False).eval().to(self.device)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -207,31 +207,52 @@ class Trainer:
         logp = logits.gather(-1, targets).squeeze(-1) - lse
         return torch.nn.functional.pad(logp, (start, 0))
 
-    def _distill(self, logits: torch.Tensor, lse: torch.Tensor, start: int, batch: Batch) -> torch.Tensor | None:
+    def _guided(self) -> bool:
+        """Whether the teacher term is guided (`loss.opd_guidance`): it needs the base's logprobs."""
+        return self.topk is not None and self.loss_cfg.opd_guidance > 0
+
+    def _distill(self, logits: torch.Tensor, lse: torch.Tensor, start: int, batch: Batch,
+                 base_top: torch.Tensor | None = None) -> torch.Tensor | None:
         """[B, T-1] top-K KL to the teacher at every position (0 where a sample has no rows),
-        or None when the loss does not use the teacher's distribution or no sample carries one."""
+        or None when the loss does not use the teacher's distribution or no sample carries one.
+        `base_top` (`_base_top`): the base's logprobs of the teacher's ids, for the guidance."""
         if self.topk is None or not bool(batch.has_top.any()):
             return None
         ids, valid = batch.top_ids[:, start:], batch.top_valid[:, start:]
         student = logits.gather(-1, ids) - lse.unsqueeze(-1)
         teacher, cfg = batch.top_logprobs[:, start:], self.loss_cfg
-        kl = topk_kl(student, teacher, valid, self.topk, cfg.opd_temperature)
+        guide = dict(base_top=base_top, guidance=cfg.opd_guidance, cap=cfg.opd_guidance_cap)
+        kl = topk_kl(student, teacher, valid, self.topk, cfg.opd_temperature, **guide)
         if cfg.opd_temperature != 1.0 and cfg.opd_temperature_tokens:
             # tempered at each response's first tokens only, as taken at the rest
             first = span_starts(batch.mask[:, start:], cfg.opd_temperature_tokens).bool()
-            kl = torch.where(first, kl, topk_kl(student, teacher, valid, self.topk))
+            kl = torch.where(first, kl, topk_kl(student, teacher, valid, self.topk, **guide))
         return torch.nn.functional.pad(kl, (start, 0))
+
+    def _base_logits(self, batch: Batch) -> torch.Tensor:
+        """The base model's logits on `batch` (`_logits`, same start), without gradient: the
+        adapter switched off with LoRA, the frozen copy otherwise."""
+        with torch.no_grad():
+            if self.lora:
+                with self.engine.module.disable_adapter():
+                    return self._logits(self.engine, batch)[0]
+            return self._logits(self.ref_model, batch)[0]
+
+    def _base_top(self, batch: Batch, start: int) -> torch.Tensor | None:
+        """[B, T-1-start, K] the base's logprobs of the teacher's top-K ids in the student's
+        context, for the guided teacher term; None when it is off or no sample has rows. The base
+        does not change within a step: the first pass's is kept for the later ones."""
+        if not self._guided() or not bool(batch.has_top.any()):
+            return None
+        base = self._base_logits(batch)
+        return base.gather(-1, batch.top_ids[:, start:]) - torch.logsumexp(base, dim=-1, keepdim=True)
 
     def _reference(self, batch: Batch, start: int) -> torch.Tensor:
         """The reference's side of the KL (`loss.kl_form`, `loss.kl_on`): the base's logprob of
         each target token (k3), or its log-softmax rows where the KL is counted (full). The
         base is the adapter switched off with LoRA, the frozen copy otherwise."""
+        ref = self._base_logits(batch)   # same batch: same start
         with torch.no_grad():
-            if self.lora:
-                with self.engine.module.disable_adapter():
-                    ref, _ = self._logits(self.engine, batch)   # same batch: same start
-            else:
-                ref, _ = self._logits(self.ref_model, batch)
             if self.loss_cfg.kl_form == "k3":
                 return self._token_logprobs(ref, start, batch)
             if self.loss_cfg.kl_on == "start":
@@ -282,10 +303,11 @@ class Trainer:
                             if self.loop_guard.on else (None, {}))
         proximal: list[torch.Tensor] = []
         refs: list[torch.Tensor | None] = []
-        totals = self._pass(batches, normed, proximal, refs, looping)
+        bases: list[torch.Tensor | None] = []
+        totals = self._pass(batches, normed, proximal, refs, bases, looping)
         last = totals
         for _ in range(self.epochs - 1):
-            last = self._pass(batches, normed, proximal, refs, looping)
+            last = self._pass(batches, normed, proximal, refs, bases, looping)
         elapsed = time.perf_counter() - started
         metrics = self._step_metrics(totals, batches, rewards, elapsed)
         metrics.update(guarded)
@@ -328,11 +350,12 @@ class Trainer:
 
     def _pass(self, batches: list[Batch], normed: tuple[torch.Tensor, ...],
               proximal: list[torch.Tensor], refs: list[torch.Tensor | None],
-              looping: LoopBatch | None = None) -> dict[str, float]:
+              bases: list[torch.Tensor | None], looping: LoopBatch | None = None) -> dict[str, float]:
         """One forward/backward over every micro-batch (`normed`: each one's reward terms) and
         one optimizer update; the sums. The first pass fills `proximal` with its logprobs, which
         later passes use as the stale samples' proximal policy, and `refs` with the KL's
-        reference side where it is kept (`_reference_kept`). `looping`: the policy's looping
+        reference side where it is kept (`_reference_kept`), and `bases` with the base's side of the
+        guided teacher term (`_base_top`). `looping`: the policy's looping
         greedy answers (learner.loop_guard), their repeats pushed down in every pass."""
         cfg = self.loss_cfg
         step_tokens = int(sum(int(b.mask.sum()) for b in batches))
@@ -351,7 +374,9 @@ class Trainer:
             logits, start = self._logits(self.engine, batch)
             lse = torch.logsumexp(logits, dim=-1)
             logp = self._token_logprobs(logits, start, batch, lse)
-            distill = self._distill(logits, lse, start, batch)
+            if len(bases) <= i:
+                bases.append(self._base_top(batch, start))
+            distill = self._distill(logits, lse, start, batch, bases[i])
             # a sample whose teacher term is its KL to the teacher's top-K gets no sampled-token gap
             token_teacher = batch.has_teacher * (1 - batch.has_top) if distill is not None else batch.has_teacher
             adv = advantages(self.rule, r, batch.teacher, batch.behaviour, token_teacher, cfg)

@@ -10,9 +10,11 @@ import torch
 
 from infra.settings import LossSettings
 from learner.losses import (
+    _with_tail,
     advantages,
     entropy_from_logits,
     full_kl,
+    guided_bins,
     k3_kl,
     micro_batch_loss,
     normalisation_keys,
@@ -389,6 +391,36 @@ def test_a_forward_kl_to_a_flat_teacher_spreads_the_student_less_at_a_lower_temp
     assert h[0.5] < h[1.0] - 0.25
     for logits in ends.values():                                    # the teacher's order either way
         assert torch.equal(logits[0, 0, :4].argsort(descending=True), torch.arange(4))
+
+
+def test_a_guided_teacher_moves_each_bin_further_along_the_hints_effect_capped():
+    teacher = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))   # bins: tokens a, b, the tail
+    base = torch.log(torch.tensor([[0.25, 0.6, 0.15]]))
+    valid = torch.tensor([[True, True]])
+    assert torch.equal(guided_bins(teacher, base, valid, 0.0, 1.0), teacher)
+    got = guided_bins(teacher, base, valid, 1.0, 5.0).exp()[0]
+    raw = torch.tensor([0.5 ** 2 / 0.25, 0.3 ** 2 / 0.6, 0.2 ** 2 / 0.15])   # t · (t / u)
+    assert torch.allclose(got, raw / raw.sum(), atol=1e-6)
+    # a token the base almost never writes (the hint's own words) is raised by at most e^(g·cap)
+    rare = guided_bins(torch.log(torch.tensor([[0.1, 0.5, 0.4]])), torch.log(torch.tensor([[1e-6, 0.5, 0.5]])),
+                       valid, 2.0, 0.5).exp()[0]
+    raw = torch.tensor([0.1 * math.e, 0.5, 0.4 * (0.4 / 0.5) ** 2])   # the tail's ratio is under the cap
+    assert torch.allclose(rare, raw / raw.sum(), atol=1e-6)
+    # a row with nothing valid keeps the teacher's bins
+    assert torch.equal(guided_bins(teacher, base, torch.tensor([[False, False]]), 1.0, 1.0), teacher)
+
+
+def test_the_kl_to_a_guided_teacher_is_the_kl_to_its_bins():
+    g = torch.Generator().manual_seed(5)
+    student, teacher, base = (torch.log_softmax(torch.randn(1, 3, 7, generator=g), -1) for _ in range(3))
+    ids = teacher.argsort(-1, descending=True)[..., :4]
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    s, t, u = (x.gather(-1, ids) for x in (student, teacher, base))
+    guided = guided_bins(_with_tail(t, valid), _with_tail(u, valid), valid, 1.5, 0.7)
+    got = topk_kl(s, t, valid, "forward", base_top=u, guidance=1.5, cap=0.7)
+    assert torch.allclose(got, _full_kl(guided, _with_tail(s, valid)), atol=1e-5)
+    assert torch.equal(topk_kl(s, t, valid, "forward", base_top=u, guidance=0.0), topk_kl(s, t, valid, "forward"))
+    assert not torch.allclose(got, topk_kl(s, t, valid, "forward"))
 
 
 def test_opd_form_names_the_direction():

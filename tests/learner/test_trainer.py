@@ -112,6 +112,41 @@ def test_the_teacher_term_takes_the_teacher_at_the_configured_temperature(tiny_m
     assert not torch.allclose(first[head], got[1.0][head])
 
 
+@pytest.mark.parametrize("lora", [True, False])
+def test_a_guided_teacher_term_takes_the_base_once_a_step_and_aims_past_the_teacher(tiny_model_dir, monkeypatch, lora):
+    """With loss.opd_guidance the teacher's bins are moved along their log-ratio to the base's
+    in the student's context: the base (adapter off, or the frozen copy) is taken once per
+    micro-batch on a step's first pass, and the step trains differently from the plain term."""
+    batches = lambda pad: [collate([make_sample(4, teacher=True, top_k=4)], pad),
+                           collate([make_sample(5, teacher=True, top_k=4)], pad)]
+    weights = {}
+    for guidance in (0.0, 2.0):
+        trainer = Trainer(settings(method="opd", lora=lora, lr=1e-2, epochs=3,
+                                   loss=LossSettings(kl_coef=0.0, opd_guidance=guidance)), tiny_model_dir)
+        assert (trainer.ref_model is not None) == (not lora and guidance > 0)
+        calls = []
+        taken = trainer._base_logits
+        monkeypatch.setattr(trainer, "_base_logits", lambda *a: calls.append(1) or taken(*a))
+        batch = batches(trainer.pad_id)[0].to(trainer.device)
+        with torch.no_grad():
+            logits, start = trainer._logits(trainer.engine, batch)
+            lse = torch.logsumexp(logits, -1)
+            base_top = trainer._base_top(batch, start)
+            got = trainer._distill(logits, lse, start, batch, base_top)
+        if guidance:
+            ids, valid = batch.top_ids[:, start:], batch.top_valid[:, start:]
+            want = topk_kl(logits.gather(-1, ids) - lse.unsqueeze(-1), batch.top_logprobs[:, start:], valid,
+                           "forward", base_top=base_top, guidance=guidance, cap=1.0)
+            assert torch.allclose(got[:, start:], want)
+        else:
+            assert base_top is None
+        calls.clear()
+        trainer.train_step(batches(trainer.pad_id))
+        assert len(calls) == (2 if guidance else 0)   # micro-batches, not × passes
+        weights[guidance] = _trainable(trainer)
+    assert any(not torch.allclose(weights[0.0][n], weights[2.0][n]) for n in weights[0.0])
+
+
 def test_the_loop_guard_pushes_down_the_repeats_of_the_policys_own_looping_greedy_answer(tiny_model_dir):
     """The tiny random model's greedy answers repeat one token: the guard finds them and the
     step lowers those repeats' probability, beside what the sample itself trains."""
