@@ -72,8 +72,8 @@ def config_show() -> None:
         f" with the teacher at temperature {loss.opd_temperature:g}"
         + (f" on the first {loss.opd_temperature_tokens} tokens of each response" if loss.opd_temperature_tokens else ""))
     if loss.opd_guidance:
-        teacher_t += (f", taken {loss.opd_guidance:g}× further along its log-ratio to the base (each bin's "
-                      f"capped at ±{loss.opd_guidance_cap:g})")
+        teacher_t += (f", the teacher taken {loss.opd_guidance:g}× further from the base along what the hint "
+                      f"changed (each bin's log-ratio to the base capped at ±{loss.opd_guidance_cap:g})")
     baseline = {"running": f"the last {lp.adv_window} rewards of any step", "batch": "the step's mean and spread",
                 "group": "their task group's mean and spread",
                 "step": "their task group's mean and spread at the same step", "none": "no baseline"}[lp.adv_norm]
