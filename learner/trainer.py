@@ -368,7 +368,7 @@ class Trainer:
             ul = unlikelihood(self._token_logprobs(logits, start, looping), looping.mask)
             self.engine.backward(self.settings.loop_guard.coef * ul.sum() / max(step_tokens, 1),
                                  scale_wrt_gas=False)
-            totals.update(unlikelihood=float(ul.sum()), unlikely_tokens=float(looping.mask.sum()))
+            totals.update(unlikelihood=float(ul.detach().sum()), unlikely_tokens=float(looping.mask.sum()))
         for i, (batch, r) in enumerate(zip(batches, normed)):
             self.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
             logits, start = self._logits(self.engine, batch)
