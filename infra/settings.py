@@ -359,7 +359,8 @@ class LossSettings(_Section):
     # each of its top-K bins moved g × its log-ratio to the base model's bin in the student's own
     # context (the hint's effect), that ratio capped at ±opd_guidance_cap. It costs one more
     # forward (the base: LoRA's adapter off, else a frozen copy) a micro-batch per step.
-    # 0: the teacher as it is.
+    # The top-K forms only. 0: the teacher as it is (one run on `formal` at 1: inside the served
+    # runs' spread, `nextstate bench personal`, README).
     opd_guidance: float = Field(default=0.0, ge=0)
     opd_guidance_cap: float = Field(default=1.0, gt=0)
     w_rl: float = 1.0
