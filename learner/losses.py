@@ -167,7 +167,7 @@ def topk_kl(student_top: torch.Tensor, teacher_top: torch.Tensor, valid: torch.T
     (`guided_bins`)."""
     s = _with_tail(student_top, valid)
     t = tempered_bins(teacher_top.to(s.dtype), valid, temperature)
-    if base_top is not None and guidance != 0:
+    if base_top is not None:
         t = guided_bins(t, _with_tail(base_top.to(s.dtype), valid), valid, guidance, cap)
     if direction == "forward":
         p, a, b = t.exp(), t, s
