@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import faust
 from faust.types import TP
+from mode.utils.queues import FlowControlEvent
 
 from infra.provision import control_plans, ensure_topics
 from infra.settings import Settings
@@ -63,6 +66,27 @@ class FaustOffsets:
 
     def assignment(self) -> int:
         return getattr(self.app, "assignments", 0)
+
+
+class DroppingFlowControl(FlowControlEvent):
+    """faust's flow control of its stream queues, telling `on_dropped` the lowest offset per
+    partition of the records a clear throws away (faust clears them at a rebalance and every
+    time the flow resumes; see processors.order)."""
+
+    def __init__(self, on_dropped: Callable[[dict[TP, int]], None], **kw: Any) -> None:
+        super().__init__(**kw)
+        self.on_dropped = on_dropped
+
+    def clear(self) -> None:
+        lowest: dict[TP, int] = {}
+        for queue in list(self._queues):
+            for item in list(getattr(queue, "_queue", ())):
+                message = getattr(item, "message", None)
+                if message is not None:
+                    lowest[message.tp] = min(message.offset, lowest.get(message.tp, message.offset))
+        super().clear()
+        if lowest:
+            self.on_dropped(lowest)
 
 
 @dataclass
@@ -103,12 +127,32 @@ class StageApp(faust.App):
     - **Order.** ``processors.order.OffsetOrder`` stands in front of faust's delivery: every
       record of an input partition is handed on once, in offset order, with no hole; a record
       that arrives ahead of its predecessors makes the partition rewind (see that module).
-      faust's own read-offset filter is off for inputs. ``order`` is reset at every seek.
+      faust's own read-offset filter is off for inputs. ``order`` is reset at every seek, and
+      set back (the partition read again) when faust empties queued records it had admitted.
 
     Re-reading is harmless: every output id is derived from its input.
     """
 
     stream_topics: frozenset[str] = frozenset()   # what the stage's agent reads (build_app sets it)
+    order: OffsetOrder | None = None              # set with the consumer
+
+    @cached_property
+    def flow_control(self) -> FlowControlEvent:
+        return DroppingFlowControl(self._dropped, loop=self.loop)
+
+    def _dropped(self, lowest: dict[TP, int]) -> None:
+        """Queued input records were thrown away before the agent took them: read them again."""
+        for tp, offset in lowest.items():
+            if tp.topic in self.stream_topics and self.order is not None and self.order.dropped(tp, offset):
+                log.warning("%s: queued records of %s[%d] from @%d were dropped; reading from @%d again",
+                            self.conf.id, tp.topic, tp.partition, offset, offset)
+                asyncio.ensure_future(self._read_again(tp, offset))
+
+    async def _read_again(self, tp: TP, offset: int) -> None:
+        try:
+            await self.consumer.seek(tp, offset)
+        except Exception as exc:  # noqa: BLE001 - not assigned any more: its next seek resets it
+            log.warning("%s: seeking %s[%d] to @%d failed (%s)", self.conf.id, tp.topic, tp.partition, offset, exc)
 
     def _new_consumer(self) -> Any:
         consumer = super()._new_consumer()

@@ -112,3 +112,18 @@ def test_a_hole_is_found_when_the_stale_batch_and_the_fetch_after_the_seek_hold_
     order.seeked("f1", 50)
     assert {order.admit("f1", o) for o in (55, 56, 57)} == {Verdict.REWIND}
     assert [order.admit("f1", o) for o in range(50, 58)] == [Verdict.DELIVER] * 8   # no hole: all come
+
+
+def test_records_dropped_from_faust_queues_are_expected_again():
+    """A restarted worker's recovery seeks to the start, then resumes faust's flow control,
+    which empties the queues: offset 0, admitted after the seek, was thrown away there while
+    1 and 2, fetched later, were handed on (a SESSION_END never read)."""
+    order = OffsetOrder()
+    order.seeked("f2", 0)
+    assert order.admit("f2", 0) is Verdict.DELIVER      # queued, then emptied by faust
+    assert order.dropped("f2", 0)
+    assert order.admit("f2", 1) is Verdict.REWIND       # 1 may not go before it
+    assert [order.admit("f2", o) for o in (0, 1, 2)] == [Verdict.DELIVER] * 3
+    assert not order.dropped("f2", 5)                   # not admitted yet: nothing to read again
+    assert not order.dropped("other", 0)                # never seeked: the seek will set it
+    assert order.expected["f2"] == 3 and order.counts["dropped"] == 1
