@@ -363,6 +363,12 @@ class LossSettings(_Section):
     # runs' spread, `nextstate bench personal`, README).
     opd_guidance: float = Field(default=0.0, ge=0)
     opd_guidance_cap: float = Field(default=1.0, gt=0)
+    # What the teacher term's sum is divided by: "step", the step's trained tokens, as every
+    # other term; "teacher", the trained tokens of the samples that carry the teacher's
+    # distribution. A personal agent's hints come with a few of its turns: in `combined`, where
+    # every turn trains, "step" gave the teacher term 1/3 to 1/10 of the weight `opd` gives it on
+    # the same samples. The top-K forms only.
+    opd_norm: Literal["step", "teacher"] = "step"
     w_rl: float = 1.0
     w_opd: float = 1.0
     # The weight of a token's advantage where it is below zero (1: symmetric). Pushed down, a

@@ -30,6 +30,10 @@ Conventions (documented once, here):
   hinted teacher moves many tokens only a little away from the base; the gap is the hint's
   effect, and g scales it. The cap keeps a token the base almost never writes (the hint's own
   words, its labels) from being raised by more than a factor e^(g·cap).
+- **The teacher term's scale** (``opd_norm``). Like every term it is summed over its tokens
+  and divided by the step's trained tokens ("step"). Where only some samples carry a teacher
+  (a personal agent's hinted turns) that is a weight of their share of the step's tokens:
+  "teacher" divides by their tokens instead, so the term weighs what it weighs in OPD alone.
 - **Negative advantages** are scaled by ``neg_weight`` (1: as they are) before the surrogate.
 - **Surrogate.** PPO clipped, asymmetric: ``max(−ρA, −clip(ρ, 1−ε_low, 1+ε_high)·A)`` with
   ``ρ = π_θ / π_behaviour``.
@@ -80,6 +84,7 @@ class LossParams(Protocol):
     opd_temperature_tokens: int
     opd_guidance: float
     opd_guidance_cap: float
+    opd_norm: str
     w_rl: float
     w_opd: float
     neg_weight: float
@@ -364,12 +369,15 @@ def micro_batch_loss(logp: torch.Tensor, behaviour: torch.Tensor, adv: torch.Ten
                      kl: torch.Tensor | None = None,
                      entropy: torch.Tensor | None = None,
                      distill: torch.Tensor | None = None,
-                     proximal_logp: torch.Tensor | None = None) -> MicroLoss:
+                     proximal_logp: torch.Tensor | None = None,
+                     distill_tokens: int | None = None) -> MicroLoss:
     """policy (negative advantages × neg_weight) + w_opd·distill + kl_coef·KL − entropy_coef·H,
     summed over mask tokens, / the step's mask tokens. `distill` is the per-token top-K KL to the teacher (0 where a sample
     has none), `kl` the per-token KL to the reference (`k3_kl` or `full_kl`), on every mask
     token, (``kl_on = negative``) on those whose advantage is below zero, or (``start``) on
-    the first ``kl_start_tokens`` of each trained span."""
+    the first ``kl_start_tokens`` of each trained span. With ``opd_norm = teacher`` the
+    distill sum is divided by `distill_tokens` instead (the step's mask tokens of the samples
+    that carry a teacher distribution)."""
     mask = mask.to(logp.dtype)
     denom = float(max(step_tokens, 1))
     pushed_down = adv < 0
@@ -380,7 +388,8 @@ def micro_batch_loss(logp: torch.Tensor, behaviour: torch.Tensor, adv: torch.Ten
     sums = {"policy_loss": float(terms.loss.detach().sum())}
     if distill is not None:
         d = distill * mask
-        total = total + cfg.w_opd * d.sum()
+        scale = denom / max(distill_tokens, 1) if cfg.opd_norm == "teacher" and distill_tokens else 1.0
+        total = total + cfg.w_opd * scale * d.sum()
         sums["distill"] = float(d.detach().sum())
     if kl is not None:
         k = kl * mask

@@ -359,6 +359,7 @@ class Trainer:
         greedy answers (learner.loop_guard), their repeats pushed down in every pass."""
         cfg = self.loss_cfg
         step_tokens = int(sum(int(b.mask.sum()) for b in batches))
+        teacher_tokens = self._teacher_tokens(batches)
         totals: dict[str, float] = {}
         self.engine.train()
         if looping is not None:
@@ -400,7 +401,8 @@ class Trainer:
                 stale = stale | batch.revision
             part = micro_batch_loss(logp, behaviour, adv, batch.mask, stale,
                                     step_tokens, cfg, kl=kl, entropy=ent, distill=distill,
-                                    proximal_logp=None if first else proximal[i])
+                                    proximal_logp=None if first else proximal[i],
+                                    distill_tokens=teacher_tokens)
             # The loss is already divided by the step's token count: no further /grad_accum.
             self.engine.backward(part.loss, scale_wrt_gas=False)
             for k, v in part.sums.items():
@@ -417,18 +419,26 @@ class Trainer:
         self.engine.step()
         return totals
 
+    def _teacher_tokens(self, batches: list[Batch]) -> int:
+        """The step's trained tokens of samples whose teacher term is the top-K KL."""
+        if self.topk is None:
+            return 0
+        return int(sum(int((b.mask * b.has_top[:, None]).sum()) for b in batches))
+
     def _step_metrics(self, t: dict[str, float], batches: list[Batch], rewards: torch.Tensor,
                       elapsed: float) -> dict[str, float]:
         n = max(t["tokens"], 1.0)
+        # the teacher term's divisor (learner.loss.opd_norm)
+        nd = max(self._teacher_tokens(batches), 1) if self.loss_cfg.opd_norm == "teacher" else n
         adv_mean = t["adv_sum"] / n
         seq_tokens = sum(b.tokens for b in batches)
         revised = torch.cat([b.revision for b in batches]).to(rewards.device)
         grad_norm = t["grad_norm"] if "grad_norm" in t else self.engine.get_global_grad_norm()
         metrics = {
-            "loss": (t["policy_loss"] + self.loss_cfg.w_opd * t.get("distill", 0.0)
-                     + self.loss_cfg.kl_coef * t.get("kl", 0.0)
+            "loss": (t["policy_loss"] + self.loss_cfg.kl_coef * t.get("kl", 0.0)
                      + self.settings.loop_guard.coef * t.get("unlikelihood", 0.0)
-                     - self.loss_cfg.entropy_coef * t.get("entropy", 0.0)) / n,
+                     - self.loss_cfg.entropy_coef * t.get("entropy", 0.0)) / n
+                    + self.loss_cfg.w_opd * t.get("distill", 0.0) / nd,
             "policy_loss": t["policy_loss"] / n,
             # the judged answers' rewards: a revision repeats its approved answer's
             "reward_mean": float(rewards[~revised].mean()) if bool((~revised).any()) else 0.0,

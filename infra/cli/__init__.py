@@ -74,6 +74,8 @@ def config_show() -> None:
     if loss.opd_guidance:
         teacher_t += (f", the teacher taken {loss.opd_guidance:g}× further from the base along what the hint "
                       f"changed (each bin's log-ratio to the base capped at ±{loss.opd_guidance_cap:g})")
+    if loss.opd_norm == "teacher":
+        teacher_t += ", averaged over the tokens of the samples with a teacher, not the step's"
     baseline = {"running": f"the last {lp.adv_window} rewards of any step", "batch": "the step's mean and spread",
                 "group": "their task group's mean and spread",
                 "step": "their task group's mean and spread at the same step", "none": "no baseline"}[lp.adv_norm]

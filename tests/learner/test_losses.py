@@ -440,6 +440,25 @@ def test_the_distillation_term_enters_the_loss_with_w_opd_over_the_step_tokens()
     assert float(out.loss) == pytest.approx(0.5 * 0.6 / 4) and out.sums["distill"] == pytest.approx(0.6)
 
 
+def test_opd_norm_teacher_divides_the_distillation_term_by_the_teacher_samples_tokens():
+    """Two of a step's 10 trained tokens belong to a sample with a teacher: "teacher" gives its
+    term what OPD alone would (÷ 2), "step" a fifth of that (÷ 10); the rest is unchanged."""
+    logp = torch.full((1, 3), -1.0)
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    adv = torch.tensor([[1.0, 1.0, 1.0]])
+    distill = torch.tensor([[0.2, 0.4, 9.0]])
+
+    def loss(norm: str, **kw) -> float:
+        cfg = LossSettings(w_opd=0.5, kl_coef=0.0, opd_norm=norm)
+        return float(micro_batch_loss(logp, logp, adv, mask, torch.tensor([False]), 10, cfg,
+                                      distill=distill, **kw).loss)
+
+    policy = -2.0 / 10                                  # ratio 1, advantage 1, two tokens
+    assert loss("step", distill_tokens=2) == pytest.approx(policy + 0.5 * 0.6 / 10)
+    assert loss("teacher", distill_tokens=2) == pytest.approx(policy + 0.5 * 0.6 / 2)
+    assert loss("teacher") == pytest.approx(loss("step"))   # no count given: the step's
+
+
 def test_a_stale_sample_takes_the_proximal_policy_it_is_given():
     logp = torch.tensor([[-1.0]], requires_grad=True)
     behaviour, adv, mask, stale = torch.tensor([[-1.5]]), torch.tensor([[1.0]]), torch.ones(1, 1), torch.tensor([True])

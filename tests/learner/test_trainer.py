@@ -83,6 +83,27 @@ def test_topk_distillation_pulls_the_policy_towards_the_teachers_distribution(ti
     assert first_choice_logprob() > before
 
 
+def test_opd_norm_teacher_gives_the_teacher_term_its_opd_weight_in_a_mixed_step(tiny_model_dir):
+    """One hinted sample among four (the others rewarded 0: no reward signal): with "teacher"
+    the step's loss and gradient are what OPD alone gives on the hinted sample by itself; with
+    "step" both are diluted by the hinted sample's share (3 of 12 trained tokens)."""
+    hinted = make_sample(7, reward=0.0, teacher=True, top_k=4)
+    others = [make_sample(8 + i, reward=0.0) for i in range(3)]
+
+    def first_step(method: str, norm: str, samples: list) -> dict[str, float]:
+        trainer = Trainer(settings(method=method, loss=LossSettings(kl_coef=0.0, opd_norm=norm)), tiny_model_dir)
+        return trainer.train_step([collate(samples, trainer.pad_id)])
+
+    alone = first_step("opd", "step", [hinted])
+    taught = first_step("combined", "teacher", [hinted, *others])
+    diluted = first_step("combined", "step", [hinted, *others])
+    assert taught["trained_tokens"] == 4 * alone["trained_tokens"] == 12
+    assert taught["loss"] == pytest.approx(alone["loss"], rel=1e-5)
+    assert taught["grad_norm"] == pytest.approx(alone["grad_norm"], rel=1e-4)
+    assert diluted["loss"] == pytest.approx(alone["loss"] / 4, rel=1e-5)
+    assert diluted["grad_norm"] == pytest.approx(alone["grad_norm"] / 4, rel=1e-4)
+
+
 def test_the_teacher_term_takes_the_teacher_at_the_configured_temperature(tiny_model_dir):
     sample = make_sample(4, teacher=True, top_k=4)
     batch = collate([sample], 0)
