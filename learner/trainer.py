@@ -466,6 +466,7 @@ class Trainer:
             metrics["entropy"] = t["entropy"] / n
         if "distill" in t:
             metrics["distill_kl"] = t["distill"] / n
+            metrics["teacher_tokens"] = float(self._teacher_tokens(batches))
         if "unlikelihood" in t:
             # per pushed-down token (their count beside it)
             metrics["unlikelihood"] = t["unlikelihood"] / max(t["unlikely_tokens"], 1.0)

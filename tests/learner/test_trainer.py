@@ -98,6 +98,7 @@ def test_opd_norm_teacher_gives_the_teacher_term_its_opd_weight_in_a_mixed_step(
     taught = first_step("combined", "teacher", [hinted, *others])
     diluted = first_step("combined", "step", [hinted, *others])
     assert taught["trained_tokens"] == 4 * alone["trained_tokens"] == 12
+    assert taught["teacher_tokens"] == diluted["teacher_tokens"] == alone["teacher_tokens"] == 3
     assert taught["loss"] == pytest.approx(alone["loss"], rel=1e-5)
     assert taught["grad_norm"] == pytest.approx(alone["grad_norm"], rel=1e-4)
     assert diluted["loss"] == pytest.approx(alone["loss"] / 4, rel=1e-5)
