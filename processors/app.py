@@ -137,6 +137,10 @@ class StageApp(faust.App):
     order: OffsetOrder | None = None              # set with the consumer
 
     @cached_property
+    def _reading_again(self) -> set[asyncio.Future]:
+        return set()
+
+    @cached_property
     def flow_control(self) -> FlowControlEvent:
         return DroppingFlowControl(self._dropped, loop=self.loop)
 
@@ -146,7 +150,9 @@ class StageApp(faust.App):
             if tp.topic in self.stream_topics and self.order is not None and self.order.dropped(tp, offset):
                 log.warning("%s: queued records of %s[%d] from @%d were dropped; reading from @%d again",
                             self.conf.id, tp.topic, tp.partition, offset, offset)
-                asyncio.ensure_future(self._read_again(tp, offset))
+                task = asyncio.ensure_future(self._read_again(tp, offset))
+                self._reading_again.add(task)   # the loop keeps only a weak reference to a task
+                task.add_done_callback(self._reading_again.discard)
 
     async def _read_again(self, tp: TP, offset: int) -> None:
         try:
