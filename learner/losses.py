@@ -388,7 +388,7 @@ def micro_batch_loss(logp: torch.Tensor, behaviour: torch.Tensor, adv: torch.Ten
     sums = {"policy_loss": float(terms.loss.detach().sum())}
     if distill is not None:
         d = distill * mask
-        scale = denom / max(distill_tokens, 1) if cfg.opd_norm == "teacher" and distill_tokens else 1.0
+        scale = denom / distill_tokens if cfg.opd_norm == "teacher" and distill_tokens else 1.0
         total = total + cfg.w_opd * scale * d.sum()
         sums["distill"] = float(d.detach().sum())
     if kl is not None:

@@ -360,7 +360,7 @@ class Trainer:
         cfg = self.loss_cfg
         step_tokens = int(sum(int(b.mask.sum()) for b in batches))
         teacher_tokens = self._teacher_tokens(batches)
-        totals: dict[str, float] = {}
+        totals: dict[str, float] = {"teacher_tokens": float(teacher_tokens)}
         self.engine.train()
         if looping is not None:
             # before the micro-batches, so the last of them still closes the accumulation
@@ -429,7 +429,7 @@ class Trainer:
                       elapsed: float) -> dict[str, float]:
         n = max(t["tokens"], 1.0)
         # the teacher term's divisor (learner.loss.opd_norm)
-        nd = max(self._teacher_tokens(batches), 1) if self.loss_cfg.opd_norm == "teacher" else n
+        nd = max(t.get("teacher_tokens", 0.0), 1.0) if self.loss_cfg.opd_norm == "teacher" else n
         adv_mean = t["adv_sum"] / n
         seq_tokens = sum(b.tokens for b in batches)
         revised = torch.cat([b.revision for b in batches]).to(rewards.device)
@@ -466,7 +466,7 @@ class Trainer:
             metrics["entropy"] = t["entropy"] / n
         if "distill" in t:
             metrics["distill_kl"] = t["distill"] / n
-            metrics["teacher_tokens"] = float(self._teacher_tokens(batches))
+            metrics["teacher_tokens"] = t["teacher_tokens"]
         if "unlikelihood" in t:
             # per pushed-down token (their count beside it)
             metrics["unlikelihood"] = t["unlikelihood"] / max(t["unlikely_tokens"], 1.0)

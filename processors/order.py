@@ -31,8 +31,8 @@ Admitted is not yet handed on: faust queues a record for the stage's agent, and 
 queues at every rebalance *and* every time its flow control resumes, which the end of a
 recovery does after the seek. A record admitted between the seek and that resume was lost: the
 order took it for delivered and dropped its second reading as a repeat (a restarted sessionize
-never read a SESSION_END at offset 0 while it read offsets 1 and 2; a CI run, and 1 of about 30
-runs of the kill test under CPU load). ``dropped`` sets the partition back to the lowest
+never read a SESSION_END at offset 0 while it read offsets 1 and 2; a CI run, and the kill
+test's first run under CPU load after 29 runs without it had passed). ``dropped`` sets the partition back to the lowest
 offset emptied from a queue, and the app reads it from there again.
 
 ``processors.app.StageApp`` puts it in front of faust's delivery and turns off faust's own
@@ -78,7 +78,8 @@ class OffsetOrder:
     def dropped(self, tp: Hashable, offset: int) -> bool:
         """Records from `offset` on were admitted, then dropped before they were handed on
         (faust empties its queues whenever the flow resumes): expect `offset` again. True when
-        the partition must be read from there again (a seek since has set it lower already)."""
+        the partition must be read from there again; False when nothing from `offset` on was
+        admitted (a seek since has set the partition to `offset` or lower)."""
         expected = self.expected.get(tp)
         if expected is None or offset >= expected:
             return False
