@@ -363,6 +363,13 @@ class LossSettings(_Section):
     # runs' spread, `nextstate bench personal`, README).
     opd_guidance: float = Field(default=0.0, ge=0)
     opd_guidance_cap: float = Field(default=1.0, gt=0)
+    # Where the guided term starts from: "teacher", the hinted teacher's bins (above), or
+    # "policy", the policy's own bins at the step's first pass: the target is then the policy
+    # moved g × the hint's effect, p_policy·(p_teacher/p_base)^g, so the term carries what the
+    # hint changes and no pull back towards the base model the teacher is. With LoRA, before
+    # any update the policy is the base, and at g = 1 the target is the teacher itself.
+    # Needs opd_guidance > 0.
+    opd_anchor: Literal["teacher", "policy"] = "teacher"
     # What the teacher term's sum is divided by: "step", the step's trained tokens, as every
     # other term; "teacher", the trained tokens of the samples that carry the teacher's
     # distribution. A personal agent's hints come with some of its turns: in `combined`, where
@@ -399,6 +406,13 @@ class LossSettings(_Section):
     entropy_coef: float = 0.0
     tis_cap: float = 2.0
     eps: float = 1e-6
+
+    @model_validator(mode="after")
+    def _anchor_needs_guidance(self) -> "LossSettings":
+        if self.opd_anchor == "policy" and self.opd_guidance <= 0:
+            raise ValueError("loss.opd_anchor=policy moves the policy along the hint's effect and needs "
+                             "loss.opd_guidance > 0 (1: the policy times the teacher's ratio to the base)")
+        return self
 
 
 class LoopGuardSettings(_Section):

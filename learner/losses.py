@@ -29,7 +29,11 @@ Conventions (documented once, here):
   where u is the base model's distribution in the student's own (unhinted) context. The
   hinted teacher moves many tokens only a little away from the base; the gap is the hint's
   effect, and g scales it. The cap keeps a token the base almost never writes (the hint's own
-  words, its labels) from being raised by more than a factor e^(g·cap).
+  words, its labels) from being raised by more than a factor e^(g·cap). ``opd_anchor =
+  policy`` moves the policy's own bins (at the step's first pass) instead of the teacher's:
+  ``log π + g·clip(log t − log u, ±cap)``, the policy times the hint's likelihood ratio, so
+  the term carries what the hint changes and never pulls the policy back towards the base
+  model that the teacher is (with π = u, g = 1 and no cap reached it is the teacher).
 - **The teacher term's scale** (``opd_norm``). Like every term it is summed over its tokens
   and divided by the step's trained tokens ("step"). Where only some samples carry a teacher
   (a personal agent's hinted turns) that is a weight of their share of the step's tokens:
@@ -84,6 +88,7 @@ class LossParams(Protocol):
     opd_temperature_tokens: int
     opd_guidance: float
     opd_guidance_cap: float
+    opd_anchor: str
     opd_norm: str
     w_rl: float
     w_opd: float
@@ -148,32 +153,35 @@ def tempered_bins(top: torch.Tensor, valid: torch.Tensor, temperature: float) ->
 
 
 def guided_bins(teacher: torch.Tensor, base: torch.Tensor, valid: torch.Tensor, guidance: float,
-                cap: float) -> torch.Tensor:
+                cap: float, anchor: torch.Tensor | None = None) -> torch.Tensor:
     """The teacher's K + 1 bins taken `guidance` further along the hint's effect: per bin
     ``teacher + guidance·clip(teacher − base, ±cap)`` (log space), renormalised, with `base`
-    the base model's bins on the same ids in the unhinted context. ``guidance`` 0 is `teacher`.
+    the base model's bins on the same ids in the unhinted context. Given `anchor` (the policy's
+    bins), the effect moves those instead of the teacher's. ``guidance`` 0 is `teacher`.
     A position with no valid entry keeps the teacher's bins."""
     if guidance == 0:
         return teacher
     effect = torch.clamp(teacher - base, -cap, cap)
-    out = teacher + guidance * effect
+    out = (teacher if anchor is None else anchor) + guidance * effect
     out = out - torch.logsumexp(out, dim=-1, keepdim=True)
     return torch.where(valid.any(-1, keepdim=True), out, teacher)
 
 
 def topk_kl(student_top: torch.Tensor, teacher_top: torch.Tensor, valid: torch.Tensor,
             direction: str, temperature: float = 1.0, base_top: torch.Tensor | None = None,
-            guidance: float = 0.0, cap: float = 1.0) -> torch.Tensor:
+            guidance: float = 0.0, cap: float = 1.0, anchor_top: torch.Tensor | None = None) -> torch.Tensor:
     """Per-position KL [B, T] on K + 1 bins, from the logprobs both policies give the teacher's
     top-K ids [B, T, K] (padding marked False in `valid`): ``forward`` KL(teacher‖student),
     ``reverse`` KL(student‖teacher). A position with no valid entry has KL 0. The teacher's
     bins are taken at `temperature` (`tempered_bins`; below 1 sharper) and, given the base
     model's logprobs of the same ids (`base_top`), `guidance` further along the hint's effect
-    (`guided_bins`)."""
+    (`guided_bins`), from the policy's own logprobs of them (`anchor_top`, no gradient) where
+    given."""
     s = _with_tail(student_top, valid)
     t = tempered_bins(teacher_top.to(s.dtype), valid, temperature)
     if base_top is not None:
-        t = guided_bins(t, _with_tail(base_top.to(s.dtype), valid), valid, guidance, cap)
+        anchor = None if anchor_top is None else _with_tail(anchor_top.detach().to(s.dtype), valid)
+        t = guided_bins(t, _with_tail(base_top.to(s.dtype), valid), valid, guidance, cap, anchor)
     if direction == "forward":
         p, a, b = t.exp(), t, s
     elif direction == "reverse":

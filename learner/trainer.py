@@ -28,7 +28,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -45,6 +45,14 @@ DS_TAG = "ds"
 REWARD_WINDOW = "reward_window"   # the running baseline's rewards, in the checkpoint's client state
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "vocab.json", "merges.txt", "generation_config.json")
+
+
+class Guide(NamedTuple):
+    """What a guided teacher term is taken against (`Trainer._guide`), [B, T-1-start, K] each:
+    the base's logprobs of the teacher's top-K ids, and the policy's own where it is the anchor."""
+
+    base_top: torch.Tensor
+    anchor_top: torch.Tensor | None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -212,16 +220,19 @@ class Trainer:
         return self.topk is not None and self.loss_cfg.opd_guidance > 0
 
     def _distill(self, logits: torch.Tensor, lse: torch.Tensor, start: int, batch: Batch,
-                 base_top: torch.Tensor | None = None) -> torch.Tensor | None:
+                 guide: Guide | None = None) -> torch.Tensor | None:
         """[B, T-1] top-K KL to the teacher at every position (0 where a sample has no rows),
         or None when the loss does not use the teacher's distribution or no sample carries one.
-        `base_top` (`_base_top`): the base's logprobs of the teacher's ids, for the guidance."""
+        `guide` (`_guide`): the base's logprobs of the teacher's ids, and the policy's own at the
+        step's first pass where the guidance moves the policy (`loss.opd_anchor=policy`)."""
         if self.topk is None or not bool(batch.has_top.any()):
             return None
         ids, valid = batch.top_ids[:, start:], batch.top_valid[:, start:]
         student = logits.gather(-1, ids) - lse.unsqueeze(-1)
         teacher, cfg = batch.top_logprobs[:, start:], self.loss_cfg
-        guide = dict(base_top=base_top, guidance=cfg.opd_guidance, cap=cfg.opd_guidance_cap)
+        guide = dict(base_top=guide.base_top if guide else None,
+                     anchor_top=guide.anchor_top if guide else None,
+                     guidance=cfg.opd_guidance, cap=cfg.opd_guidance_cap)
         kl = topk_kl(student, teacher, valid, self.topk, cfg.opd_temperature, **guide)
         if cfg.opd_temperature != 1.0 and cfg.opd_temperature_tokens:
             # tempered at each response's first tokens only, as taken at the rest
@@ -238,14 +249,20 @@ class Trainer:
                     return self._logits(self.engine, batch)[0]
             return self._logits(self.ref_model, batch)[0]
 
-    def _base_top(self, batch: Batch, start: int) -> torch.Tensor | None:
-        """[B, T-1-start, K] the base's logprobs of the teacher's top-K ids in the student's
-        context, for the guided teacher term; None when it is off or no sample has rows. The base
-        does not change within a step: the first pass's is kept for the later ones."""
+    def _guide(self, batch: Batch, start: int, logits: torch.Tensor, lse: torch.Tensor) -> Guide | None:
+        """For the guided teacher term, [B, T-1-start, K] each: the base's logprobs of the
+        teacher's top-K ids in the student's context and, with `loss.opd_anchor=policy`, the
+        policy's own (from `logits`, the step's first pass; no gradient). None when it is off or
+        no sample has rows. Taken on a step's first pass and kept for the later ones: the base
+        does not change within a step, and the policy's target must not move with it."""
         if not self._guided() or not bool(batch.has_top.any()):
             return None
+        ids = batch.top_ids[:, start:]
         base = self._base_logits(batch)
-        return base.gather(-1, batch.top_ids[:, start:]) - torch.logsumexp(base, dim=-1, keepdim=True)
+        anchor = None
+        if self.loss_cfg.opd_anchor == "policy":
+            anchor = (logits.gather(-1, ids) - lse.unsqueeze(-1)).detach()
+        return Guide(base.gather(-1, ids) - torch.logsumexp(base, dim=-1, keepdim=True), anchor)
 
     def _reference(self, batch: Batch, start: int) -> torch.Tensor:
         """The reference's side of the KL (`loss.kl_form`, `loss.kl_on`): the base's logprob of
@@ -303,7 +320,7 @@ class Trainer:
                             if self.loop_guard.on else (None, {}))
         proximal: list[torch.Tensor] = []
         refs: list[torch.Tensor | None] = []
-        bases: list[torch.Tensor | None] = []
+        bases: list[Guide | None] = []
         totals = self._pass(batches, normed, proximal, refs, bases, looping)
         last = totals
         for _ in range(self.epochs - 1):
@@ -350,12 +367,12 @@ class Trainer:
 
     def _pass(self, batches: list[Batch], normed: tuple[torch.Tensor, ...],
               proximal: list[torch.Tensor], refs: list[torch.Tensor | None],
-              bases: list[torch.Tensor | None], looping: LoopBatch | None = None) -> dict[str, float]:
+              bases: list[Guide | None], looping: LoopBatch | None = None) -> dict[str, float]:
         """One forward/backward over every micro-batch (`normed`: each one's reward terms) and
         one optimizer update; the sums. The first pass fills `proximal` with its logprobs, which
         later passes use as the stale samples' proximal policy, and `refs` with the KL's
-        reference side where it is kept (`_reference_kept`), and `bases` with the base's side of the
-        guided teacher term (`_base_top`). `looping`: the policy's looping
+        reference side where it is kept (`_reference_kept`), and `bases` with what the guided
+        teacher term is taken against (`_guide`). `looping`: the policy's looping
         greedy answers (learner.loop_guard), their repeats pushed down in every pass."""
         cfg = self.loss_cfg
         step_tokens = int(sum(int(b.mask.sum()) for b in batches))
@@ -376,7 +393,7 @@ class Trainer:
             lse = torch.logsumexp(logits, dim=-1)
             logp = self._token_logprobs(logits, start, batch, lse)
             if len(bases) <= i:
-                bases.append(self._base_top(batch, start))
+                bases.append(self._guide(batch, start, logits, lse))
             distill = self._distill(logits, lse, start, batch, bases[i])
             # a sample whose teacher term is its KL to the teacher's top-K gets no sampled-token gap
             token_teacher = batch.has_teacher * (1 - batch.has_top) if distill is not None else batch.has_teacher

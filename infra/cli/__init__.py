@@ -71,7 +71,10 @@ def config_show() -> None:
     teacher_t = "" if loss.opd_temperature == 1 else (
         f" with the teacher at temperature {loss.opd_temperature:g}"
         + (f" on the first {loss.opd_temperature_tokens} tokens of each response" if loss.opd_temperature_tokens else ""))
-    if loss.opd_guidance:
+    if loss.opd_guidance and loss.opd_anchor == "policy":
+        teacher_t += (f", aimed at the policy itself moved {loss.opd_guidance:g}× along what the hint changes "
+                      f"(the hinted teacher's log-ratio to the base, capped at ±{loss.opd_guidance_cap:g})")
+    elif loss.opd_guidance:
         teacher_t += (f", the teacher taken {loss.opd_guidance:g}× further from the base along what the hint "
                       f"changed (each bin's log-ratio to the base capped at ±{loss.opd_guidance_cap:g})")
     if loss.opd_norm == "teacher":

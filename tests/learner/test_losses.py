@@ -423,6 +423,42 @@ def test_the_kl_to_a_guided_teacher_is_the_kl_to_its_bins():
     assert not torch.allclose(got, topk_kl(s, t, valid, "forward"))
 
 
+def test_a_policy_anchored_guidance_moves_the_policys_own_bins_by_the_hints_effect():
+    teacher = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    base = torch.log(torch.tensor([[0.25, 0.6, 0.15]]))
+    policy = torch.log(torch.tensor([[0.1, 0.7, 0.2]]))       # already moved away from the base
+    valid = torch.tensor([[True, True]])
+    got = guided_bins(teacher, base, valid, 1.0, 5.0, anchor=policy).exp()[0]
+    raw = torch.tensor([0.1 * 0.5 / 0.25, 0.7 * 0.3 / 0.6, 0.2 * 0.2 / 0.15])   # π · (t / u)
+    assert torch.allclose(got, raw / raw.sum(), atol=1e-6)
+    # a policy still at the base gets the teacher itself at g = 1 (the cap not reached) ...
+    assert torch.allclose(guided_bins(teacher, base, valid, 1.0, 5.0, anchor=base), teacher, atol=1e-6)
+    # ... and a policy past the teacher is not pulled back to it: the target's odds of a over b
+    # are the policy's (1/7) times the hint's ratio of them (4), not the teacher's (5/3)
+    assert float(got[0] / got[1]) == pytest.approx((0.1 / 0.7) * (0.5 / 0.3) / (0.25 / 0.6), rel=1e-5)
+    # the cap bounds the ratio as it does for the teacher
+    capped = guided_bins(teacher, base, valid, 2.0, 0.1, anchor=policy).exp()[0]
+    raw = torch.tensor([0.1 * math.exp(0.2), 0.7 * math.exp(-0.2), 0.2 * math.exp(0.2)])
+    assert torch.allclose(capped, raw / raw.sum(), atol=1e-6)
+    # topk_kl takes the anchor on the same K + 1 bins, without its gradient
+    g = torch.Generator().manual_seed(7)
+    student, t, u = (torch.log_softmax(torch.randn(1, 3, 7, generator=g), -1) for _ in range(3))
+    ids = t.argsort(-1, descending=True)[..., :4]
+    ok = torch.ones_like(ids, dtype=torch.bool)
+    s_top = student.gather(-1, ids).requires_grad_(True)
+    t_top, u_top = t.gather(-1, ids), u.gather(-1, ids)
+    kl = topk_kl(s_top, t_top, ok, "forward", base_top=u_top, guidance=1.0, cap=5.0, anchor_top=s_top)
+    want = guided_bins(_with_tail(t_top, ok), _with_tail(u_top, ok), ok, 1.0, 5.0,
+                       anchor=_with_tail(s_top.detach(), ok))
+    assert torch.allclose(kl, _full_kl(want, _with_tail(s_top.detach(), ok)), atol=1e-5)
+    kl.sum().backward()
+    assert s_top.grad is not None and s_top.grad.abs().sum() > 0
+    # the policy as anchor means nothing without the hint's effect to move it by
+    with pytest.raises(ValueError, match="opd_anchor=policy .* needs loss.opd_guidance > 0"):
+        LossSettings(opd_anchor="policy")
+    assert LossSettings(opd_anchor="policy", opd_guidance=1.0).opd_anchor == "policy"
+
+
 def test_opd_form_names_the_direction():
     assert topk_direction("token") is None
     assert topk_direction("topk_forward") == "forward" and topk_direction("topk_reverse") == "reverse"

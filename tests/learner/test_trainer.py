@@ -153,20 +153,57 @@ def test_a_guided_teacher_term_takes_the_base_once_a_step_and_aims_past_the_teac
         with torch.no_grad():
             logits, start = trainer._logits(trainer.engine, batch)
             lse = torch.logsumexp(logits, -1)
-            base_top = trainer._base_top(batch, start)
-            got = trainer._distill(logits, lse, start, batch, base_top)
+            guide = trainer._guide(batch, start, logits, lse)
+            got = trainer._distill(logits, lse, start, batch, guide)
         if guidance:
             ids, valid = batch.top_ids[:, start:], batch.top_valid[:, start:]
+            assert guide.anchor_top is None
             want = topk_kl(logits.gather(-1, ids) - lse.unsqueeze(-1), batch.top_logprobs[:, start:], valid,
-                           "forward", base_top=base_top, guidance=guidance, cap=1.0)
+                           "forward", base_top=guide.base_top, guidance=guidance, cap=1.0)
             assert torch.allclose(got[:, start:], want)
         else:
-            assert base_top is None
+            assert guide is None
         calls.clear()
         trainer.train_step(batches(trainer.pad_id))
         assert len(calls) == (2 if guidance else 0)   # micro-batches, not × passes
         weights[guidance] = _trainable(trainer)
     assert any(not torch.allclose(weights[0.0][n], weights[2.0][n]) for n in weights[0.0])
+
+
+def test_a_policy_anchored_teacher_term_is_the_teacher_until_the_policy_moves(tiny_model_dir):
+    """loss.opd_anchor=policy at g = 1: with LoRA the policy starts as the base, so its target
+    (the policy times the teacher's ratio to the base) is the teacher and the first step trains
+    as the plain term does; once the weights moved, the target is the moved policy's, taken on
+    the step's first pass and kept for the later ones."""
+    batches = lambda pad: [collate([make_sample(4, teacher=True, top_k=4)], pad)]
+    loss = dict(kl_coef=0.0, opd_guidance_cap=50.0)
+    runs = {}
+    for name, extra in (("plain", {}), ("anchored", dict(opd_guidance=1.0, opd_anchor="policy"))):
+        trainer = Trainer(settings(method="opd", lr=1e-2, epochs=3, loss=LossSettings(**loss, **extra)),
+                          tiny_model_dir)
+        first = trainer.train_step(batches(trainer.pad_id))
+        after_one = _trainable(trainer)
+        kept = []
+        if name == "anchored":
+            taken = trainer._guide
+            trainer._guide = lambda *a: kept.append(taken(*a)) or kept[-1]
+        second = trainer.train_step(batches(trainer.pad_id))
+        runs[name] = (first, after_one, second, _trainable(trainer), kept, trainer)
+    plain, anchored = runs["plain"], runs["anchored"]
+    assert anchored[0]["distill_kl"] == pytest.approx(plain[0]["distill_kl"], rel=1e-4)
+    assert all(torch.allclose(plain[1][n], anchored[1][n], atol=1e-6) for n in plain[1])
+    assert any(not torch.allclose(plain[3][n], anchored[3][n], atol=1e-5) for n in plain[3])
+    # the second step's anchor: taken once (one micro-batch), the policy after the first step
+    kept, trainer = anchored[4], anchored[5]
+    assert len(kept) == 1 and kept[0].anchor_top is not None and not kept[0].anchor_top.requires_grad
+    batch = batches(trainer.pad_id)[0].to(trainer.device)
+    with torch.no_grad():
+        for n, p in trainer.engine.module.named_parameters():
+            if n in anchored[1]:
+                p.copy_(anchored[1][n])
+        logits, start = trainer._logits(trainer.engine, batch)
+        own = logits.gather(-1, batch.top_ids[:, start:]) - torch.logsumexp(logits, -1, keepdim=True)
+    assert torch.allclose(kept[0].anchor_top, own, atol=1e-5)
 
 
 def test_the_loop_guard_pushes_down_the_repeats_of_the_policys_own_looping_greedy_answer(tiny_model_dir):
