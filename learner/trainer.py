@@ -249,26 +249,29 @@ class Trainer:
                     return self._logits(self.engine, batch)[0]
             return self._logits(self.ref_model, batch)[0]
 
-    def _guide(self, batch: Batch, start: int, logits: torch.Tensor, lse: torch.Tensor) -> Guide | None:
+    def _guide(self, batch: Batch, start: int, logits: torch.Tensor, lse: torch.Tensor,
+               base: torch.Tensor | None = None) -> Guide | None:
         """For the guided teacher term, [B, T-1-start, K] each: the base's logprobs of the
         teacher's top-K ids in the student's context and, with `loss.opd_anchor=policy`, the
         policy's own (from `logits`, the step's first pass; no gradient). None when it is off or
         no sample has rows. Taken on a step's first pass and kept for the later ones: the base
-        does not change within a step, and the policy's target must not move with it."""
+        does not change within a step, and the policy's target must not move with it. `base`:
+        the base's logits on `batch`, where the pass has them already."""
         if not self._guided() or not bool(batch.has_top.any()):
             return None
         ids = batch.top_ids[:, start:]
-        base = self._base_logits(batch)
+        base = self._base_logits(batch) if base is None else base
         anchor = None
         if self.loss_cfg.opd_anchor == "policy":
             anchor = (logits.gather(-1, ids) - lse.unsqueeze(-1)).detach()
         return Guide(base.gather(-1, ids) - torch.logsumexp(base, dim=-1, keepdim=True), anchor)
 
-    def _reference(self, batch: Batch, start: int) -> torch.Tensor:
+    def _reference(self, batch: Batch, start: int, base: torch.Tensor | None = None) -> torch.Tensor:
         """The reference's side of the KL (`loss.kl_form`, `loss.kl_on`): the base's logprob of
         each target token (k3), or its log-softmax rows where the KL is counted (full). The
-        base is the adapter switched off with LoRA, the frozen copy otherwise."""
-        ref = self._base_logits(batch)   # same batch: same start
+        base is the adapter switched off with LoRA, the frozen copy otherwise; `base`: its
+        logits on `batch`, where the pass has them already (`_base_logits`)."""
+        ref = self._base_logits(batch) if base is None else base   # same batch: same start
         with torch.no_grad():
             if self.loss_cfg.kl_form == "k3":
                 return self._token_logprobs(ref, start, batch)
@@ -392,8 +395,11 @@ class Trainer:
             logits, start = self._logits(self.engine, batch)
             lse = torch.logsumexp(logits, dim=-1)
             logp = self._token_logprobs(logits, start, batch, lse)
+            base = None
             if len(bases) <= i:
-                bases.append(self._guide(batch, start, logits, lse))
+                if cfg.kl_coef > 0 and self._guided() and bool(batch.has_top.any()):
+                    base = self._base_logits(batch)   # one base forward for the guide and the KL
+                bases.append(self._guide(batch, start, logits, lse, base))
             distill = self._distill(logits, lse, start, batch, bases[i])
             # a sample whose teacher term is its KL to the teacher's top-K gets no sampled-token gap
             token_teacher = batch.has_teacher * (1 - batch.has_top) if distill is not None else batch.has_teacher
@@ -401,8 +407,8 @@ class Trainer:
             kl = None
             if cfg.kl_coef > 0:
                 if len(refs) <= i:
-                    refs.append(self._reference(batch, start) if self._reference_kept() else None)
-                ref = refs[i] if refs[i] is not None else self._reference(batch, start)
+                    refs.append(self._reference(batch, start, base) if self._reference_kept() else None)
+                ref = refs[i] if refs[i] is not None else self._reference(batch, start, base)
                 kl = self._reference_kl(logits, lse, logp, start, batch, ref)
             ent = (torch.nn.functional.pad(entropy_from_logits(logits), (start, 0))
                    if cfg.entropy_coef > 0 else None)

@@ -408,6 +408,29 @@ def test_a_step_takes_the_reference_once_and_trains_as_if_it_took_it_every_pass(
     assert all(torch.allclose(kept[n], fresh[n], atol=1e-6) for n in kept)
 
 
+def test_a_guided_teacher_and_a_kl_share_one_base_forward(tiny_model_dir, monkeypatch):
+    """With both a KL to the base and a guided teacher term the base's logits are taken once
+    per micro-batch a step, for both, and the step is what it is when each takes its own."""
+    batches = lambda pad: [collate([make_sample(4, teacher=True, top_k=4, reward=-1.0)], pad),
+                           collate([make_sample(5, teacher=True, top_k=4, reward=1.0)], pad)]
+    loss = LossSettings(kl_coef=1.0, kl_form="full", kl_on="start", opd_guidance=1.0)
+    runs = {}
+    for shared in (True, False):
+        trainer = Trainer(settings(method="combined", lr=1e-2, epochs=3, loss=loss), tiny_model_dir)
+        calls = []
+        taken = trainer._base_logits
+        monkeypatch.setattr(trainer, "_base_logits", lambda *a: calls.append(1) or taken(*a))
+        if not shared:   # each side takes its own forward of the base, as before
+            guide, ref = trainer._guide, trainer._reference
+            monkeypatch.setattr(trainer, "_guide", lambda b, s, lg, ls, base=None: guide(b, s, lg, ls))
+            monkeypatch.setattr(trainer, "_reference", lambda b, s, base=None: ref(b, s))
+        metrics = trainer.train_step(batches(trainer.pad_id))
+        assert metrics["kl"] > 0 and metrics["distill_kl"] > 0
+        runs[shared] = (len(calls), _trainable(trainer))
+    assert runs[True][0] == 2     # micro-batches: not × passes, not × terms
+    assert all(torch.allclose(runs[True][1][n], runs[False][1][n], atol=1e-6) for n in runs[True][1])
+
+
 def _train(trainer: Trainer, seeds: list[int]) -> None:
     for seed in seeds:
         trainer.train_step([collate([make_sample(seed, reward=1.0 if seed % 2 else -1.0),
