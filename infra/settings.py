@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from infra.errors import ConfigError
 from schemas.events import HintSelection, Method, TeacherPolicy
+from schemas.methods import rule
 
 
 def _upper(value: Any) -> Any:
@@ -359,17 +360,22 @@ class LossSettings(_Section):
     # each of its top-K bins moved g × its log-ratio to the base model's bin in the student's own
     # context (the hint's effect), that ratio capped at ±opd_guidance_cap. It costs one more
     # forward (the base: LoRA's adapter off, else a frozen copy) a micro-batch per step.
-    # The top-K forms only. 0: the teacher as it is (one run on `formal` at 1: inside the served
-    # runs' spread, `nextstate bench personal`, README).
-    opd_guidance: float = Field(default=0.0, ge=0)
+    # The top-K forms only. None: 1 where the policy is the anchor (below), else 0, the teacher
+    # as it is (one run on `formal` at 1 from the teacher: inside the served runs' spread,
+    # `nextstate bench personal`, README).
+    opd_guidance: float | None = Field(default=None, ge=0)
     opd_guidance_cap: float = Field(default=1.0, gt=0)
     # Where the guided term starts from: "teacher", the hinted teacher's bins (above), or
     # "policy", the policy's own bins at the step's first pass: the target is then the policy
     # moved g × the hint's effect, p_policy·(p_teacher/p_base)^g, so the term carries what the
     # hint changes and no pull back towards the base model the teacher is. With LoRA, before
     # any update the policy is the base, and at g = 1 the target is the teacher itself.
-    # Needs opd_guidance > 0.
-    opd_anchor: Literal["teacher", "policy"] = "teacher"
+    # None: by method, "policy" where the reward term trains beside it (combined), "teacher" for
+    # opd alone. On `formal` and `brief` (seed 3) `combined` learned faster and further from the
+    # policy; `opd` alone from the policy drifted to answers that meet a preference and are no
+    # answer ("I am not sure how to answer this"; the base model's logprob of its answers fell
+    # 1.57 per token): nothing but the hint moves it (`nextstate bench personal`, README).
+    opd_anchor: Literal["teacher", "policy"] | None = None
     # What the teacher term's sum is divided by: "step", the step's trained tokens, as every
     # other term; "teacher", the trained tokens of the samples that carry the teacher's
     # distribution. A personal agent's hints come with some of its turns: in `combined`, where
@@ -409,10 +415,20 @@ class LossSettings(_Section):
 
     @model_validator(mode="after")
     def _anchor_needs_guidance(self) -> "LossSettings":
-        if self.opd_anchor == "policy" and self.opd_guidance <= 0:
+        if self.opd_anchor == "policy" and self.opd_guidance == 0:
             raise ValueError("loss.opd_anchor=policy moves the policy along the hint's effect and needs "
-                             "loss.opd_guidance > 0 (1: the policy times the teacher's ratio to the base)")
+                             "loss.opd_guidance > 0 (1, its default there: the policy times the teacher's "
+                             "ratio to the base)")
         return self
+
+    def resolved(self, has_reward_term: bool, kl_coef: float) -> "LossSettings":
+        """These knobs with the defaults that depend on the method and on what trains filled in:
+        `kl_coef` where it is None, the anchor by whether the reward term trains beside the
+        teacher's, and the guidance by the anchor."""
+        anchor = self.opd_anchor or ("policy" if has_reward_term else "teacher")
+        guidance = self.opd_guidance if self.opd_guidance is not None else (1.0 if anchor == "policy" else 0.0)
+        return self.model_copy(update={"kl_coef": kl_coef if self.kl_coef is None else self.kl_coef,
+                                       "opd_anchor": anchor, "opd_guidance": guidance})
 
 
 class LoopGuardSettings(_Section):
@@ -512,10 +528,10 @@ class LearnerSettings(_Section):
         return self.lora if self.lora is not None else device_type == "cpu"
 
     def loss_for(self, device_type: str) -> LossSettings:
-        """The loss's knobs with the defaults that depend on what trains filled in."""
-        if self.loss.kl_coef is not None:
-            return self.loss
-        return self.loss.model_copy(update={"kl_coef": LORA_KL if self.uses_lora(device_type) else 0.0})
+        """The loss's knobs with the defaults that depend on the method and on what trains
+        filled in (`LossSettings.resolved`)."""
+        return self.loss.resolved(rule(self.method).reward_term,
+                                  LORA_KL if self.uses_lora(device_type) else 0.0)
 
     def updates_per_step(self, device_type: str) -> int:
         """`epochs`, or the default for what trains on this device (LoRA: LORA_EPOCHS, full: 1)."""

@@ -455,8 +455,23 @@ def test_a_policy_anchored_guidance_moves_the_policys_own_bins_by_the_hints_effe
     assert s_top.grad is not None and s_top.grad.abs().sum() > 0
     # the policy as anchor means nothing without the hint's effect to move it by
     with pytest.raises(ValueError, match="opd_anchor=policy .* needs loss.opd_guidance > 0"):
-        LossSettings(opd_anchor="policy")
-    assert LossSettings(opd_anchor="policy", opd_guidance=1.0).opd_anchor == "policy"
+        LossSettings(opd_anchor="policy", opd_guidance=0.0)
+
+
+@pytest.mark.parametrize("given,reward_term,anchor,guidance", [
+    ({}, True, "policy", 1.0),                                  # combined: from the policy, g = 1
+    ({}, False, "teacher", 0.0),                                # opd alone: the teacher as it is
+    ({"opd_anchor": "teacher"}, True, "teacher", 0.0),
+    ({"opd_anchor": "policy"}, False, "policy", 1.0),
+    ({"opd_guidance": 2.0}, False, "teacher", 2.0),
+    ({"opd_guidance": 0.5}, True, "policy", 0.5),
+    ({"opd_anchor": "teacher", "opd_guidance": 0.0}, True, "teacher", 0.0),
+])
+def test_the_anchor_and_the_guidance_default_by_method(given, reward_term, anchor, guidance):
+    got = LossSettings(**given).resolved(reward_term, kl_coef=0.0)
+    assert (got.opd_anchor, got.opd_guidance) == (anchor, guidance)
+    assert LossSettings(**given, kl_coef=0.3).resolved(reward_term, kl_coef=0.0).kl_coef == 0.3
+    assert got.kl_coef == 0.0
 
 
 def test_opd_form_names_the_direction():

@@ -91,7 +91,7 @@ def test_opd_norm_teacher_gives_the_teacher_term_its_opd_weight_in_a_mixed_step(
     others = [make_sample(8 + i, reward=0.0) for i in range(3)]
 
     def first_step(method: str, norm: str, samples: list) -> dict[str, float]:
-        trainer = Trainer(settings(method=method, loss=LossSettings(kl_coef=0.0, opd_norm=norm)), tiny_model_dir)
+        trainer = Trainer(settings(method=method, loss=LossSettings(kl_coef=0.0, opd_norm=norm, opd_anchor="teacher")), tiny_model_dir)
         return trainer.train_step([collate(samples, trainer.pad_id)])
 
     alone = first_step("opd", "step", [hinted])
