@@ -350,7 +350,8 @@ def run_personal_bench(settings: Settings, cfg: PersonalBenchConfig, console: Co
     console.print(f"learning settings (defaults unless the environment sets them): method served "
                   f"{cfg.variants[0].name}, lr {learner.lr or 'default'}, grad_accum {learner.grad_accum}, adv_norm {learner.adv_norm}, "
                   f"token_budget {learner.token_budget}, w_rl {learner.loss.w_rl}, w_opd {learner.loss.w_opd}, "
-                  f"kl_coef {learner.loss.kl_coef if learner.loss.kl_coef is not None else 'default'}, teacher {settings.processors.teacher_model} "
+                  f"kl_coef {learner.loss.kl_coef if learner.loss.kl_coef is not None else 'default'}, "
+                  f"teacher term's anchor {learner.loss.opd_anchor or 'by method'}, teacher {settings.processors.teacher_model} "
                   f"{settings.processors.teacher_policy} (hint {settings.processors.hint_placement} the message)", markup=False)
     results: list[PreferenceResult] = []
     for preference in cfg.preferences:
