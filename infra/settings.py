@@ -370,11 +370,13 @@ class LossSettings(_Section):
     # moved g × the hint's effect, p_policy·(p_teacher/p_base)^g, so the term carries what the
     # hint changes and no pull back towards the base model the teacher is. With LoRA, before
     # any update the policy is the base, and at g = 1 the target is the teacher itself.
-    # None: by method, "policy" where the reward term trains beside it (combined), "teacher" for
-    # opd alone. On `formal` and `brief` (seed 3) `combined` learned faster and further from the
-    # policy; `opd` alone from the policy drifted to answers that meet a preference and are no
-    # answer ("I am not sure how to answer this"; the base model's logprob of its answers fell
-    # 1.57 per token): nothing but the hint moves it (`nextstate bench personal`, README).
+    # None: by method and by what trains: "policy" where the reward term trains beside it
+    # (combined) and the base is the LoRA adapter switched off, "teacher" for opd alone and for
+    # full weights (there the base would be a second copy of the model). On `formal` and `brief`
+    # (seed 3) `combined` with LoRA learned faster and further from the policy; `opd` alone from
+    # the policy drifted to answers that meet a preference and are no answer ("I am not sure how
+    # to answer this"; the base model's logprob of its answers fell 1.57 per token): nothing but
+    # the hint moves it (`nextstate bench personal`, README).
     opd_anchor: Literal["teacher", "policy"] | None = None
     # What the teacher term's sum is divided by: "step", the step's trained tokens, as every
     # other term; "teacher", the trained tokens of the samples that carry the teacher's
@@ -421,11 +423,11 @@ class LossSettings(_Section):
                              "ratio to the base)")
         return self
 
-    def resolved(self, has_reward_term: bool, kl_coef: float) -> "LossSettings":
+    def resolved(self, has_reward_term: bool, lora: bool, kl_coef: float) -> "LossSettings":
         """These knobs with the defaults that depend on the method and on what trains filled in:
         `kl_coef` where it is None, the anchor by whether the reward term trains beside the
-        teacher's, and the guidance by the anchor."""
-        anchor = self.opd_anchor or ("policy" if has_reward_term else "teacher")
+        teacher's and the base comes free (`lora`), and the guidance by the anchor."""
+        anchor = self.opd_anchor or ("policy" if has_reward_term and lora else "teacher")
         guidance = self.opd_guidance if self.opd_guidance is not None else (1.0 if anchor == "policy" else 0.0)
         return self.model_copy(update={"kl_coef": kl_coef if self.kl_coef is None else self.kl_coef,
                                        "opd_anchor": anchor, "opd_guidance": guidance})
@@ -530,8 +532,8 @@ class LearnerSettings(_Section):
     def loss_for(self, device_type: str) -> LossSettings:
         """The loss's knobs with the defaults that depend on the method and on what trains
         filled in (`LossSettings.resolved`)."""
-        return self.loss.resolved(rule(self.method).reward_term,
-                                  LORA_KL if self.uses_lora(device_type) else 0.0)
+        lora = self.uses_lora(device_type)
+        return self.loss.resolved(rule(self.method).reward_term, lora, LORA_KL if lora else 0.0)
 
     def updates_per_step(self, device_type: str) -> int:
         """`epochs`, or the default for what trains on this device (LoRA: LORA_EPOCHS, full: 1)."""

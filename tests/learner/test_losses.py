@@ -458,19 +458,21 @@ def test_a_policy_anchored_guidance_moves_the_policys_own_bins_by_the_hints_effe
         LossSettings(opd_anchor="policy", opd_guidance=0.0)
 
 
-@pytest.mark.parametrize("given,reward_term,anchor,guidance", [
-    ({}, True, "policy", 1.0),                                  # combined: from the policy, g = 1
-    ({}, False, "teacher", 0.0),                                # opd alone: the teacher as it is
-    ({"opd_anchor": "teacher"}, True, "teacher", 0.0),
-    ({"opd_anchor": "policy"}, False, "policy", 1.0),
-    ({"opd_guidance": 2.0}, False, "teacher", 2.0),
-    ({"opd_guidance": 0.5}, True, "policy", 0.5),
-    ({"opd_anchor": "teacher", "opd_guidance": 0.0}, True, "teacher", 0.0),
+@pytest.mark.parametrize("given,reward_term,lora,anchor,guidance", [
+    ({}, True, True, "policy", 1.0),                     # combined with LoRA: from the policy, g = 1
+    ({}, False, True, "teacher", 0.0),                   # opd alone: the teacher as it is
+    ({}, True, False, "teacher", 0.0),                   # full weights: the base would be a copy
+    ({"opd_anchor": "teacher"}, True, True, "teacher", 0.0),
+    ({"opd_anchor": "policy"}, False, False, "policy", 1.0),
+    ({"opd_guidance": 2.0}, False, True, "teacher", 2.0),
+    ({"opd_guidance": 0.5}, True, True, "policy", 0.5),
+    ({"opd_anchor": "teacher", "opd_guidance": 0.0}, True, True, "teacher", 0.0),
 ])
-def test_the_anchor_and_the_guidance_default_by_method(given, reward_term, anchor, guidance):
-    got = LossSettings(**given).resolved(reward_term, kl_coef=0.0)
+def test_the_anchor_and_the_guidance_default_by_method_and_by_what_trains(given, reward_term, lora, anchor,
+                                                                          guidance):
+    got = LossSettings(**given).resolved(reward_term, lora, kl_coef=0.0)
     assert (got.opd_anchor, got.opd_guidance) == (anchor, guidance)
-    assert LossSettings(**given, kl_coef=0.3).resolved(reward_term, kl_coef=0.0).kl_coef == 0.3
+    assert LossSettings(**given, kl_coef=0.3).resolved(reward_term, lora, kl_coef=0.0).kl_coef == 0.3
     assert got.kl_coef == 0.0
 
 

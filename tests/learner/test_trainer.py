@@ -206,6 +206,18 @@ def test_a_policy_anchored_teacher_term_is_the_teacher_until_the_policy_moves(ti
     assert torch.allclose(kept[0].anchor_top, own, atol=1e-5)
 
 
+def test_combined_aims_at_the_policy_by_default_where_the_base_comes_free(tiny_model_dir):
+    """By default `combined` with LoRA takes the hint's effect from the policy (the base is the
+    adapter switched off); with full weights it keeps the teacher and loads no second copy."""
+    lora = Trainer(settings(method="combined", lora=True), tiny_model_dir)
+    assert (lora.loss_cfg.opd_anchor, lora.loss_cfg.opd_guidance) == ("policy", 1.0) and lora._guided()
+    full = Trainer(settings(method="combined", lora=False), tiny_model_dir)
+    assert (full.loss_cfg.opd_anchor, full.loss_cfg.opd_guidance) == ("teacher", 0.0)
+    assert full.ref_model is None and not full._guided()
+    opd = Trainer(settings(method="opd", lora=True), tiny_model_dir)
+    assert (opd.loss_cfg.opd_anchor, opd.loss_cfg.opd_guidance) == ("teacher", 0.0)
+
+
 def test_the_loop_guard_pushes_down_the_repeats_of_the_policys_own_looping_greedy_answer(tiny_model_dir):
     """The tiny random model's greedy answers repeat one token: the guard finds them and the
     step lowers those repeats' probability, beside what the sample itself trains."""
