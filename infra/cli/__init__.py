@@ -161,13 +161,22 @@ def bench_personal(preferences: str = typer.Option(",".join(("brief", "lowercase
                    seed: int = typer.Option(0),
                    probe_samples: int = typer.Option(4, min=0, help="besides the greedy probes, answers "
                                                                     "sampled per probe as users get them (0: none)"),
-                   port: int = typer.Option(30300, help="the first gateway's port (one per run, consecutive)")) -> None:
+                   port: int = typer.Option(30300, help="the first gateway's port (one per run, consecutive)"),
+                   report: Optional[Path] = typer.Option(None, help="print an earlier run's tables and goals "
+                                                                    "from its results.json (nothing is run)")) -> None:
     """Does the personal loop learn a hidden preference with the defaults? Base and hint-conditioned
-    rates, each run's curve, and whether the answers stay answers."""
+    rates, each run's curve, whether the answers stay answers, and which goals each run met."""
     import signal
 
-    from infra.cli.bench_personal import PersonalBenchConfig, Variant, run_personal_bench
+    from infra.cli.bench_personal import PersonalBenchConfig, Variant, report_again, run_personal_bench
     from producers.simulated.personas import PERSONAS
+
+    if report is not None:
+        try:
+            report_again(load_settings(), report, console)
+        except NextstateError as exc:
+            fail(exc)
+        return
 
     def stop(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)   # like Ctrl-C: every part the benchmark started is stopped

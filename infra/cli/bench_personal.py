@@ -18,7 +18,15 @@ on the same sample log and a gateway per run that follows that run's checkpoints
    who take their time. After each round every run is probed the same way.
 3. **Answer quality**, on the probes: the distinct word-bigram share against the base's, answers
    that repeat a sentence three times, non-answers, and the base model's mean per-token logprob
-   of the answers (the base weights, loaded here after the parts stopped).
+   of the answers (the base weights, loaded here after the parts stopped). The hinted base's
+   answers are scored the same way, against the plain questions: what following the preference
+   the base model's own way costs in that logprob.
+4. **Goals** (`Goals`): each run against the bar the personal loop is held to — 0.8 greedy
+   within 24 interactions and still after the last round where the hinted base meets the
+   preference at least half the time, above the base elsewhere; a `combined` run at least as
+   good as `rl` and `opd` in every round; no looping probe answer in any round; word pairs at
+   least 0.9× the base's; the base model's logprob of the answers at most 0.5 nats per token
+   below its logprob of its own answers. `--report results.json` prints all of it again.
 
 The `rl` and `opd` runs (and any variant named METHOD:NAME=VALUE,...) learn from the served
 run's samples: off-policy for them, on-policy for the served run. Results go to
@@ -82,6 +90,21 @@ class Variant:
             return load_settings().learner
 
 
+@dataclass(frozen=True)
+class Goals:
+    """The bar a run is held to; `check_goals` reports each part of it."""
+
+    target: float = 0.8   # greedy first-response satisfaction on the probes
+    within: int = 24      # reached within this many interactions ...
+    learnable: float = 0.5   # ... where the hinted base meets the preference at least this often
+    bigram_ratio: float = 0.9   # distinct word pairs against the base's, after the last round
+    # how far the base model's mean per-token logprob of the answers (after the last round) may
+    # fall below that of its own answers: e^0.5 ≈ 1.65× less likely per token. The hinted base's
+    # own answers fell 0.12 (formal) and 0.21 (brief); the evasive non-answers of `opd` anchored
+    # at the policy 1.28–1.57.
+    logprob_margin: float = 0.5
+
+
 @dataclass
 class PersonalBenchConfig:
     preferences: tuple[str, ...] = DEFAULT_PREFERENCES
@@ -101,6 +124,7 @@ class PersonalBenchConfig:
     round_wait_s: float = 600.0
     out_dir: Path = Path("out/bench-personal")
     keep_checkpoints: bool = False
+    goals: Goals = field(default_factory=Goals)
 
 
 @dataclass
@@ -129,6 +153,56 @@ class PreferenceResult:
     probes: list[Probe] = field(default_factory=list)
     sessions: int = 0
     failure: str | None = None
+
+
+def _method(variant: str) -> str:
+    return variant.partition("[")[0]
+
+
+def check_goals(r: PreferenceResult, variants: list[str], goals: Goals) -> list[dict[str, Any]]:
+    """Each run of one preference against `goals`: the figures and whether each part is met
+    (None where a part does not apply). Empty when no round was probed."""
+    rounds = sorted({p.interactions for p in r.probes})
+    by = {(p.variant, p.interactions): p for p in r.probes}
+    learnable = r.hinted.rate >= goals.learnable
+    base_share = distinct_bigram_share(r.base.answers)
+    parts = [v for v in variants if v in ("rl", "opd")]   # the plain runs of each part
+    rows = []
+    for v in variants:
+        mine = [by[(v, n)] for n in rounds if (v, n) in by]
+        if not mine:
+            continue
+        last = mine[-1]
+        reached = next((p.interactions for p in mine if p.rate >= goals.target), None)
+        row: dict[str, Any] = {"variant": v, "learnable": learnable, "reached": reached, "last": last.rate,
+                               "after": last.interactions}
+        if learnable:
+            row["learned"] = reached is not None and reached <= goals.within
+            row["kept"] = last.rate >= goals.target
+        else:
+            row["learned"] = None
+            row["kept"] = last.rate > r.base.rate
+        if _method(v) == "combined" and parts:
+            held = [n for n in rounds if (v, n) in by and all(
+                (o, n) in by and by[(v, n)].rate >= by[(o, n)].rate for o in parts)]
+            row["vs_parts"] = [len(held), len(rounds)]
+            row["vs_parts_ok"] = len(held) == len(rounds)
+        else:
+            row["vs_parts"] = row["vs_parts_ok"] = None
+        q = last.quality(base_share)
+        row["bigram_ratio"] = q["bigram_ratio"]
+        row["bigram_ok"] = q["bigram_ratio"] is None or q["bigram_ratio"] >= goals.bigram_ratio
+        row["looping"] = [looping(p.answers) for p in mine]
+        row["loops_ok"] = not any(row["looping"])
+        if last.base_logprob is not None and r.base.base_logprob is not None:
+            row["logprob_drop"] = last.base_logprob - r.base.base_logprob
+            row["logprob_ok"] = row["logprob_drop"] >= -goals.logprob_margin
+        else:
+            row["logprob_drop"] = row["logprob_ok"] = None
+        checks = [row[k] for k in ("learned", "kept", "vs_parts_ok", "bigram_ok", "loops_ok", "logprob_ok")]
+        row["met"] = all(c is not False for c in checks) and row["logprob_ok"] is not None
+        rows.append(row)
+    return rows
 
 
 def _slug(name: str) -> str:
@@ -298,8 +372,9 @@ async def _probe_all(urls: dict[str, str], key: str, questions: list[str], prefe
 
 
 def _score_base_logprobs(model: str, results: list[PreferenceResult]) -> None:
-    """The base model's mean per-token logprob of every probe's answers (greedy answers to the
-    plain probe questions), with the base weights loaded here."""
+    """The base model's mean per-token logprob of every probe's answers (greedy answers, each
+    scored after the plain probe question, the hinted base's too), with the base weights loaded
+    here."""
     from infra.settings import ServingSettings
     from serving.chat import normalize_messages, render_prompt
     from serving.local import LocalEngine
@@ -323,7 +398,7 @@ def _score_base_logprobs(model: str, results: list[PreferenceResult]) -> None:
     async def all_of_them() -> None:
         try:
             for r in results:
-                for p in [r.base, *r.probes]:
+                for p in [r.base, r.hinted, *r.probes]:
                     if p.answers and p.base_logprob is None:
                         p.base_logprob = await mean_logprob(p.answers)
         finally:
@@ -398,11 +473,16 @@ def report(cfg: PersonalBenchConfig, results: list[PreferenceResult], out: Path,
         quality.add_row(r.preference, "base", f"{r.base.rate:.2f}", "1.00", str(base_q["looping"]),
                         _fmt(r.base.sampled_looping, digits=2), f"{base_q['empty']:.2f}",
                         _fmt(base_q["base_logprob"]), "")
+        if r.hinted.answers:
+            hint_q = r.hinted.quality(base_share)
+            quality.add_row("", "base+hint", f"{r.hinted.rate:.2f}", _fmt(hint_q["bigram_ratio"]),
+                            str(hint_q["looping"]), _fmt(r.hinted.sampled_looping, digits=2),
+                            f"{hint_q['empty']:.2f}", _fmt(hint_q["base_logprob"]),
+                            _fmt(_drop(hint_q["base_logprob"], base_q["base_logprob"]), signed=True))
         last = max(rounds, default=None)
         for p in (p for p in r.probes if p.interactions == last):
             q = p.quality(base_share)
-            drop = (q["base_logprob"] - base_q["base_logprob"]
-                    if q["base_logprob"] is not None and base_q["base_logprob"] is not None else None)
+            drop = _drop(q["base_logprob"], base_q["base_logprob"])
             quality.add_row("", escape(p.variant), f"{p.rate:.2f}", _fmt(q["bigram_ratio"]), str(q["looping"]),
                             _fmt(p.sampled_looping, digits=2), f"{q['empty']:.2f}", _fmt(q["base_logprob"]),
                             _fmt(drop, signed=True))
@@ -411,8 +491,78 @@ def report(cfg: PersonalBenchConfig, results: list[PreferenceResult], out: Path,
     if cfg.probe_samples:
         console.print(sampled)
     console.print(quality)
+    console.print(goals_table(cfg, results))
     _plot(cfg, results, out / "curves.png")
     console.print(f"{elapsed_s / 60:.0f} min; results in {out / 'results.json'}, curves in {out / 'curves.png'}")
+
+
+def _drop(value: float | None, base: float | None) -> float | None:
+    return value - base if value is not None and base is not None else None
+
+
+def _mark(ok: bool | None) -> str:
+    return "" if ok is None else " ✓" if ok else " ✗"
+
+
+def goals_table(cfg: PersonalBenchConfig, results: list[PreferenceResult]) -> Table:
+    g = cfg.goals
+    names = [v.name for v in cfg.variants]
+    table = Table(title=f"goals: greedy ≥ {g.target} within {g.within} interactions and after the last round "
+                        f"(where the hinted base reaches {g.learnable}; elsewhere above the base), combined ≥ "
+                        f"rl and opd in every round, no looping answer in any round, word pairs ≥ "
+                        f"{g.bigram_ratio}× the base's, base logprob at most {g.logprob_margin} below")
+    for col in ("preference", "run", f"first ≥ {g.target} at", "last round", "≥ rl, opd (rounds)",
+                "word pairs ×base", "looping answers by round", "Δ base logprob", "met"):
+        table.add_column(col, justify="right" if col not in ("preference", "run") else "left")
+    for r in results:
+        for i, row in enumerate(check_goals(r, names, g)):
+            vs = row["vs_parts"]
+            table.add_row(
+                r.preference if i == 0 else "", escape(row["variant"]),
+                ("-" if row["reached"] is None else str(row["reached"])) + _mark(row["learned"]),
+                f"{row['last']:.2f} ({row['after']})" + _mark(row["kept"]),
+                ("-" if vs is None else f"{vs[0]}/{vs[1]}") + _mark(row["vs_parts_ok"]),
+                _fmt(row["bigram_ratio"], digits=2) + _mark(row["bigram_ok"]),
+                " ".join(map(str, row["looping"])) + _mark(row["loops_ok"]),
+                _fmt(row["logprob_drop"], signed=True, digits=2) + _mark(row["logprob_ok"]),
+                "yes" if row["met"] else "no")
+    return table
+
+
+def load_results(path: Path) -> tuple[PersonalBenchConfig, list[PreferenceResult], float]:
+    """A results.json written by this benchmark, back as the report's inputs (and the minutes
+    it took, in seconds)."""
+    try:
+        data = json.loads(path.read_text())
+        fields = set(Probe.__dataclass_fields__)
+
+        def probe(d: dict[str, Any]) -> Probe:
+            return Probe(**{k: v for k, v in d.items() if k in fields})
+
+        results = [PreferenceResult(d["preference"], probe(d["base"]), probe(d["hinted"]),
+                                    [probe(p) for p in d["probes"]], d.get("sessions", 0), d.get("failure"))
+                   for d in data["preferences"]]
+        variants = tuple(Variant(name, _method(name)) for name in data["variants"])
+        cfg = PersonalBenchConfig(preferences=tuple(r.preference for r in results), variants=variants,
+                                  interactions=data.get("interactions", 48),
+                                  round_sessions=data.get("round_sessions", 12), model=data.get("model"),
+                                  out_dir=path.parent)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path} is not a results.json of `bench personal`: {exc}") from exc
+    return cfg, results, float(data.get("elapsed_s") or 0.0)
+
+
+def report_again(settings: Settings, path: Path, console: Console) -> list[PreferenceResult]:
+    """`--report`: a finished (or interrupted) run's tables and goals from its results.json,
+    scoring with the base model what was not scored yet; the file is rewritten with it."""
+    from serving.models import resolve_model
+
+    cfg, results, elapsed_s = load_results(path)
+    if any(p.answers and p.base_logprob is None for r in results for p in [r.base, r.hinted, *r.probes]):
+        console.print("scoring the answers with the base model")
+        _score_base_logprobs(str(resolve_model(cfg.model, settings.serving.cache_dir)), results)
+    report(cfg, results, path.parent, console, elapsed_s)
+    return results
 
 
 def _save(cfg: PersonalBenchConfig, results: list[PreferenceResult], out: Path, elapsed_s: float) -> None:
@@ -422,10 +572,12 @@ def _save(cfg: PersonalBenchConfig, results: list[PreferenceResult], out: Path, 
         base_share = distinct_bigram_share(r.base.answers)
         data.append({"preference": r.preference, "sessions": r.sessions, "failure": r.failure,
                      "base": {**r.base.__dict__, **r.base.quality(base_share)}, "hinted": r.hinted.__dict__,
-                     "probes": [{**p.__dict__, **p.quality(base_share)} for p in r.probes]})
+                     "probes": [{**p.__dict__, **p.quality(base_share)} for p in r.probes],
+                     "goals": check_goals(r, [v.name for v in cfg.variants], cfg.goals)})
     (out / "results.json").write_text(json.dumps({"variants": [v.name for v in cfg.variants],
                                                   "interactions": cfg.interactions,
                                                   "round_sessions": cfg.round_sessions,
+                                                  "goal_settings": cfg.goals.__dict__, "model": cfg.model,
                                                   "elapsed_s": elapsed_s, "preferences": data}, indent=1))
 
 
