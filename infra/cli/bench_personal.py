@@ -530,8 +530,8 @@ def goals_table(cfg: PersonalBenchConfig, results: list[PreferenceResult]) -> Ta
 
 
 def load_results(path: Path) -> tuple[PersonalBenchConfig, list[PreferenceResult], float]:
-    """A results.json written by this benchmark, back as the report's inputs (and the minutes
-    it took, in seconds)."""
+    """A results.json written by this benchmark, back as the report's inputs, and how long that
+    run took in seconds."""
     try:
         data = json.loads(path.read_text())
         fields = set(Probe.__dataclass_fields__)
