@@ -437,15 +437,23 @@ class LoopGuardSettings(_Section):
     """The learner's check of its own greedy answers (learner.loop_guard). Users who sample
     never meet an answer that loops, so their rewards cannot reach the greedy mode of the
     policy, where SmolLM2-135M's answers began to loop a sentence after a few updates. Before
-    each step the policy answers up to `prompts` of the step's contexts greedily; an answer in
-    which one `ngram`-token sequence occurs `repeats` times or more loops, and its tokens that
-    repeat an earlier `unlikely_ngram`-gram of it are pushed down with the unlikelihood
-    -log(1 - p), weighted `coef` against the step's trained tokens (sequence-level
-    unlikelihood). 0 prompts: off. On by default: on SmolLM2-135M it left 4 looping greedy
-    probe answers over `brief` and `plain`'s eight rounds against 10 without it on the same
-    logs, for 27-38 % of the step time on two cores (`nextstate bench personal`, README)."""
+    each step the policy answers greedily up to `prompts` of the step's contexts and up to
+    `recall` of the `memory` contexts it trained on before (those checked least often first);
+    an answer in which one `ngram`-token sequence occurs `repeats` times or more loops, and so
+    does one that says a sentence three times (infra.repetition, as the simulated users and
+    the benchmark judge it). Its repeats (tokens that complete an earlier `unlikely_ngram`-gram
+    of it, or belong to a later saying of the thrice-said sentence) are pushed down with the
+    unlikelihood -log(1 - p), weighted `coef` against the step's trained tokens
+    (sequence-level unlikelihood). 0 prompts: off (recall too). On by default: on SmolLM2-135M
+    the step's 4 contexts alone left 4 looping greedy probe answers over `brief` and `plain`'s
+    eight rounds against 10 without it on the same logs, for 27-38 % of the step time on two
+    cores (`nextstate bench personal`, README)."""
 
     prompts: int = Field(default=4, ge=0)
+    # the step's contexts are few and alike; earlier ones widen the check at the cost of a
+    # larger greedy batch
+    recall: int = Field(default=4, ge=0)
+    memory: int = Field(default=128, ge=0)
     max_new_tokens: int = Field(default=96, ge=1)
     # a longer context is not checked (its greedy answer costs a prefill of all of it)
     max_prompt_tokens: int = Field(default=2048, ge=1)

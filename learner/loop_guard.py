@@ -6,28 +6,37 @@ answers began to loop a sentence or a list item until the token limit (the first
 distribution flattens, a greedy answer starts where it peaks, and the base model's own
 repetition takes over). A client that asks for temperature 0 gets those answers.
 
-What: before a step, the policy answers up to `prompts` of the step's contexts greedily. An
-answer loops when one `ngram`-token sequence occurs in it `repeats` times or more (token ids,
-so it reads any language or format the same way). In a looping answer, every token that
-completes an `unlikely_ngram`-gram already seen earlier in the answer is a repeat; the step
-then also minimises -log(1 - p) of those tokens (Welleck et al.'s unlikelihood, bounded: its
-push fades as p falls), which moves the greedy path off the repetition rather than pushing
-down everything the answer said. Answers that do not loop add nothing.
+What: before a step, the policy answers greedily up to `prompts` of the step's contexts and up
+to `recall` earlier ones (`ContextMemory`: the contexts this learner trained on, those checked
+least often first), so a loop the step's few contexts do not show can still be found. An
+answer loops when one `ngram`-token sequence occurs in it `repeats` times or more (token ids:
+any language or format reads the same), or, where the guard can decode, when it says one
+sentence three times or more (infra.repetition: the definition the simulated users and the
+benchmark hold answers to; it catches numbered lists that repeat an item under new numbers,
+which no token n-gram repeats). A token of a looping answer is a repeat when it completes an
+`unlikely_ngram`-gram already seen earlier in the answer, or belongs to a later saying of a
+sentence said three times; the step also minimises -log(1 - p) of the repeats (Welleck et
+al.'s unlikelihood, bounded: its push fades as p falls), which moves the greedy path off the
+repetition rather than pushing down everything the answer said. Answers that do not loop
+add nothing.
 
-Greedy decoding of the same weights and contexts gives the same answers, so a step replayed
-after a restart checks and penalises what it did the first time. Knows nothing about Kafka.
+Greedy decoding of the same weights and contexts gives the same answers, and the memory is
+saved with the checkpoint (`ContextMemory.state`), so a step replayed after a restart checks
+and penalises what it did the first time. Knows nothing about Kafka.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from infra.repetition import loops as says_a_sentence_thrice
+from infra.repetition import repeated_sentences
 from infra.settings import LoopGuardSettings
 
 
@@ -52,6 +61,68 @@ def repeated_positions(ids: Sequence[int], n: int) -> list[int]:
             out[i] = 1
         seen.add(gram)
     return out
+
+
+def char_ends(ids: Sequence[int], decode: Callable[[list[int]], str]) -> list[int]:
+    """Where each token's text ends in `decode(ids)`: the length of the decoded prefix through it
+    (never less than the one before: a token holding half a character decodes to nothing yet)."""
+    ends, last = [], 0
+    for i in range(1, len(ids) + 1):
+        last = max(last, len(decode(list(ids[:i]))))
+        ends.append(last)
+    return ends
+
+
+def sentence_repeat_positions(ids: Sequence[int], decode: Callable[[list[int]], str]) -> list[int]:
+    """1 at each token of a later saying of a sentence the decoded answer says three times or
+    more (infra.repetition.repeated_sentences), else 0; all 0 when it says none that often."""
+    out = [0] * len(ids)
+    spans = repeated_sentences(decode(list(ids)))
+    if not spans:
+        return out
+    ends = char_ends(ids, decode)
+    for i, (start, end) in enumerate(zip([0, *ends[:-1]], ends)):
+        if any(start < s.end and end > s.start for s in spans):
+            out[i] = 1
+    return out
+
+
+class ContextMemory:
+    """The distinct contexts a learner trained on, the newest `size` of them, with how often
+    each was checked: `recall` hands out those checked least often (among equals, the one
+    noted longest ago first), so over the steps every remembered context gets its turn. `state` goes into the
+    checkpoint and back into the constructor."""
+
+    def __init__(self, size: int, state: Sequence[Sequence[Any]] = ()) -> None:
+        self.size = size
+        self.checks: dict[tuple[int, ...], int] = {}
+        for ctx, n in state:
+            self.checks[tuple(int(t) for t in ctx)] = int(n)
+        self._trim()
+
+    def note(self, checked: Sequence[Sequence[int]], seen: Sequence[Sequence[int]] = ()) -> None:
+        """Remember `checked` (now checked once more) and `seen` (not checked this time)."""
+        for ctx in checked:
+            key = tuple(ctx)
+            self.checks[key] = self.checks.pop(key, 0) + 1
+        for ctx in seen:
+            key = tuple(ctx)
+            self.checks[key] = self.checks.pop(key, 0)
+        self._trim()
+
+    def recall(self, n: int, exclude: Sequence[Sequence[int]] = ()) -> list[list[int]]:
+        """Up to `n` remembered contexts not in `exclude`, the least checked first; not yet
+        counted as checked (`note` does that)."""
+        excluded = {tuple(c) for c in exclude}
+        ranked = sorted((k for k in self.checks if k not in excluded), key=self.checks.__getitem__)
+        return [list(k) for k in ranked[:n]]
+
+    def state(self) -> list[list[Any]]:
+        return [[list(k), n] for k, n in self.checks.items()]
+
+    def _trim(self) -> None:
+        while len(self.checks) > self.size:
+            del self.checks[next(iter(self.checks))]
 
 
 @dataclass
@@ -87,17 +158,30 @@ def contexts(batches: Sequence[Any], limit: int, max_tokens: int) -> list[list[i
 
 
 class LoopGuard:
-    """Finds the step's looping greedy answers (`check`) for the trainer's unlikelihood term."""
+    """Finds the step's looping greedy answers (`check`) for the trainer's unlikelihood term.
+    `decode` (token ids -> text; None: token n-grams only) lets it read sentences."""
 
-    def __init__(self, cfg: LoopGuardSettings, pad_id: int, eos_ids: Sequence[int]) -> None:
+    def __init__(self, cfg: LoopGuardSettings, pad_id: int, eos_ids: Sequence[int],
+                 decode: Callable[[list[int]], str] | None = None) -> None:
         self.cfg = cfg
         self.pad_id = pad_id
         self.eos_ids = [int(e) for e in eos_ids]
+        self.decode = decode
+        self.memory = ContextMemory(cfg.memory)
 
     @property
     def on(self) -> bool:
         return self.cfg.prompts > 0 and self.cfg.coef > 0
 
+    def repeats(self, answer: Sequence[int]) -> list[int] | None:
+        """The repeats of `answer` to push down (1 per token), or None when it does not loop."""
+        cfg = self.cfg
+        marks = repeated_positions(answer, cfg.unlikely_ngram) if loops(answer, cfg.ngram, cfg.repeats) else None
+        if self.decode is not None:
+            said = sentence_repeat_positions(answer, self.decode)
+            if any(said):
+                marks = said if marks is None else [max(a, b) for a, b in zip(marks, said)]
+        return marks
     def answer(self, module: torch.nn.Module, prompts: list[list[int]], device: torch.device) -> list[list[int]]:
         """The greedy answers of `module` to `prompts` (one left-padded batch), each cut before
         its end-of-sequence token."""
@@ -126,14 +210,20 @@ class LoopGuard:
         """(the looping answers to push down, or None; the check's metrics)."""
         started = time.perf_counter()
         cfg = self.cfg
-        prompts = contexts(batches, cfg.prompts, cfg.max_prompt_tokens)
+        own = contexts(batches, max(cfg.prompts, cfg.memory), cfg.max_prompt_tokens)
+        checked = own[:cfg.prompts]
+        recalled = self.memory.recall(cfg.recall, exclude=own)
+        self.memory.note(checked + recalled, seen=own[cfg.prompts:])
+        prompts = checked + recalled
         if not prompts:
-            return None, {"loop_guard_answers": 0.0, "loop_guard_loops": 0.0, "loop_guard_s": 0.0}
+            return None, {"loop_guard_answers": 0.0, "loop_guard_recalled": 0.0, "loop_guard_loops": 0.0,
+                          "loop_guard_s": 0.0}
         answers = self.answer(module, prompts, device)
-        looping = [(p, a) for p, a in zip(prompts, answers) if loops(a, cfg.ngram, cfg.repeats)]
-        rows = [(p, a, repeated_positions(a, cfg.unlikely_ngram)) for p, a in looping]
-        rows = [r for r in rows if any(r[2])]
-        metrics = {"loop_guard_answers": float(len(prompts)), "loop_guard_loops": float(len(looping))}
+        marked = [(p, a, self.repeats(a)) for p, a in zip(prompts, answers)]
+        looping = [r for r in marked if r[2] is not None]
+        rows = [(p, a, rep) for p, a, rep in looping if any(rep)]
+        metrics = {"loop_guard_answers": float(len(prompts)), "loop_guard_recalled": float(len(recalled)),
+                   "loop_guard_loops": float(len(looping))}
         batch = None
         if rows:
             length = max(len(p) + len(a) for p, a, _ in rows)

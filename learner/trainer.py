@@ -28,6 +28,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -38,11 +39,12 @@ from learner.batching import Batch
 from learner.losses import (RewardWindow, advantages, entropy_from_logits, full_kl, k3_kl, micro_batch_loss,
                             normalisation_keys, sample_rewards, span_starts, topk_direction,
                             topk_kl, unlikelihood)
-from learner.loop_guard import LoopBatch, LoopGuard
+from learner.loop_guard import ContextMemory, LoopBatch, LoopGuard
 from schemas.methods import rule
 
 DS_TAG = "ds"
 REWARD_WINDOW = "reward_window"   # the running baseline's rewards, in the checkpoint's client state
+LOOP_MEMORY = "loop_guard_memory"  # the loop guard's remembered contexts, likewise
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "vocab.json", "merges.txt", "generation_config.json")
 
@@ -53,6 +55,20 @@ class Guide(NamedTuple):
 
     base_top: torch.Tensor
     anchor_top: torch.Tensor | None
+
+
+def decoder(model_path: Path) -> Callable[[list[int]], str] | None:
+    """Token ids -> text with the model's own tokenizer, so the loop guard can read sentences;
+    None where the model directory holds no tokenizer (the guard then reads token n-grams only)."""
+    if not (Path(model_path) / "tokenizer.json").exists() and not (Path(model_path) / "tokenizer_config.json").exists():
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as exc:
+        raise LearnerError(f"cannot load the tokenizer in {model_path}: {exc}") from exc
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -190,7 +206,8 @@ class Trainer:
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = model.config.eos_token_id if eos is None else eos
         self.loop_guard = LoopGuard(ls.loop_guard, self.pad_id,
-                                    [] if eos is None else [eos] if isinstance(eos, int) else list(eos))
+                                    [] if eos is None else [eos] if isinstance(eos, int) else list(eos),
+                                    decoder(self.model_path))
 
     # -- forward --------------------------------------------------------------------------
 
@@ -510,7 +527,8 @@ class Trainer:
                 if (self.model_path / name).exists():
                     shutil.copy2(self.model_path / name, weights / name)
         self.engine.save_checkpoint(str(directory / "train_state"), tag=DS_TAG,
-                                    client_state={**client_state, REWARD_WINDOW: list(self.reward_window.values)},
+                                    client_state={**client_state, REWARD_WINDOW: list(self.reward_window.values),
+                                                  LOOP_MEMORY: self.loop_guard.memory.state()},
                                     exclude_frozen_parameters=self.lora)
         return directory
 
@@ -524,4 +542,5 @@ class Trainer:
             raise LearnerError(f"no DeepSpeed checkpoint under {directory}/train_state")
         client_state = client_state or {}
         self.reward_window = RewardWindow(self.settings.adv_window, client_state.get(REWARD_WINDOW, ()))
+        self.loop_guard.memory = ContextMemory(self.settings.loop_guard.memory, client_state.get(LOOP_MEMORY, ()))
         return client_state

@@ -83,8 +83,9 @@ def config_show() -> None:
                 "group": "their task group's mean and spread",
                 "step": "their task group's mean and spread at the same step", "none": "no baseline"}[lp.adv_norm]
     g = lp.loop_guard
-    guard = (f"the policy's greedy answers to {g.prompts} of each step's contexts are checked for loops (one "
-             f"{g.ngram}-token sequence {g.repeats} times) and their repeats pushed down × {g.coef:g}"
+    guard = (f"the policy's greedy answers to {g.prompts} of each step's contexts and {g.recall} earlier ones are "
+             f"checked for loops (one {g.ngram}-token sequence {g.repeats} times, or one sentence three times) and "
+             f"their repeats pushed down × {g.coef:g}"
              if g.prompts and g.coef else "the policy's greedy answers are not checked for loops")
     console.print(f"decided here: the learner trains on {device} with {trains} at lr "
                   f"{lp.learning_rate(device):g}{lr_note}, {lp.updates_per_step(device)} update(s) per step's "

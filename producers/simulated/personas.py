@@ -5,8 +5,8 @@ the policy nor the judge ever sees a checker: the persona reacts to a response i
 (a correction, a re-ask, thanks) and with thumbs, and only that reaction enters the log.
 The preferences are compatible with each other, so one policy can satisfy all of them.
 
-Whatever the preference, nobody is satisfied by an answer that loops (quality.loops: one
-sentence said three times or more; such a person says so in words of their own), and a preference about
+Whatever the preference, nobody is satisfied by an answer that loops (infra.repetition.loops:
+one sentence said three times or more; such a person says so in words of their own), and a preference about
 the whole answer (`whole`: brief) is not met by an answer the token limit cut off: at that
 limit it was still going. Token-dense text ("1. 1. 1. …", "T-T-T-…") stays under 40 words
 long after the reader has seen that it is no answer.
@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from producers.simulated.quality import loops
+from infra.repetition import loops
 
 MARKDOWN = re.compile(r"(\*\*|__|^\s*#{1,6}\s|^\s*[-*+]\s|^\s*\d+[.)]\s|`)", re.MULTILINE)
 IMPERIAL = re.compile(

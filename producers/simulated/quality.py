@@ -8,7 +8,8 @@ questions:
 - `distinct_bigram_share`: distinct word bigrams over all word bigrams of the set (repetition
   within and across answers lowers it; compare with the base model's share on the same probes);
 - `max_sentence_repeats`: the most times one sentence occurs in one answer (LOOP_REPEATS or
-  more is a loop: `loops`; the simulated users reject such an answer too);
+  more is a loop: `loops`; both from infra.repetition, the one definition the simulated users,
+  this benchmark and the learner's loop guard share);
 - the base model's mean per-token logprob of the answers (computed by the benchmark with the
   base weights): how far from ordinary language the answers drifted.
 
@@ -17,48 +18,21 @@ Pure: no model, no HTTP.
 
 from __future__ import annotations
 
-import re
-from collections import Counter
+from infra.repetition import LOOP_REPEATS, loops, max_sentence_repeats, sentences, words
 
-LOOP_REPEATS = 3   # one sentence this often in one answer is a loop
-_WORD = re.compile(r"[\w']+")
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
-
-
-def _words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
+__all__ = ["LOOP_REPEATS", "distinct_bigram_share", "empty_share", "looping", "loops", "max_sentence_repeats",
+           "sentences"]
 
 def distinct_bigram_share(answers: list[str]) -> float:
     """Distinct word bigrams / all word bigrams over the answers (1.0 when there are none)."""
     seen: set[tuple[str, str]] = set()
     total = 0
     for answer in answers:
-        w = _words(answer)
+        w = words(answer)
         pairs = list(zip(w, w[1:]))
         total += len(pairs)
         seen.update(pairs)
     return len(seen) / total if total else 1.0
-
-
-def sentences(text: str) -> list[str]:
-    out = []
-    for part in _SENTENCE_END.split(text):
-        norm = " ".join(_words(part))
-        if norm:
-            out.append(norm)
-    return out
-
-
-def max_sentence_repeats(answer: str) -> int:
-    """How often the most repeated sentence (case and punctuation ignored) occurs in the answer."""
-    counts = Counter(sentences(answer))
-    return max(counts.values(), default=0)
-
-
-def loops(answer: str) -> bool:
-    """Whether the answer says one sentence LOOP_REPEATS times or more."""
-    return max_sentence_repeats(answer) >= LOOP_REPEATS
 
 
 def looping(answers: list[str]) -> int:
@@ -68,4 +42,4 @@ def looping(answers: list[str]) -> int:
 
 def empty_share(answers: list[str], min_words: int = 3) -> float:
     """Share of answers with fewer than `min_words` words (a non-answer)."""
-    return sum(len(_words(a)) < min_words for a in answers) / len(answers) if answers else 0.0
+    return sum(len(words(a)) < min_words for a in answers) / len(answers) if answers else 0.0

@@ -503,3 +503,30 @@ def test_logits_only_where_trained_give_the_full_forward_logprobs(tiny_model_dir
     on = batch.mask > 0
     assert torch.allclose(trimmed[on], reference[on], atol=1e-5)
     assert not on[:, :start].any() and (trimmed[:, :start] == 0).all()
+
+
+def test_the_loop_guard_recalls_earlier_contexts_and_its_memory_comes_back_with_the_checkpoint(
+        tiny_model_dir, tmp_path):
+    """Besides the step's own contexts the guard answers earlier ones (the least checked
+    first); a restored learner remembers the same contexts, so its next step checks what the
+    first learner's does."""
+    guard = LoopGuardSettings(prompts=1, recall=2, memory=8, max_new_tokens=8)
+    ls = settings(method="rl", lr=1e-2, loop_guard=guard)
+    first = Trainer(ls, tiny_model_dir)
+    a, b, c = (make_sample(seed, reward=1.0, prompt_len=4 + seed) for seed in (1, 2, 3))
+    m1 = first.train_step([collate([a], first.pad_id)])
+    assert (m1["loop_guard_answers"], m1["loop_guard_recalled"]) == (1, 0)   # nothing earlier yet
+    m2 = first.train_step([collate([b, c], first.pad_id)])
+    # b's context checked, a's recalled; c's seen and remembered unchecked
+    assert (m2["loop_guard_answers"], m2["loop_guard_recalled"]) == (2, 1)
+    state = first.loop_guard.memory.state()
+    assert sorted(n for _, n in state) == [0, 1, 2]
+    first.save(tmp_path / "ckpt", {"step": 2})
+    second = Trainer(ls, tiny_model_dir)
+    second.restore(tmp_path / "ckpt")
+    assert second.loop_guard.memory.state() == state
+    d = make_sample(4, reward=1.0, prompt_len=9)
+    recalled = [first.loop_guard.memory.recall(2, exclude=[list(d.prompt_token_ids)]),
+                second.loop_guard.memory.recall(2, exclude=[list(d.prompt_token_ids)])]
+    # the unchecked context (c's) first, then b's (checked once); a's was checked twice
+    assert recalled[0] == recalled[1] == [list(c.prompt_token_ids), list(b.prompt_token_ids)]
