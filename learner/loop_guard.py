@@ -35,7 +35,6 @@ from typing import Any
 
 import torch
 
-from infra.repetition import loops as says_a_sentence_thrice
 from infra.repetition import repeated_sentences
 from infra.settings import LoopGuardSettings
 
@@ -90,8 +89,8 @@ def sentence_repeat_positions(ids: Sequence[int], decode: Callable[[list[int]], 
 class ContextMemory:
     """The distinct contexts a learner trained on, the newest `size` of them, with how often
     each was checked: `recall` hands out those checked least often (among equals, the one
-    noted longest ago first), so over the steps every remembered context gets its turn. `state` goes into the
-    checkpoint and back into the constructor."""
+    noted longest ago first), so over the steps every remembered context gets its turn.
+    `state` goes into the checkpoint and back into the constructor."""
 
     def __init__(self, size: int, state: Sequence[Sequence[Any]] = ()) -> None:
         self.size = size
