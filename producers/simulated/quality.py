@@ -23,6 +23,7 @@ from infra.repetition import LOOP_REPEATS, loops, max_sentence_repeats, sentence
 __all__ = ["LOOP_REPEATS", "distinct_bigram_share", "empty_share", "looping", "loops", "max_sentence_repeats",
            "sentences"]
 
+
 def distinct_bigram_share(answers: list[str]) -> float:
     """Distinct word bigrams / all word bigrams over the answers (1.0 when there are none)."""
     seen: set[tuple[str, str]] = set()
