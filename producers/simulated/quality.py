@@ -7,9 +7,8 @@ questions:
 
 - `distinct_bigram_share`: distinct word bigrams over all word bigrams of the set (repetition
   within and across answers lowers it; compare with the base model's share on the same probes);
-- `max_sentence_repeats`: the most times one sentence occurs in one answer (LOOP_REPEATS or
-  more is a loop: `loops`; both from infra.repetition, the one definition the simulated users,
-  this benchmark and the learner's loop guard share);
+- `looping`: how many answers say one sentence three times or more (infra.repetition.loops, the
+  one definition the simulated users, this benchmark and the learner's loop guard share);
 - the base model's mean per-token logprob of the answers (computed by the benchmark with the
   base weights): how far from ordinary language the answers drifted.
 
@@ -18,10 +17,7 @@ Pure: no model, no HTTP.
 
 from __future__ import annotations
 
-from infra.repetition import LOOP_REPEATS, loops, max_sentence_repeats, sentences, words
-
-__all__ = ["LOOP_REPEATS", "distinct_bigram_share", "empty_share", "looping", "loops", "max_sentence_repeats",
-           "sentences"]
+from infra.repetition import loops, words
 
 
 def distinct_bigram_share(answers: list[str]) -> float:

@@ -1,6 +1,7 @@
 """The answer-quality measures of the personal-agent benchmark, on hand-made answers."""
 
-from producers.simulated.quality import distinct_bigram_share, empty_share, looping, max_sentence_repeats, sentences
+from infra.repetition import max_sentence_repeats, sentences
+from producers.simulated.quality import distinct_bigram_share, empty_share, looping
 
 
 def test_distinct_bigrams_fall_with_repetition():
