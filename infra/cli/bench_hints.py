@@ -51,7 +51,7 @@ async def _rate(engine: Any, tokenizer: Any, questions: list[str], persona: Pers
 
     async def answer(q: str) -> tuple[bool, list[int]]:
         gen = await engine.generate(_prompt(tokenizer, q, hint, placement), params)
-        return (persona.satisfied_by(tokenizer.decode(gen.token_ids, skip_special_tokens=True),
+        return (persona.satisfied_by(q, tokenizer.decode(gen.token_ids, skip_special_tokens=True),
                                      gen.finish_reason != "length"), list(gen.token_ids))
 
     done = await asyncio.gather(*(answer(q) for q in questions))

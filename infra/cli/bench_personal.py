@@ -51,7 +51,7 @@ from infra.errors import ConfigError
 from infra.settings import Settings
 from producers.simulated.harness import GatewayUsers, ProbeResult
 from producers.simulated.personas import PERSONAS, split_questions
-from producers.simulated.quality import distinct_bigram_share, empty_share, looping
+from producers.simulated.quality import distinct_bigram_share, looping, unanswered
 from serving.chat import hinted_text
 
 DEFAULT_PREFERENCES = ("brief", "lowercase", "curious", "formal")
@@ -139,9 +139,11 @@ class Probe:
     sampled_looping: float | None = None   # the share of those sampled answers that loop
 
     def quality(self, base_share: float) -> dict[str, Any]:
+        """Answer-quality measures of these answers to the probe questions (in their order)."""
         share = distinct_bigram_share(self.answers)
         return {"bigram_share": share, "bigram_ratio": share / base_share if base_share else None,
-                "looping": looping(self.answers), "empty": empty_share(self.answers),
+                "looping": looping(self.answers),
+                "unanswered": unanswered(split_questions()[1], self.answers) if self.answers else 0.0,
                 "base_logprob": self.base_logprob}
 
 
@@ -210,22 +212,23 @@ def _slug(name: str) -> str:
 
 
 async def _probe(url: str, key: str, questions: list[str], preference: str, max_tokens: int,
-                 temperature: float = 0.0, samples: int = 1) -> ProbeResult:
+                 temperature: float = 0.0, samples: int = 1, asked: list[str] | None = None) -> ProbeResult:
     users = GatewayUsers(url, key)
     try:
-        return await users.probe(questions, [PERSONAS[preference]], max_tokens, temperature, samples)
+        return await users.probe(questions, [PERSONAS[preference]], max_tokens, temperature, samples,
+                                 asked=asked)
     finally:
         await users.close()
 
 
 def _sampled(url: str, key: str, questions: list[str], preference: str,
-             cfg: PersonalBenchConfig) -> dict[str, float | None]:
+             cfg: PersonalBenchConfig, asked: list[str] | None = None) -> dict[str, float | None]:
     """Probe fields of answers sampled as users get them: their satisfaction and the share of
     them that loop (None when not asked for)."""
     if not cfg.probe_samples:
         return {"sampled_rate": None, "sampled_looping": None}
     result = asyncio.run(_probe(url, key, questions, preference, cfg.probe_max_tokens, cfg.temperature,
-                                cfg.probe_samples))
+                                cfg.probe_samples, asked))
     return {"sampled_rate": result.satisfaction,
             "sampled_looping": looping(result.answers) / len(result.answers)}
 
@@ -267,13 +270,13 @@ def run_preference(settings: Settings, cfg: PersonalBenchConfig, preference: str
             _wait_healthy(url, parts)
         base = asyncio.run(_probe(urls[served], key, questions, preference, cfg.probe_max_tokens))
         hinted = asyncio.run(_probe(urls[served], key, hinted_questions, preference,
-                                    cfg.probe_max_tokens))
+                                    cfg.probe_max_tokens, asked=questions))
         result = PreferenceResult(
             preference,
             Probe("base", 0, 0, base.satisfaction, base.answers,
                   **_sampled(urls[served], key, questions, preference, cfg)),
             Probe("base+hint", 0, 0, hinted.satisfaction, hinted.answers,
-                  **_sampled(urls[served], key, hinted_questions, preference, cfg)))
+                  **_sampled(urls[served], key, hinted_questions, preference, cfg, questions)))
         console.print(f"  {preference}: base {base.satisfaction:.2f}, hint-conditioned {hinted.satisfaction:.2f}"
                       + (f"; sampled {result.base.sampled_rate:.2f} and {result.hinted.sampled_rate:.2f}"
                          if cfg.probe_samples else ""))
@@ -471,20 +474,20 @@ def report(cfg: PersonalBenchConfig, results: list[PreferenceResult], out: Path,
         base_share = distinct_bigram_share(r.base.answers)
         base_q = r.base.quality(base_share)
         quality.add_row(r.preference, "base", f"{r.base.rate:.2f}", "1.00", str(base_q["looping"]),
-                        _fmt(r.base.sampled_looping, digits=2), f"{base_q['empty']:.2f}",
+                        _fmt(r.base.sampled_looping, digits=2), f"{base_q['unanswered']:.2f}",
                         _fmt(base_q["base_logprob"]), "")
         if r.hinted.answers:
             hint_q = r.hinted.quality(base_share)
             quality.add_row("", "base+hint", f"{r.hinted.rate:.2f}", _fmt(hint_q["bigram_ratio"]),
                             str(hint_q["looping"]), _fmt(r.hinted.sampled_looping, digits=2),
-                            f"{hint_q['empty']:.2f}", _fmt(hint_q["base_logprob"]),
+                            f"{hint_q['unanswered']:.2f}", _fmt(hint_q["base_logprob"]),
                             _fmt(_drop(hint_q["base_logprob"], base_q["base_logprob"]), signed=True))
         last = max(rounds, default=None)
         for p in (p for p in r.probes if p.interactions == last):
             q = p.quality(base_share)
             drop = _drop(q["base_logprob"], base_q["base_logprob"])
             quality.add_row("", escape(p.variant), f"{p.rate:.2f}", _fmt(q["bigram_ratio"]), str(q["looping"]),
-                            _fmt(p.sampled_looping, digits=2), f"{q['empty']:.2f}", _fmt(q["base_logprob"]),
+                            _fmt(p.sampled_looping, digits=2), f"{q['unanswered']:.2f}", _fmt(q["base_logprob"]),
                             _fmt(drop, signed=True))
     _save(cfg, results, out, elapsed_s)
     console.print(table)

@@ -5,7 +5,7 @@ correction or thanks), which is the next user message and so the next state of t
 turn; the agent answers again; the persona gives thumbs on that answer and the session ends.
 Probes are side turns (served and recorded, never trained on), greedy, one per question:
 first-response satisfaction is the share of personas the answer satisfies
-(Persona.satisfied_by: the answer's text, and whether the token limit cut it off).
+(Persona.satisfied_by: the question, the answer's text, and whether the token limit cut it off).
 
 Talks HTTP only (httpx), so the same harness works against a GPU deployment.
 """
@@ -96,11 +96,11 @@ class GatewayUsers:
         seed = rng.randrange(2**31)
         history = [{"role": "user", "content": question}]
         first = await self.chat(history, sid, seed=seed)
-        reaction = persona.react(first.text, rng, first.finished)
+        reaction = persona.react(question, first.text, rng, first.finished)
         history += [{"role": "assistant", "content": first.text},
                     {"role": "user", "content": reaction.text}]
         second = await self.chat(history, sid, seed=seed + 1)
-        closing = persona.react(second.text, rng, second.finished)
+        closing = persona.react(question, second.text, rng, second.finished)
         await self.feedback(sid, kind="thumbs", thumbs=closing.thumbs, text=closing.text,
                             source=f"simulated:{persona.name}")
         r = await self.client.post(f"/v1/sessions/{sid}/end", headers={"X-Request-Id": uuid.uuid4().hex})
@@ -109,20 +109,24 @@ class GatewayUsers:
 
     async def probe(self, questions: list[str], personas: list[Persona],
                     max_tokens: int | None = None, temperature: float = 0.0, samples: int = 1,
-                    seed: int = 0) -> ProbeResult:
+                    seed: int = 0, asked: list[str] | None = None) -> ProbeResult:
         """First responses to held-out questions, as side turns (never trained on): greedy by
         default, or `samples` answers to each question at `temperature` (seeded, so two
         policies meet the same draws). Probes get more room than training turns, so that what
-        is judged is mostly whole answers; a cut-off one does not pass for brief."""
+        is judged is mostly whole answers; a cut-off one does not pass for brief. `asked`: the
+        questions as the persona would ask them, when the messages sent carry more (a hint);
+        whether an answer answers is judged against these."""
         answers = await asyncio.gather(*(
             self.chat([{"role": "user", "content": q}], f"probe-{uuid.uuid4().hex[:10]}",
                       turn_type="side", temperature=temperature, done=True, max_tokens=max_tokens,
                       seed=None if temperature == 0.0 else seed + 1000 * i + k)
             for i, q in enumerate(questions) for k in range(samples)))
         n = len(answers)
+        asked = [q for q in (asked or questions) for _ in range(samples)]   # in the order of `answers`
         return ProbeResult(
             policy_version=min(a.policy_version for a in answers),
-            satisfaction=sum(satisfaction(a.text, personas, a.finished) for a in answers) / n,
-            per_persona={p.name: sum(p.satisfied_by(a.text, a.finished) for a in answers) / n for p in personas},
+            satisfaction=sum(satisfaction(q, a.text, personas, a.finished) for q, a in zip(asked, answers)) / n,
+            per_persona={p.name: sum(p.satisfied_by(q, a.text, a.finished) for q, a in zip(asked, answers)) / n
+                         for p in personas},
             answers=[a.text for a in answers],
         )

@@ -6,7 +6,9 @@ the policy nor the judge ever sees a checker: the persona reacts to a response i
 The preferences are compatible with each other, so one policy can satisfy all of them.
 
 Whatever the preference, nobody is satisfied by an answer that loops (infra.repetition.loops:
-one sentence said three times or more; such a person says so in words of their own), and a preference about
+one sentence said three times or more; such a person says so in words of their own), nor by one
+that does not answer (`answers`: it only echoes the question, declines, or talks around it), and
+a preference about
 the whole answer (`whole`: brief) is not met by an answer the token limit cut off: at that
 limit it was still going. Token-dense text ("1. 1. 1. …", "T-T-T-…") stays under 40 words
 long after the reader has seen that it is no answer.
@@ -40,6 +42,71 @@ CONTRACTION = re.compile(
 
 def words(text: str) -> int:
     return len(text.split())
+
+
+# Words that carry no content of their own: what is left of a text without them is what it is about.
+FUNCTION_WORDS = frozenset("""
+a an the and or but nor so yet if then than as of to in on at by for with from into onto about over
+under up down out off through between after before during without within upon against among
+is are was were be been being am do does did doing done have has had having get gets got
+can could should would will shall may might must need needs
+i me my mine you your yours he him his she her hers it its we us our ours they them their theirs
+this that these those there here what which who whom whose when where why how
+all any both each either neither every some such no not only own same too very just also
+more most much many few less least other another again ever still even really quite
+yes ok okay please sure well let lets one ones
+""".split())
+TERM = re.compile(r"\d[\d,.]*[^\W_]*|[^\W\d_]+(?:['’][^\W\d_]+)?")
+# "1. ", "2) ": a list's numbering, not a number (so is a one- or two-digit number that ends a sentence)
+LIST_MARKER = re.compile(r"(?<!\S)\d{1,2}[.)](?=\s|$)")
+ANSWER_NEW_TERMS = 2      # an answer says at least this many things the question did not
+ANSWER_LONG_TERMS = 6     # and names what was asked about, unless it says at least this many
+
+
+def _stem(word: str) -> str:
+    """running, runs → run; stored, stores → stor: a crude stem, the same for question and answer."""
+    for suffix, keep in (("ing", 4), ("ed", 3), ("es", 3), ("s", 3)):
+        if word.endswith(suffix) and len(word) - len(suffix) >= keep:
+            word = word[: -len(suffix)]
+            if len(word) > 3 and word[-1] == word[-2]:
+                word = word[:-1]
+            return word
+    return word
+
+
+def terms(text: str) -> set[str]:
+    """What a text is about: its words less function words and contractions (stemmed, lower
+    case), and its numbers (not a list's numbering)."""
+    out = set()
+    for t in TERM.findall(LIST_MARKER.sub(" ", text.lower())):
+        if t[0].isdigit():
+            out.add(t.rstrip(".,"))
+        else:
+            word, _, tail = t.replace("’", "'").partition("'")
+            if tail not in ("", "s"):   # don't, you're, I'll: no content but the verb
+                continue
+            if word not in FUNCTION_WORDS and len(word) > 1:   # the puppy's → puppy; that's → that
+                out.add(_stem(word))
+    return out
+
+
+def answers(question: str, text: str) -> bool:
+    """Whether `text` answers `question` as far as a reader can tell without knowing the
+    answer: it says something the question did not (at least ANSWER_NEW_TERMS words or numbers
+    the question does not hold), and it is about what was asked: it names something the question
+    named, or gives a number, or says a good deal (ANSWER_LONG_TERMS new words or numbers).
+    "You can drink less coffee." (an echo), "I am not able to repot a cactus" (declining) and
+    "That's a long story, but I'll give you the short answer." (talking around it) do not;
+    "About 384,000 km." and "Move the cactus to a pot one size up." do.
+
+    Whether the answer is right is not judged: these users cannot tell either. Nor can this see
+    a topic named in other words: a short "Drink water before the race." to "What should I do
+    before running a half marathon?" names neither. None of the base model's or the hinted base
+    model's probe answers in the benchmark runs before this rule was refused by it."""
+    asked, said = terms(question), terms(text)
+    new = said - asked
+    about = bool(asked & said) or any(t[0].isdigit() for t in said) or len(new) >= ANSWER_LONG_TERMS
+    return about and len(new) >= ANSWER_NEW_TERMS
 
 
 def no_markdown(text: str) -> bool:
@@ -80,6 +147,11 @@ def formal_register(text: str) -> bool:
     return bool(text.strip()) and not CONTRACTION.search(text) and "!" not in text
 
 
+NO_ANSWER = (
+    "You didn't answer my question. Please actually answer it.",
+    "That's not what I asked. I need a real answer to my question.",
+    "No, that doesn't tell me anything. Please answer the question.",
+)
 REPEATING = (
     "You're repeating yourself. Please just answer the question.",
     "That says the same thing over and over. Please answer properly.",
@@ -100,17 +172,22 @@ class Persona:
     )
     whole: bool = False                # the preference is about the whole answer (its length)
 
-    def satisfied_by(self, response: str, finished: bool = True) -> bool:
-        """Whether this person is satisfied; `finished` is False when the answer was cut off at
-        the token limit (finish_reason "length")."""
-        if loops(response) or (self.whole and not finished):
+    def satisfied_by(self, question: str, response: str, finished: bool = True) -> bool:
+        """Whether this person, having asked `question`, is satisfied by `response`; `finished`
+        is False when the answer was cut off at the token limit (finish_reason "length")."""
+        if loops(response) or not answers(question, response) or (self.whole and not finished):
             return False
         return self.check(response)
 
-    def react(self, response: str, rng: random.Random, finished: bool = True) -> "Reaction":
-        if self.satisfied_by(response, finished):
+    def react(self, question: str, response: str, rng: random.Random, finished: bool = True) -> "Reaction":
+        if self.satisfied_by(question, response, finished):
             return Reaction(satisfied=True, text=rng.choice(self.thanks), thumbs=1)
-        words = REPEATING if loops(response) else self.corrections
+        if loops(response):
+            words = REPEATING
+        elif not answers(question, response):
+            words = NO_ANSWER
+        else:
+            words = self.corrections
         return Reaction(satisfied=False, text=rng.choice(words), thumbs=-1)
 
 
@@ -239,7 +316,9 @@ def split_questions(questions: tuple[str, ...] = QUESTIONS) -> tuple[list[str], 
     return list(questions[:cut]), list(questions[cut:])
 
 
-def satisfaction(response: str, personas: list[Persona] | None = None, finished: bool = True) -> float:
-    """Share of personas the response satisfies (0..1); `finished` as in Persona.satisfied_by."""
+def satisfaction(question: str, response: str, personas: list[Persona] | None = None,
+                 finished: bool = True) -> float:
+    """Share of personas the response to `question` satisfies (0..1); `finished` as in
+    Persona.satisfied_by."""
     personas = personas or list(PERSONAS.values())
-    return sum(p.satisfied_by(response, finished) for p in personas) / len(personas)
+    return sum(p.satisfied_by(question, response, finished) for p in personas) / len(personas)

@@ -9,6 +9,8 @@ questions:
   within and across answers lowers it; compare with the base model's share on the same probes);
 - `looping`: how many answers say one sentence three times or more (infra.repetition.loops, the
   one definition the simulated users, this benchmark and the learner's loop guard share);
+- `unanswered`: the share of answers that do not answer their question (personas.answers, what
+  the simulated users go by: an echo of the question, declining, talking around it);
 - the base model's mean per-token logprob of the answers (computed by the benchmark with the
   base weights): how far from ordinary language the answers drifted.
 
@@ -18,6 +20,7 @@ Pure: no model, no HTTP.
 from __future__ import annotations
 
 from infra.repetition import loops, words
+from producers.simulated.personas import answers as answers_question
 
 
 def distinct_bigram_share(answers: list[str]) -> float:
@@ -37,6 +40,8 @@ def looping(answers: list[str]) -> int:
     return sum(map(loops, answers))
 
 
-def empty_share(answers: list[str], min_words: int = 3) -> float:
-    """Share of answers with fewer than `min_words` words (a non-answer)."""
-    return sum(len(words(a)) < min_words for a in answers) / len(answers) if answers else 0.0
+def unanswered(questions: list[str], answers: list[str]) -> float:
+    """Share of the answers (to `questions`, in order) that do not answer their question."""
+    if len(questions) != len(answers):
+        raise ValueError(f"{len(answers)} answers to {len(questions)} questions")
+    return sum(not answers_question(q, a) for q, a in zip(questions, answers)) / len(answers) if answers else 0.0

@@ -17,7 +17,7 @@ from infra.errors import ConfigError
 def test_ablation_names_survive_the_report(tmp_path):
     variants = (Variant.parse("opd"), Variant.parse("opd:epochs=1"))
     cfg = PersonalBenchConfig(preferences=("formal",), variants=variants, out_dir=tmp_path)
-    answers = ["It is a fine day for a walk by the sea.", "Water boils at one hundred degrees."]
+    answers = [f"It is a fine day for walk number {i} by the sea." for i in range(16)]
     result = PreferenceResult("formal", Probe("base", 0, 0, 0.31, answers, sampled_rate=0.38),
                               Probe("base+hint", 0, 0, 0.81, answers, sampled_rate=0.52), sessions=12)
     result.probes = [Probe("opd", 12, 2, 0.81, answers, sampled_rate=0.62),

@@ -1,7 +1,9 @@
 """The answer-quality measures of the personal-agent benchmark, on hand-made answers."""
 
 from infra.repetition import max_sentence_repeats, sentences
-from producers.simulated.quality import distinct_bigram_share, empty_share, looping
+import pytest
+
+from producers.simulated.quality import distinct_bigram_share, looping, unanswered
 
 
 def test_distinct_bigrams_fall_with_repetition():
@@ -22,5 +24,9 @@ def test_sentence_repeats_ignore_case_and_punctuation():
     assert max_sentence_repeats("") == 0
 
 
-def test_empty_answers_are_counted():
-    assert empty_share(["The answer.", "Boil it for nine minutes.", ""]) == 2 / 3
+def test_answers_that_do_not_answer_are_counted():
+    asked = ["How long should I boil an egg?"] * 3
+    assert unanswered(asked, ["The answer.", "Boil it for nine minutes, then cool it in water.", ""]) == 2 / 3
+    assert unanswered([], []) == 0.0
+    with pytest.raises(ValueError, match="2 answers to 3 questions"):
+        unanswered(asked, ["a", "b"])

@@ -7,7 +7,10 @@ import random
 import re
 
 from processors.judges.feedback import APPROVAL_PATTERNS, CORRECTION_PATTERNS
-from producers.simulated.personas import PERSONAS, QUESTIONS, REPEATING, satisfaction, split_questions
+from producers.simulated.personas import (NO_ANSWER, PERSONAS, QUESTIONS, REPEATING, answers, satisfaction,
+                                          split_questions, terms)
+
+Q = "How do I repot a cactus?"
 
 
 def test_checkers():
@@ -30,9 +33,10 @@ def test_checkers():
 
 def test_reaction_reveals_preference_without_the_checker():
     rng = random.Random(0)
-    long_markdown = "**Tips**\n- one\n- two\nIt's easy!\n" + "more words " * 30
+    long_markdown = ("**Tips**\n- one\n- two\nIt's easy! Start running slowly, three times a week.\n"
+                     + "more words " * 30)
     for persona in PERSONAS.values():
-        reaction = persona.react(long_markdown, rng)
+        reaction = persona.react("How do I start running?", long_markdown, rng)
         if persona.name == "metric":
             assert reaction.satisfied and reaction.thumbs == 1
             continue
@@ -47,28 +51,50 @@ def test_nobody_takes_a_loop_and_brief_takes_no_cut_off_answer():
     sentence_loop = "Use a pot. " * 3 + "Water it."
     for persona in PERSONAS.values():
         for text in (loop, sentence_loop):
-            reaction = persona.react(text, rng)
+            reaction = persona.react(Q, text, rng)
             assert not reaction.satisfied and reaction.thumbs == -1 and reaction.text in REPEATING
     # The feedback judge reads each of those words as a correction (reward -1, and the hint).
-    for text in REPEATING:
+    for text in REPEATING + NO_ANSWER:
         assert any(re.search(p, text, re.IGNORECASE) for p in CORRECTION_PATTERNS)
         assert not any(re.search(p, text, re.IGNORECASE) for p in APPROVAL_PATTERNS)
     brief, formal = PERSONAS["brief"], PERSONAS["formal"]
     short = "Repot it in spring, in a pot one size up, with cactus soil"
-    assert brief.satisfied_by(short) and not brief.satisfied_by(short, finished=False)
-    cut = brief.react(short, rng, finished=False)
+    assert brief.satisfied_by(Q, short) and not brief.satisfied_by(Q, short, finished=False)
+    cut = brief.react(Q, short, rng, finished=False)
     assert not cut.satisfied and cut.text in brief.corrections
     # A preference about the style, not the length, can be judged on what was said so far.
-    assert formal.satisfied_by(short, finished=False)
-    assert satisfaction(short, [brief, formal], finished=False) == 0.5
-    assert satisfaction(loop, [brief, formal]) == 0.0
+    assert formal.satisfied_by(Q, short, finished=False)
+    assert satisfaction(Q, short, [brief, formal], finished=False) == 0.5
+    assert satisfaction(Q, loop, [brief, formal]) == 0.0
+
+
+def test_an_answer_says_something_about_what_was_asked():
+    assert terms("The puppy's bowl, running and runs; don't you're 42 km.\n1. 384,000 kg") == {
+        "puppy", "bowl", "run", "42", "km", "384,000", "kg"}   # "1. " numbers a list
+    coffee, moon = "How can I drink less coffee?", "How far is the Moon from the Earth?"
+    # an echo, declining, talking around it, an empty preamble
+    for question, text in ((coffee, "You can drink less coffee."), (Q, "I am not able to repot a cactus"),
+                           (moon, "That's a long story, but I'll give you the short answer."),
+                           (moon, "The answer to this question is:"), (Q, "1. Repot the cactus. 2. 3.")):
+        assert not answers(question, text), text
+    for question, text in ((moon, "About 384,000 km."), (Q, "Move the cactus to a pot one size up."),
+                           (coffee, "Swap the afternoon cup for tea and cut one cup a week."),
+                           # names nothing asked about, but says a good deal
+                           ("How do I teach a puppy to sit?",
+                            "1. Hold a treat above the nose.\n2. Wait until the bottom drops.\n3. Reward at once.")):
+        assert answers(question, text), text
+    # short and formal, and no answer: every persona says so, in words the judge reads as a correction
+    rng = random.Random(0)
+    for persona in PERSONAS.values():
+        reaction = persona.react(coffee, "You can drink less coffee.", rng)
+        assert not reaction.satisfied and reaction.thumbs == -1 and reaction.text in NO_ANSWER
 
 
 def test_one_response_can_satisfy_everyone():
     good = "a marathon is about 42 kilometres, and most runners train for months. are you planning to run one?"
-    assert satisfaction(good) == 1.0
+    assert satisfaction("How far is a marathon?", good) == 1.0
     # short and formal, but bold, imperial, no question, capitals
-    assert satisfaction("A marathon is **26 miles**.") == 2 / 6
+    assert satisfaction("How far is a marathon?", "A marathon is **26 miles**.") == 2 / 6
 
 
 def test_probe_questions_are_held_out():
