@@ -8,9 +8,8 @@ The preferences are compatible with each other, so one policy can satisfy all of
 Whatever the preference, nobody is satisfied by an answer that loops (infra.repetition.loops:
 one sentence said three times or more; such a person says so in words of their own), nor by one
 that does not answer (`answers`: it only echoes the question, declines, or talks around it), and
-a preference about
-the whole answer (`whole`: brief) is not met by an answer the token limit cut off: at that
-limit it was still going. Token-dense text ("1. 1. 1. …", "T-T-T-…") stays under 40 words
+a preference about the whole answer (`whole`: brief) is not met by an answer the token limit cut
+off: at that limit it was still going. Token-dense text ("1. 1. 1. …", "T-T-T-…") stays under 40 words
 long after the reader has seen that it is no answer.
 
 Pure: no HTTP, no Kafka. `harness.py` makes them talk to a gateway.
