@@ -171,23 +171,26 @@ class Persona:
     )
     whole: bool = False                # the preference is about the whole answer (its length)
 
+    def complaint(self, question: str, response: str, finished: bool = True) -> tuple[str, ...] | None:
+        """What this person, having asked `question`, would say to `response` (the phrasings to
+        pick from), or None when satisfied; `finished` is False when the answer was cut off at
+        the token limit (finish_reason "length")."""
+        if loops(response):
+            return REPEATING
+        if not answers(question, response):
+            return NO_ANSWER
+        if (self.whole and not finished) or not self.check(response):
+            return self.corrections
+        return None
+
     def satisfied_by(self, question: str, response: str, finished: bool = True) -> bool:
-        """Whether this person, having asked `question`, is satisfied by `response`; `finished`
-        is False when the answer was cut off at the token limit (finish_reason "length")."""
-        if loops(response) or not answers(question, response) or (self.whole and not finished):
-            return False
-        return self.check(response)
+        return self.complaint(question, response, finished) is None
 
     def react(self, question: str, response: str, rng: random.Random, finished: bool = True) -> "Reaction":
-        if self.satisfied_by(question, response, finished):
+        said = self.complaint(question, response, finished)
+        if said is None:
             return Reaction(satisfied=True, text=rng.choice(self.thanks), thumbs=1)
-        if loops(response):
-            words = REPEATING
-        elif not answers(question, response):
-            words = NO_ANSWER
-        else:
-            words = self.corrections
-        return Reaction(satisfied=False, text=rng.choice(words), thumbs=-1)
+        return Reaction(satisfied=False, text=rng.choice(said), thumbs=-1)
 
 
 @dataclass(frozen=True)
