@@ -55,9 +55,13 @@ all any both each either neither every some such no not only own same too very j
 more most much many few less least other another again ever still even really quite
 yes ok okay please sure well let lets one ones
 """.split())
-TERM = re.compile(r"\d[\d,.]*[^\W_]*|[^\W\d_]+(?:['’][^\W\d_]+)?")
-# "1. ", "2) ": a list's numbering, not a number (so is a one- or two-digit number that ends a sentence)
+# a number with the unit written onto it ("1200ml", "5g": read as "1200 ml", "5 g"), or a word
+TERM = re.compile(r"(\d[\d,.]*)([^\W\d_]*)|[^\W\d_]+(?:['’][^\W\d_]+)?")
+# "1. ", "2) ": a list's numbering, not a number, where it starts the text or a line or follows
+# the end of a sentence or of another item ("Boil it. 2. Drain it.", "1. 1. 1."), and once a
+# list has begun; "It is 42." is a number
 LIST_MARKER = re.compile(r"(?<!\S)\d{1,2}[.)](?=\s|$)")
+ITEM_BEFORE = ".:;!?)"
 ANSWER_NEW_TERMS = 2      # an answer says at least this many things the question did not
 ANSWER_LONG_TERMS = 6     # and names what was asked about, unless it says at least this many
 
@@ -73,13 +77,30 @@ def _stem(word: str) -> str:
     return word
 
 
+def _unnumbered(text: str) -> str:
+    """`text` without its lists' numbering: LIST_MARKER where an item may start, and every one
+    after a list has begun ("1. Plan it 2. Book it")."""
+    listed = False
+
+    def marker(m: re.Match[str]) -> str:
+        nonlocal listed
+        before = text[:m.start()]
+        kept = before.rstrip()
+        listed = listed or not kept or "\n" in before[len(kept):] or kept[-1] in ITEM_BEFORE
+        return " " if listed else m.group(0)
+    return LIST_MARKER.sub(marker, text)
+
+
 def terms(text: str) -> set[str]:
     """What a text is about: its words less function words and contractions (stemmed, lower
     case), and its numbers (not a list's numbering)."""
     out = set()
-    for t in TERM.findall(LIST_MARKER.sub(" ", text.lower())):
-        if t[0].isdigit():
-            out.add(t.rstrip(".,"))
+    for m in TERM.finditer(_unnumbered(text.lower())):
+        t = m.group(0)
+        if m.group(1):
+            out.add(m.group(1).rstrip(".,"))
+            if m.group(2):
+                out.add(m.group(2))
         else:
             word, _, tail = t.replace("’", "'").partition("'")
             if tail not in ("", "s"):   # don't, you're, I'll: no content but the verb

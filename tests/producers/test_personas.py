@@ -71,6 +71,12 @@ def test_nobody_takes_a_loop_and_brief_takes_no_cut_off_answer():
 def test_an_answer_says_something_about_what_was_asked():
     assert terms("The puppy's bowl, running and runs; don't you're 42 km.\n1. 384,000 kg") == {
         "puppy", "bowl", "run", "42", "km", "384,000", "kg"}   # "1. " numbers a list
+    # a list's numbering starts the text, a line, or follows a sentence or an item; a number
+    # that ends a sentence is a number, and a unit reads the same written on or apart
+    assert terms("Boil it. 2. Drain it.\n3) Salt it. 1. 1. 1.") == {"boil", "drain", "salt"}
+    assert terms("It is 42.") == {"42"} and terms("It is 12. Then rest.") == {"12", "rest"}
+    assert terms("1. Plan it 2. Book it 3") == {"plan", "book", "3"}   # once a list has begun
+    assert terms("About 1200ml") == terms("about 1200 ml") == {"1200", "ml"}
     coffee, moon = "How can I drink less coffee?", "How far is the Moon from the Earth?"
     # an echo, declining, talking around it, an empty preamble
     for question, text in ((coffee, "You can drink less coffee."), (Q, "I am not able to repot a cactus"),
@@ -78,6 +84,7 @@ def test_an_answer_says_something_about_what_was_asked():
                            (moon, "The answer to this question is:"), (Q, "1. Repot the cactus. 2. 3.")):
         assert not answers(question, text), text
     for question, text in ((moon, "About 384,000 km."), (Q, "Move the cactus to a pot one size up."),
+                           ("How heavy is a litre of milk?", "A litre of milk is 1030g."),
                            (coffee, "Swap the afternoon cup for tea and cut one cup a week."),
                            # names nothing asked about, but says a good deal
                            ("How do I teach a puppy to sit?",
