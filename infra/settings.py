@@ -463,6 +463,11 @@ class LoopGuardSettings(_Section):
     repeats: int = Field(default=3, ge=2)
     unlikely_ngram: int = Field(default=4, ge=1)
     coef: float = Field(default=1.0, ge=0)
+    # besides each greedy answer, the greedy answers that begin with up to `starts` other first
+    # tokens at least `start_ratio` as likely as the greedy one: where an update may move the
+    # greedy start next (learner.loop_guard.LoopGuard.answers)
+    starts: int = Field(default=2, ge=0)
+    start_ratio: float = Field(default=0.5, gt=0, le=1)
 
 
 LORA_LR = 2e-4

@@ -8,7 +8,9 @@ repetition takes over). A client that asks for temperature 0 gets those answers.
 
 What: before a step, the policy answers greedily up to `prompts` of the step's contexts and up
 to `recall` earlier ones (`ContextMemory`: the contexts this learner trained on, those checked
-least often first), so a loop the step's few contexts do not show can still be found. An
+least often first), so a loop the step's few contexts do not show can still be found; and for
+each, the greedy answers that begin with the first tokens nearly as likely as the greedy one
+(`starts`, `start_ratio`), where the next update may move the greedy start. An
 answer loops when one `ngram`-token sequence occurs in it `repeats` times or more (token ids:
 any language or format reads the same), or, where the guard can decode, when it says one
 sentence three times or more (infra.repetition: the definition the simulated users and the
@@ -184,13 +186,19 @@ class LoopGuard:
     def answer(self, module: torch.nn.Module, prompts: list[list[int]], device: torch.device) -> list[list[int]]:
         """The greedy answers of `module` to `prompts` (one left-padded batch), each cut before
         its end-of-sequence token."""
+        return self._greedy(module, prompts, self.cfg.max_new_tokens, device)[0]
+
+    def _greedy(self, module: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int,
+                device: torch.device) -> tuple[list[list[int]], torch.Tensor]:
+        """(the greedy answers to `prompts`, the first answer token's probabilities [B, V])."""
         from transformers import GenerationConfig
 
         width = max(map(len, prompts))
         ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=device)
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        config = GenerationConfig(max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
-                                  pad_token_id=self.pad_id, eos_token_id=self.eos_ids or None)
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
+                                  pad_token_id=self.pad_id, eos_token_id=self.eos_ids or None,
+                                  output_logits=True, return_dict_in_generate=True)
         was_training = module.training
         module.eval()
         try:
@@ -199,10 +207,40 @@ class LoopGuard:
         finally:
             module.train(was_training)
         answers = []
-        for row in out[:, width:].tolist():
+        for row in out.sequences[:, width:].tolist():
             cut = next((i for i, t in enumerate(row) if t in self.eos_ids), len(row))
             answers.append(row[:cut])
-        return answers
+        return answers, out.logits[0].float().softmax(-1)
+
+    def rival_starts(self, first: torch.Tensor) -> list[list[int]]:
+        """Per prompt, the first tokens other than the greedy one that are at least `start_ratio`
+        as likely as it, the likeliest first, at most `starts` (end-of-sequence never)."""
+        cfg = self.cfg
+        if cfg.starts <= 0:
+            return [[] for _ in range(first.shape[0])]
+        top = first.topk(min(cfg.starts + 1 + len(self.eos_ids), first.shape[-1]), dim=-1)
+        out = []
+        for probs, ids in zip(top.values.tolist(), top.indices.tolist()):
+            floor = cfg.start_ratio * probs[0]
+            out.append([t for p, t in zip(probs[1:], ids[1:]) if p >= floor and t not in self.eos_ids][:cfg.starts])
+        return out
+
+    def answers(self, module: torch.nn.Module, prompts: list[list[int]],
+                device: torch.device) -> list[tuple[list[int], list[int]]]:
+        """(context, answer) pairs: each prompt's greedy answer, then for each of its rival
+        starts (`rival_starts`) the greedy answer that begins with that token (its context is
+        still the prompt: the start is part of the answer). A flattened first-token
+        distribution is where loops came from: a greedy answer starts wherever it peaks, and an
+        update can move the peak to any rival, whose continuation may be the base model's own
+        repetition ("1. " followed by "1. 1. 1."). Checking the rivals finds that loop a step
+        before the greedy answer would fall into it."""
+        greedy, first = self._greedy(module, prompts, self.cfg.max_new_tokens, device)
+        pairs = [(p, a) for p, a in zip(prompts, greedy)]
+        branches = [(p, t) for p, rivals in zip(prompts, self.rival_starts(first)) for t in rivals]
+        if branches and self.cfg.max_new_tokens > 1:
+            rest, _ = self._greedy(module, [p + [t] for p, t in branches], self.cfg.max_new_tokens - 1, device)
+            pairs += [(p, [t] + a) for (p, t), a in zip(branches, rest)]
+        return pairs
 
     def check(self, module: torch.nn.Module, batches: Sequence[Any],
               device: torch.device) -> tuple[LoopBatch | None, dict[str, float]]:
@@ -215,13 +253,14 @@ class LoopGuard:
         self.memory.note(checked + recalled, seen=own[cfg.prompts:])
         prompts = checked + recalled
         if not prompts:
-            return None, {"loop_guard_answers": 0.0, "loop_guard_recalled": 0.0, "loop_guard_loops": 0.0,
-                          "loop_guard_s": 0.0}
-        answers = self.answer(module, prompts, device)
-        marked = [(p, a, self.repeats(a)) for p, a in zip(prompts, answers)]
+            return None, {"loop_guard_answers": 0.0, "loop_guard_recalled": 0.0, "loop_guard_starts": 0.0,
+                          "loop_guard_loops": 0.0, "loop_guard_s": 0.0}
+        pairs = self.answers(module, prompts, device)
+        marked = [(p, a, self.repeats(a)) for p, a in pairs]
         looping = [r for r in marked if r[2] is not None]
         rows = [(p, a, rep) for p, a, rep in looping if any(rep)]
         metrics = {"loop_guard_answers": float(len(prompts)), "loop_guard_recalled": float(len(recalled)),
+                   "loop_guard_starts": float(len(pairs) - len(prompts)),
                    "loop_guard_loops": float(len(looping))}
         batch = None
         if rows:

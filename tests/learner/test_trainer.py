@@ -12,7 +12,7 @@ import torch
 
 from infra.settings import LearnerSettings, LoopGuardSettings, LossSettings
 from learner.batching import collate
-from learner.loop_guard import loops, repeated_positions
+from learner.loop_guard import LoopGuard, loops, repeated_positions
 from learner.losses import span_starts, topk_kl
 from learner.trainer import Trainer
 from tests.learner.samples import make_sample
@@ -222,7 +222,7 @@ def test_the_loop_guard_pushes_down_the_repeats_of_the_policys_own_looping_greed
     """The tiny random model's greedy answers repeat one token: the guard finds them and the
     step lowers those repeats' probability, beside what the sample itself trains."""
     sample = make_sample(3, reward=1.0)
-    guard = LoopGuardSettings(max_new_tokens=24)
+    guard = LoopGuardSettings(max_new_tokens=24, starts=0)
     moved, answers = {}, {}
     for on in (True, False):
         trainer = Trainer(settings(method="rl", lr=1e-2, loop_guard=guard if on else guard.model_copy(update={"prompts": 0})),
@@ -249,6 +249,36 @@ def test_the_loop_guard_pushes_down_the_repeats_of_the_policys_own_looping_greed
             assert not any(k.startswith(("loop_guard", "unlikel")) for k in metrics)
     assert answers[True] == answers[False]   # the same weights answer the same
     assert moved[True] < moved[False] and moved[True] < 0
+
+
+def test_the_loop_guard_also_follows_the_first_tokens_nearly_as_likely_as_the_greedy_one(tiny_model_dir):
+    """Loops began where the first-token distribution had flattened and an update moved the
+    greedy start to a rival: the guard also answers greedily from each rival start (at least
+    `start_ratio` as likely as the greedy first token, `starts` of them, never end-of-sequence)
+    and pushes down the repeats of those answers too."""
+    sample = make_sample(3, reward=1.0)
+    prompt = list(sample.prompt_token_ids)
+    cfg = LoopGuardSettings(max_new_tokens=12, starts=2, start_ratio=1e-6)
+    trainer = Trainer(settings(method="rl", lr=1e-2, loop_guard=cfg), tiny_model_dir)
+    guard, module, device = trainer.loop_guard, trainer.engine.module, trainer.device
+    greedy, first = guard._greedy(module, [prompt], 12, device)
+    ranked = first[0].argsort(descending=True).tolist()
+    rivals = [t for t in ranked[1:] if t not in guard.eos_ids][:2]
+    pairs = guard.answers(module, [prompt], device)
+    assert pairs[0] == (prompt, greedy[0])
+    assert [ctx for ctx, _ in pairs] == [prompt] * 3            # the start belongs to the answer
+    assert [a[0] for _, a in pairs[1:]] == rivals
+    rest, _ = guard._greedy(module, [prompt + [t] for t in rivals], 11, device)
+    assert [a[1:] for _, a in pairs[1:]] == rest
+    # only a start at least as likely as the greedy one: none on a random model (no ties)
+    strict = LoopGuard(cfg.model_copy(update={"start_ratio": 1.0}), guard.pad_id, guard.eos_ids)
+    assert strict.answers(module, [prompt], device) == pairs[:1]
+    # the step pushes down the repeats of every looping answer, the rivals' included
+    expected = sum(sum(guard.repeats(a) or []) for _, a in pairs)
+    assert expected > sum(guard.repeats(greedy[0]) or [])
+    metrics = trainer.train_step([collate([sample], trainer.pad_id)])
+    assert (metrics["loop_guard_answers"], metrics["loop_guard_starts"]) == (1, 2)
+    assert metrics["unlikely_tokens"] == expected
 
 
 def test_epochs_train_the_same_samples_again_within_the_clip(tiny_model_dir):
