@@ -56,6 +56,16 @@ more most much many few less least other another again ever still even really qu
 yes ok okay please sure well let lets one ones
 """.split())
 # a number with the unit written onto it ("1200ml", "5g": read as "1200 ml", "5 g"), or a word
+# Words about the exchange itself, not its topic: an apology, a refusal, small talk, talk about
+# the question or the assistant ("I'm sorry for the misunderstanding, I'm a chatbot designed to
+# assist with ...") says nothing about what was asked however many of them it has.
+EXCHANGE_WORDS = frozenset("""
+sorry apology apologies apologize apologise apologizing apologising misunderstanding misunderstood
+confusion confused confusing unable able sure unsure understand understood understanding mean meant
+refer referring referred talk talking ask asking asked question questions help helpful helping
+assist assisting assistance assistant chatbot bot ai awesome glad thanks thank hello hi hey
+certainly absolutely course explain explaining familiar capable designed
+""".split())
 TERM = re.compile(r"(\d[\d,.]*)([^\W\d_]*)|[^\W\d_]+(?:['’][^\W\d_]+)?")
 # "1. ", "2) ": a list's numbering, not a number, where it starts the text or a line or follows
 # the end of a sentence or of another item ("Boil it. 2. Drain it.", "1. 1. 1."), and once a
@@ -92,8 +102,8 @@ def _unnumbered(text: str) -> str:
 
 
 def terms(text: str) -> set[str]:
-    """What a text is about: its words less function words and contractions (stemmed, lower
-    case), and its numbers (not a list's numbering)."""
+    """What a text is about: its words less function words, words about the exchange itself
+    and contractions (stemmed, lower case), and its numbers (not a list's numbering)."""
     out = set()
     for m in TERM.finditer(_unnumbered(text.lower())):
         t = m.group(0)
@@ -105,7 +115,7 @@ def terms(text: str) -> set[str]:
             word, _, tail = t.replace("’", "'").partition("'")
             if tail not in ("", "s"):   # don't, you're, I'll: no content but the verb
                 continue
-            if word not in FUNCTION_WORDS and len(word) > 1:   # the puppy's → puppy; that's → that
+            if word not in FUNCTION_WORDS and word not in EXCHANGE_WORDS and len(word) > 1:   # puppy's → puppy
                 out.add(_stem(word))
     return out
 
@@ -116,7 +126,9 @@ def answers(question: str, text: str) -> bool:
     the question does not hold), and it is about what was asked: it names something the question
     named, or gives a number, or says a good deal (ANSWER_LONG_TERMS new words or numbers).
     "You can drink less coffee." (an echo), "I am not able to repot a cactus" (declining) and
-    "That's a long story, but I'll give you the short answer." (talking around it) do not;
+    "That's a long story, but I'll give you the short answer." (talking around it) and "I'm
+    sorry for the misunderstanding, I'm a chatbot designed to assist with grammar." (talk about
+    the exchange, EXCHANGE_WORDS) do not;
     "About 384,000 km." and "Move the cactus to a pot one size up." do.
 
     Whether the answer is right is not judged: these users cannot tell either. Nor can this see

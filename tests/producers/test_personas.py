@@ -81,10 +81,15 @@ def test_an_answer_says_something_about_what_was_asked():
     # an echo, declining, talking around it, an empty preamble
     for question, text in ((coffee, "You can drink less coffee."), (Q, "I am not able to repot a cactus"),
                            (moon, "That's a long story, but I'll give you the short answer."),
-                           (moon, "The answer to this question is:"), (Q, "1. Repot the cactus. 2. 3.")):
+                           (moon, "The answer to this question is:"), (Q, "1. Repot the cactus. 2. 3."),
+                           # talk about the exchange, however long
+                           (Q, "Awesome question, but I'm not a cactus expert."),
+                           (moon, "I'm sorry for the misunderstanding, but I'm a chatbot designed to assist with "
+                                  "digital interactions. I'm unable to help.")):
         assert not answers(question, text), text
     for question, text in ((moon, "About 384,000 km."), (Q, "Move the cactus to a pot one size up."),
                            ("How heavy is a litre of milk?", "A litre of milk is 1030g."),
+                           (moon, "The answer is: 384,400."), (Q, "Make sure the new pot drains, and wear gloves."),
                            (coffee, "Swap the afternoon cup for tea and cut one cup a week."),
                            # names nothing asked about, but says a good deal
                            ("How do I teach a puppy to sit?",
