@@ -55,7 +55,6 @@ all any both each either neither every some such no not only own same too very j
 more most much many few less least other another again ever still even really quite
 yes ok okay please sure well let lets one ones
 """.split())
-# a number with the unit written onto it ("1200ml", "5g": read as "1200 ml", "5 g"), or a word
 # Words about the exchange itself, not its topic: an apology, a refusal, small talk, talk about
 # the question or the assistant ("I'm sorry for the misunderstanding, I'm a chatbot designed to
 # assist with ...") says nothing about what was asked however many of them it has.
@@ -66,6 +65,7 @@ refer referring referred talk talking ask asking asked question questions help h
 assist assisting assistance assistant chatbot bot ai awesome glad thanks thank hello hi hey
 certainly absolutely course explain explaining familiar capable designed
 """.split())
+# a number with the unit written onto it ("1200ml", "5g": read as "1200 ml", "5 g"), or a word
 TERM = re.compile(r"(\d[\d,.]*)([^\W\d_]*)|[^\W\d_]+(?:['’][^\W\d_]+)?")
 # "1. ", "2) ": a list's numbering, not a number, where it starts the text or a line or follows
 # the end of a sentence or of another item ("Boil it. 2. Drain it.", "1. 1. 1."), and once a
