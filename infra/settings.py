@@ -466,7 +466,7 @@ class LoopGuardSettings(_Section):
     # besides each greedy answer, the greedy answers that begin with up to `starts` other first
     # tokens at least `start_ratio` as likely as the greedy one: where an update may move the
     # greedy start next (learner.loop_guard.LoopGuard.answers). Off: at 2 on `brief` seed 3 it
-    # left 4 looping greedy probe answers over four rounds against 6 on the same log, for twice
+    # left 4 looping greedy probe answers over four rounds against 6 on the same log, for 1.75×
     # the guard's time (one run, README "Where the next update may start")
     starts: int = Field(default=0, ge=0)
     start_ratio: float = Field(default=0.5, gt=0, le=1)
