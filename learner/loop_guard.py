@@ -189,28 +189,38 @@ class LoopGuard:
         return self._greedy(module, prompts, self.cfg.max_new_tokens, device)[0]
 
     def _greedy(self, module: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int,
-                device: torch.device) -> tuple[list[list[int]], torch.Tensor]:
-        """(the greedy answers to `prompts`, the first answer token's probabilities [B, V])."""
-        from transformers import GenerationConfig
+                device: torch.device, first: bool = False) -> tuple[list[list[int]], torch.Tensor | None]:
+        """(the greedy answers to `prompts`, with `first` the first answer token's probabilities
+        [B, V], else None). Only the first step's scores are kept, not every step's."""
+        from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+        class FirstScores(LogitsProcessor):
+            probs: torch.Tensor | None = None
+
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+                if self.probs is None:
+                    self.probs = scores.detach().float().softmax(-1)
+                return scores
 
         width = max(map(len, prompts))
         ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=device)
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
-                                  pad_token_id=self.pad_id, eos_token_id=self.eos_ids or None,
-                                  output_logits=True, return_dict_in_generate=True)
+                                  pad_token_id=self.pad_id, eos_token_id=self.eos_ids or None)
+        capture = FirstScores()
         was_training = module.training
         module.eval()
         try:
             with torch.no_grad():
-                out = module.generate(input_ids=ids, attention_mask=attention, generation_config=config)
+                out = module.generate(input_ids=ids, attention_mask=attention, generation_config=config,
+                                      logits_processor=LogitsProcessorList([capture] if first else []))
         finally:
             module.train(was_training)
         answers = []
-        for row in out.sequences[:, width:].tolist():
+        for row in out[:, width:].tolist():
             cut = next((i for i, t in enumerate(row) if t in self.eos_ids), len(row))
             answers.append(row[:cut])
-        return answers, out.logits[0].float().softmax(-1)
+        return answers, capture.probs
 
     def rival_starts(self, first: torch.Tensor) -> list[list[int]]:
         """Per prompt, the first tokens other than the greedy one that are at least `start_ratio`
@@ -234,8 +244,11 @@ class LoopGuard:
         update can move the peak to any rival, whose continuation may be the base model's own
         repetition ("1. " followed by "1. 1. 1."). Checking the rivals finds that loop a step
         before the greedy answer would fall into it."""
-        greedy, first = self._greedy(module, prompts, self.cfg.max_new_tokens, device)
+        starts = self.cfg.starts > 0
+        greedy, first = self._greedy(module, prompts, self.cfg.max_new_tokens, device, first=starts)
         pairs = [(p, a) for p, a in zip(prompts, greedy)]
+        if first is None:
+            return pairs
         branches = [(p, t) for p, rivals in zip(prompts, self.rival_starts(first)) for t in rivals]
         if branches and self.cfg.max_new_tokens > 1:
             rest, _ = self._greedy(module, [p + [t] for p, t in branches], self.cfg.max_new_tokens - 1, device)

@@ -261,7 +261,7 @@ def test_the_loop_guard_also_follows_the_first_tokens_nearly_as_likely_as_the_gr
     cfg = LoopGuardSettings(max_new_tokens=12, starts=2, start_ratio=1e-6)
     trainer = Trainer(settings(method="rl", lr=1e-2, loop_guard=cfg), tiny_model_dir)
     guard, module, device = trainer.loop_guard, trainer.engine.module, trainer.device
-    greedy, first = guard._greedy(module, [prompt], 12, device)
+    greedy, first = guard._greedy(module, [prompt], 12, device, first=True)
     ranked = first[0].argsort(descending=True).tolist()
     rivals = [t for t in ranked[1:] if t not in guard.eos_ids][:2]
     pairs = guard.answers(module, [prompt], device)
