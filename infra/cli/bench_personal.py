@@ -555,12 +555,37 @@ def load_results(path: Path) -> tuple[PersonalBenchConfig, list[PreferenceResult
     return cfg, results, float(data.get("elapsed_s") or 0.0)
 
 
+def rejudged(path: Path) -> tuple[int, int]:
+    """(how many probe answers of a results.json personas.answers judges differently now than
+    when the run was made, net per probe; how many it held with a stored judgement). A run's
+    rates were judged by the users of its day; the non-answer column is computed again."""
+    questions = split_questions()[1]
+    changed = held = 0
+    for pref in json.loads(path.read_text())["preferences"]:
+        for probe in [pref["base"], *pref["probes"]]:
+            answers = probe.get("answers") or []
+            if "unanswered" not in probe or not answers:
+                continue
+            now = unanswered(questions, answers)
+            changed += round(abs(now - probe["unanswered"]) * len(answers))
+            held += len(answers)
+    return changed, held
+
+
 def report_again(settings: Settings, path: Path, console: Console) -> list[PreferenceResult]:
     """`--report`: a finished (or interrupted) run's tables and goals from its results.json,
-    scoring with the base model what was not scored yet; the file is rewritten with it."""
+    scoring with the base model what was not scored yet; the file is rewritten with it. Says so
+    when the answer rule now judges some of its answers differently (`rejudged`)."""
     from serving.models import resolve_model
 
     cfg, results, elapsed_s = load_results(path)
+    changed, held = rejudged(path)
+    then = "its rates are as its users judged them, its non-answer column as the rule judges now"
+    if not held:
+        console.print(f"this run was made before personas.answers judged its answers: {then}")
+    elif changed:
+        console.print(f"{changed} of its {held} probe answers are judged differently by personas.answers "
+                      f"now than when it ran: {then}")
     if any(p.answers and p.base_logprob is None for r in results for p in [r.base, r.hinted, *r.probes]):
         console.print("scoring the answers with the base model")
         _score_base_logprobs(str(resolve_model(cfg.model, settings.serving.cache_dir)), results)

@@ -106,6 +106,33 @@ def test_a_saved_run_reports_again_with_its_goals(tmp_path):
     assert "goals" in shown and "4/4 ✓" in shown and "base+hint" in shown and "-0.10" in shown
 
 
+def test_a_report_again_says_when_the_answer_rule_now_judges_answers_differently(tmp_path):
+    """A run's rates were judged by the users of its day; --report recomputes only the
+    non-answer column, and says how many answers the rule now judges otherwise."""
+    from infra.cli.bench_personal import rejudged, report_again
+    from infra.settings import Settings
+
+    curves = {"combined": [0.50, 0.81, 0.88, 0.94]}
+    cfg = PersonalBenchConfig(preferences=("brief",), variants=(Variant.parse("combined"),), out_dir=tmp_path)
+    report(cfg, [_result("brief", 0.06, 0.81, curves, {"combined": -1.0})], tmp_path,
+           Console(record=True, width=240), 60.0)
+    path = tmp_path / "results.json"
+    assert rejudged(path) == (0, 5 * 16)   # the base's and four rounds' answers, as judged when saved
+    data = json.loads(path.read_text())
+    data["preferences"][0]["probes"][1]["unanswered"] += 3 / 16   # as if three had been judged otherwise
+    path.write_text(json.dumps(data))
+    assert rejudged(path) == (3, 5 * 16)
+    console = Console(record=True, width=240)
+    report_again(Settings(), path, console)
+    assert "3 of its 80 probe answers are judged differently" in console.export_text()
+    for probe in [data["preferences"][0]["base"], *data["preferences"][0]["probes"]]:
+        del probe["unanswered"]   # a run from before the rule
+    path.write_text(json.dumps(data))
+    console = Console(record=True, width=240)
+    report_again(Settings(), path, console)
+    assert "made before personas.answers" in console.export_text()
+
+
 def test_a_file_that_is_not_a_results_json_is_refused(tmp_path):
     path = tmp_path / "results.json"
     path.write_text('{"preferences": [{"preference": "formal"}]}')
