@@ -158,6 +158,19 @@ def contexts(batches: Sequence[Any], limit: int, max_tokens: int) -> list[list[i
     return out
 
 
+class _FirstScores:
+    """A logits processor for `generate` that keeps the first step's probabilities and changes
+    nothing (greedy: the first step's scores are the model's logits)."""
+
+    def __init__(self) -> None:
+        self.probs: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.probs is None:
+            self.probs = scores.detach().float().softmax(-1)
+        return scores
+
+
 class LoopGuard:
     """Finds the step's looping greedy answers (`check`) for the trainer's unlikelihood term.
     `decode` (token ids -> text; None: token n-grams only) lets it read sentences."""
@@ -192,22 +205,14 @@ class LoopGuard:
                 device: torch.device, first: bool = False) -> tuple[list[list[int]], torch.Tensor | None]:
         """(the greedy answers to `prompts`, with `first` the first answer token's probabilities
         [B, V], else None). Only the first step's scores are kept, not every step's."""
-        from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
-
-        class FirstScores(LogitsProcessor):
-            probs: torch.Tensor | None = None
-
-            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-                if self.probs is None:
-                    self.probs = scores.detach().float().softmax(-1)
-                return scores
+        from transformers import GenerationConfig, LogitsProcessorList
 
         width = max(map(len, prompts))
         ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=device)
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
                                   pad_token_id=self.pad_id, eos_token_id=self.eos_ids or None)
-        capture = FirstScores()
+        capture = _FirstScores()
         was_training = module.training
         module.eval()
         try:
@@ -226,8 +231,6 @@ class LoopGuard:
         """Per prompt, the first tokens other than the greedy one that are at least `start_ratio`
         as likely as it, the likeliest first, at most `starts` (end-of-sequence never)."""
         cfg = self.cfg
-        if cfg.starts <= 0:
-            return [[] for _ in range(first.shape[0])]
         top = first.topk(min(cfg.starts + 1 + len(self.eos_ids), first.shape[-1]), dim=-1)
         out = []
         for probs, ids in zip(top.values.tolist(), top.indices.tolist()):

@@ -60,7 +60,7 @@ yes ok okay please sure well let lets one ones
 # assist with ...") says nothing about what was asked however many of them it has.
 EXCHANGE_WORDS = frozenset("""
 sorry apology apologies apologize apologise apologizing apologising misunderstanding misunderstood
-confusion confused confusing unable able sure unsure understand understood understanding mean meant
+confusion confused confusing unable able unsure understand understood understanding mean meant
 refer referring referred talk talking ask asking asked question questions help helpful helping
 assist assisting assistance assistant chatbot bot ai awesome glad thanks thank hello hi hey
 certainly absolutely course explain explaining familiar capable designed
