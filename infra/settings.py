@@ -412,6 +412,14 @@ class LossSettings(_Section):
     kl_on: Literal["all", "negative", "start"] = "all"
     kl_start_tokens: int = Field(default=4, ge=1)
     entropy_coef: float = 0.0
+    # The weight of a term that keeps the policy no less sure of its next token than the base
+    # model in the same context, `flat_margin` nats allowed (learner.losses.flatness). The trained
+    # policies of `nextstate bench personal` were flatter than the base all along their answers
+    # (0.4 to 1.1 nats on SmolLM2-135M, 0.8 to 2.1 at the first token), and the flattest
+    # drifted furthest; users get sampled answers. It costs one more forward (the base: LoRA's
+    # adapter off, else a frozen copy) a micro-batch per step, and the policy's entropy.
+    flat_coef: float = Field(default=0.0, ge=0)
+    flat_margin: float = Field(default=0.0, ge=0)
     tis_cap: float = 2.0
     eps: float = 1e-6
 

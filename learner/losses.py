@@ -53,6 +53,12 @@ Conventions (documented once, here):
   start`` keeps it to the first ``kl_start_tokens`` tokens of every trained span (a response):
   the positions whose context is nearly the same in every sample, where an update adds up
   across prompts and moves the policy most.
+- **No flatter than the base** (``flat_coef`` > 0): ``relu(H_π − H_base − flat_margin)`` at
+  every trained position, H the entropy of the next-token distribution, H_base the base
+  model's in the same context (no gradient). Pushed-down tokens hand their probability to the
+  rest of the vocabulary, and the updates flatten the policy where every answer starts; the
+  term only acts where the policy is less sure than the base, and leaves it free to be surer
+  (a preference learned is a sharper distribution) and to move its mass anywhere.
 - **Unlikelihood** (learner.loop_guard): ``−log(1 − p)`` of each token marked as a repeat in
   the policy's own looping greedy answers, ``coef``-weighted and divided by the step's trained
   token count like every other term; it fades as p falls, where −log p would not stop.
@@ -98,6 +104,8 @@ class LossParams(Protocol):
     kl_on: str
     kl_start_tokens: int
     entropy_coef: float
+    flat_coef: float
+    flat_margin: float
     tis_cap: float
     eps: float
 
@@ -304,6 +312,12 @@ def unlikelihood(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return -torch.log1p(-p) * mask
 
 
+def flatness(entropy: torch.Tensor, base_entropy: torch.Tensor, margin: float) -> torch.Tensor:
+    """Per position, how much flatter the policy is than the base beyond `margin` nats:
+    relu(H_π − H_base − margin), [B, T]; the gradient flows through the policy's entropy."""
+    return torch.relu(entropy - base_entropy.detach() - margin)
+
+
 def full_kl(logits: torch.Tensor, lse: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Exact KL(π_θ‖π_ref) of the next-token distributions at every position, [B, T]: the
     policy's logits [B, T, V] with their logsumexp [B, T], the reference's log-softmax [B, T, V].
@@ -378,14 +392,16 @@ def micro_batch_loss(logp: torch.Tensor, behaviour: torch.Tensor, adv: torch.Ten
                      entropy: torch.Tensor | None = None,
                      distill: torch.Tensor | None = None,
                      proximal_logp: torch.Tensor | None = None,
-                     distill_tokens: int | None = None) -> MicroLoss:
-    """policy (negative advantages × neg_weight) + w_opd·distill + kl_coef·KL − entropy_coef·H,
+                     distill_tokens: int | None = None,
+                     flat: torch.Tensor | None = None) -> MicroLoss:
+    """policy (negative advantages × neg_weight) + w_opd·distill + kl_coef·KL − entropy_coef·H
+    + flat_coef·flatness,
     summed over mask tokens, / the step's mask tokens. `distill` is the per-token top-K KL to the teacher (0 where a sample
     has none), `kl` the per-token KL to the reference (`k3_kl` or `full_kl`), on every mask
     token, (``kl_on = negative``) on those whose advantage is below zero, or (``start``) on
     the first ``kl_start_tokens`` of each trained span. With ``opd_norm = teacher`` the
     distill sum is divided by `distill_tokens` instead (the step's mask tokens of the samples
-    that carry a teacher distribution)."""
+    that carry a teacher distribution). `flat`: `flatness` per token."""
     mask = mask.to(logp.dtype)
     denom = float(max(step_tokens, 1))
     pushed_down = adv < 0
@@ -411,6 +427,10 @@ def micro_batch_loss(logp: torch.Tensor, behaviour: torch.Tensor, adv: torch.Ten
         ent = entropy * mask
         total = total - cfg.entropy_coef * ent.sum()
         sums["entropy"] = float(ent.detach().sum())
+    if flat is not None:
+        f = flat * mask
+        total = total + cfg.flat_coef * f.sum()
+        sums["flat"] = float(f.detach().sum())
     on = mask > 0
     sums.update(
         tokens=float(on.sum()),

@@ -36,7 +36,7 @@ import torch
 from infra.errors import LearnerError
 from infra.settings import LearnerSettings
 from learner.batching import Batch
-from learner.losses import (RewardWindow, advantages, entropy_from_logits, full_kl, k3_kl, micro_batch_loss,
+from learner.losses import (RewardWindow, advantages, entropy_from_logits, flatness, full_kl, k3_kl, micro_batch_loss,
                             normalisation_keys, sample_rewards, span_starts, topk_direction,
                             topk_kl, unlikelihood)
 from learner.loop_guard import ContextMemory, LoopBatch, LoopGuard
@@ -184,9 +184,10 @@ class Trainer:
 
             model = get_peft_model(model, LoraConfig(r=ls.lora_rank, lora_alpha=ls.lora_alpha,
                                                      target_modules="all-linear", lora_dropout=0.0))
-        elif self.loss_cfg.kl_coef > 0 or self._guided():
-            # Full fine-tuning needs its own frozen copy of the base for the KL reference (and
-            # the teacher's guidance); with LoRA it is the same model with the adapter off.
+        elif self.loss_cfg.kl_coef > 0 or self._guided() or self.loss_cfg.flat_coef > 0:
+            # Full fine-tuning needs its own frozen copy of the base for the KL reference (the
+            # teacher's guidance, the flatness term); with LoRA it is the same model with the
+            # adapter off.
             self.ref_model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
             self.ref_model.requires_grad_(False).eval().to(self.device)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -341,10 +342,11 @@ class Trainer:
         proximal: list[torch.Tensor] = []
         refs: list[torch.Tensor | None] = []
         bases: list[Guide | None] = []
-        totals = self._pass(batches, normed, proximal, refs, bases, looping)
+        base_h: list[torch.Tensor] = []
+        totals = self._pass(batches, normed, proximal, refs, bases, base_h, looping)
         last = totals
         for _ in range(self.epochs - 1):
-            last = self._pass(batches, normed, proximal, refs, bases, looping)
+            last = self._pass(batches, normed, proximal, refs, bases, base_h, looping)
         elapsed = time.perf_counter() - started
         metrics = self._step_metrics(totals, batches, rewards, elapsed)
         metrics.update(guarded)
@@ -387,12 +389,14 @@ class Trainer:
 
     def _pass(self, batches: list[Batch], normed: tuple[torch.Tensor, ...],
               proximal: list[torch.Tensor], refs: list[torch.Tensor | None],
-              bases: list[Guide | None], looping: LoopBatch | None = None) -> dict[str, float]:
+              bases: list[Guide | None], base_h: list[torch.Tensor],
+              looping: LoopBatch | None = None) -> dict[str, float]:
         """One forward/backward over every micro-batch (`normed`: each one's reward terms) and
         one optimizer update; the sums. The first pass fills `proximal` with its logprobs, which
         later passes use as the stale samples' proximal policy, and `refs` with the KL's
         reference side where it is kept (`_reference_kept`), and `bases` with what the guided
-        teacher term is taken against (`_guide`). `looping`: the policy's looping
+        teacher term is taken against (`_guide`), and `base_h` with the base's entropy at every
+        position where the flatness term is on (`loss.flat_coef`). `looping`: the policy's looping
         greedy answers (learner.loop_guard), their repeats pushed down in every pass."""
         cfg = self.loss_cfg
         step_tokens = int(sum(int(b.mask.sum()) for b in batches))
@@ -414,9 +418,12 @@ class Trainer:
             logp = self._token_logprobs(logits, start, batch, lse)
             base = None
             if len(bases) <= i:
-                if cfg.kl_coef > 0 and self._guided() and bool(batch.has_top.any()):
-                    base = self._base_logits(batch)   # one base forward for the guide and the KL
+                if cfg.flat_coef > 0 or (cfg.kl_coef > 0 and self._guided() and bool(batch.has_top.any())):
+                    # one base forward for the guide, the KL and the flatness term
+                    base = self._base_logits(batch)
                 bases.append(self._guide(batch, start, logits, lse, base))
+                if cfg.flat_coef > 0:
+                    base_h.append(torch.nn.functional.pad(entropy_from_logits(base), (start, 0)))
             distill = self._distill(logits, lse, start, batch, bases[i])
             # a sample whose teacher term is its KL to the teacher's top-K gets no sampled-token gap
             token_teacher = batch.has_teacher * (1 - batch.has_top) if distill is not None else batch.has_teacher
@@ -428,7 +435,12 @@ class Trainer:
                 ref = refs[i] if refs[i] is not None else self._reference(batch, start, base)
                 kl = self._reference_kl(logits, lse, logp, start, batch, ref)
             ent = (torch.nn.functional.pad(entropy_from_logits(logits), (start, 0))
-                   if cfg.entropy_coef > 0 else None)
+                   if cfg.entropy_coef > 0 or cfg.flat_coef > 0 else None)
+            flat = None
+            if cfg.flat_coef > 0:
+                flat = flatness(ent, base_h[i], cfg.flat_margin)
+                totals["entropy_gap"] = (totals.get("entropy_gap", 0.0)
+                                         + float(((ent.detach() - base_h[i]) * batch.mask).sum()))
             first = len(proximal) <= i
             if first:
                 proximal.append(logp.detach())
@@ -440,7 +452,8 @@ class Trainer:
                 behaviour = torch.where(batch.revision[:, None], proximal[i], behaviour)
                 stale = stale | batch.revision
             part = micro_batch_loss(logp, behaviour, adv, batch.mask, stale,
-                                    step_tokens, cfg, kl=kl, entropy=ent, distill=distill,
+                                    step_tokens, cfg, kl=kl, entropy=ent if cfg.entropy_coef > 0 else None,
+                                    distill=distill, flat=flat,
                                     proximal_logp=None if first else proximal[i],
                                     distill_tokens=teacher_tokens)
             # The loss is already divided by the step's token count: no further /grad_accum.
@@ -477,6 +490,7 @@ class Trainer:
         metrics = {
             "loss": (t["policy_loss"] + self.loss_cfg.kl_coef * t.get("kl", 0.0)
                      + self.settings.loop_guard.coef * t.get("unlikelihood", 0.0)
+                     + self.loss_cfg.flat_coef * t.get("flat", 0.0)
                      - self.loss_cfg.entropy_coef * t.get("entropy", 0.0)) / n
                     + self.loss_cfg.w_opd * t.get("distill", 0.0) / nd,
             "policy_loss": t["policy_loss"] / n,
@@ -504,6 +518,10 @@ class Trainer:
             metrics["kl"] = t["kl"] / n
         if "entropy" in t:
             metrics["entropy"] = t["entropy"] / n
+        if "flat" in t:
+            # per trained token: the term's excess, and how much flatter than the base the policy is
+            metrics["flat"] = t["flat"] / n
+            metrics["entropy_gap"] = t["entropy_gap"] / n
         if "distill" in t:
             metrics["distill_kl"] = t["distill"] / n
             metrics["teacher_tokens"] = t["teacher_tokens"]

@@ -68,6 +68,9 @@ def config_show() -> None:
     where = (f"the first {loss.kl_start_tokens} tokens of each response" if loss.kl_on == "start"
              else f"{loss.kl_on} tokens")
     kl = f"{loss.kl_coef:g} ({loss.kl_form}, {where})" if loss.kl_coef > 0 else "0"
+    if loss.flat_coef > 0:
+        kl += (f", and no flatter than the base × {loss.flat_coef:g} (its next-token entropy at most "
+               f"{loss.flat_margin:g} nats above the base's)")
     teacher_t = "" if loss.opd_temperature == 1 else (
         f" with the teacher at temperature {loss.opd_temperature:g}"
         + (f" on the first {loss.opd_temperature_tokens} tokens of each response" if loss.opd_temperature_tokens else ""))

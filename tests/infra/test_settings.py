@@ -84,6 +84,11 @@ def test_config_show_says_what_the_device_decides(monkeypatch):
     out = " ".join(CliRunner().invoke(app, ["config", "show"]).output.split())
     assert "greedy answers are not checked for loops" in out
     assert "rewards against the step's mean and spread" in out
+    assert "no flatter than the base" not in out
+    monkeypatch.setenv("NEXTSTATE_LEARNER__LOSS__FLAT_COEF", "0.5")
+    out = " ".join(CliRunner().invoke(app, ["config", "show"]).output.split())
+    assert "no flatter than the base × 0.5 (its next-token entropy at most 0 nats above the base's)" in out
+    monkeypatch.delenv("NEXTSTATE_LEARNER__LOSS__FLAT_COEF")
     monkeypatch.delenv("NEXTSTATE_LEARNER__ADV_NORM")
     monkeypatch.delenv("NEXTSTATE_LEARNER__LOOP_GUARD__PROMPTS")
     s = load_settings()

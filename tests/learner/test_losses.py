@@ -13,6 +13,7 @@ from learner.losses import (
     _with_tail,
     advantages,
     entropy_from_logits,
+    flatness,
     full_kl,
     guided_bins,
     k3_kl,
@@ -229,6 +230,22 @@ def test_neg_weight_scales_only_the_tokens_pushed_down():
     assert grads[2] == pytest.approx([-1 / 3, 0.0, 0.0])
     with pytest.raises(ValueError):
         LossSettings(neg_weight=1.5)
+
+
+def test_flatness_counts_only_where_the_policy_is_less_sure_than_the_base_beyond_the_margin():
+    cfg = LossSettings(flat_coef=0.5, flat_margin=0.25)
+    ent = torch.tensor([[2.0, 1.0, 3.0, 4.0]], requires_grad=True)
+    base = torch.tensor([[1.0, 2.0, 2.9, 1.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    flat = flatness(ent, base, cfg.flat_margin)
+    # flatter by 1 (0.75 over the margin), surer, inside the margin, off the mask
+    assert flat.tolist() == [[pytest.approx(0.75), 0.0, 0.0, pytest.approx(2.75)]]
+    logp = torch.zeros(1, 4)
+    out = micro_batch_loss(logp, logp.clone(), torch.zeros(1, 4), mask, torch.tensor([False]), 3, cfg, flat=flat)
+    assert float(out.loss.detach()) == pytest.approx(0.5 * 0.75 / 3) and out.sums["flat"] == pytest.approx(0.75)
+    out.loss.backward()
+    # only the too-flat trained position is pushed towards sureness; the base takes no gradient
+    assert ent.grad.tolist() == [[pytest.approx(0.5 / 3), 0.0, 0.0, 0.0]]
 
 
 def test_entropy_of_uniform_logits():
