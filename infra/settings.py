@@ -415,7 +415,7 @@ class LossSettings(_Section):
     # The weight of a term that keeps the policy no less sure of its next token than the base
     # model in the same context, `flat_margin` nats allowed (learner.losses.flatness). The trained
     # policies of `nextstate bench personal` were flatter than the base all along their answers
-    # (0.4 to 1.1 nats on SmolLM2-135M, 0.8 to 2.1 at the first token), and the flattest
+    # (0.45 to 1.12 nats on SmolLM2-135M, 0.8 to 2.1 at the first token), and the flattest
     # drifted furthest. It costs one more forward (the base: LoRA's adapter off, else a frozen
     # copy) a micro-batch per step, and the policy's entropy. 0: at 1 with no margin (`brief`
     # seed 3, one run) the answers kept the base's logprob (−0.00 against −0.18) and the

@@ -57,8 +57,9 @@ Conventions (documented once, here):
   every trained position, H the entropy of the next-token distribution, H_base the base
   model's in the same context (no gradient). Pushed-down tokens hand their probability to the
   rest of the vocabulary, and the updates flatten the policy where every answer starts; the
-  term only acts where the policy is less sure than the base, and leaves it free to be surer
-  (a preference learned is a sharper distribution) and to move its mass anywhere.
+  term only acts where the policy is less sure than the base and leaves it free to be surer.
+  Moving an answer's start from one token to another passes through flatter distributions,
+  and with no margin the term holds that too (README, "How sure the policy is").
 - **Unlikelihood** (learner.loop_guard): ``−log(1 − p)`` of each token marked as a repeat in
   the policy's own looping greedy answers, ``coef``-weighted and divided by the step's trained
   token count like every other term; it fades as p falls, where −log p would not stop.
