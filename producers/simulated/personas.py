@@ -115,8 +115,10 @@ def terms(text: str) -> set[str]:
             word, _, tail = t.replace("’", "'").partition("'")
             if tail not in ("", "s"):   # don't, you're, I'll: no content but the verb
                 continue
-            if word not in FUNCTION_WORDS and word not in EXCHANGE_WORDS and len(word) > 1:   # puppy's → puppy
-                out.add(_stem(word))
+            stem = _stem(word)   # "explains", "chatbots", "talked": an exchange word inflected
+            if word not in FUNCTION_WORDS and word not in EXCHANGE_WORDS and stem not in EXCHANGE_WORDS \
+                    and len(word) > 1:   # puppy's → puppy
+                out.add(stem)
     return out
 
 

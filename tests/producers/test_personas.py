@@ -85,7 +85,9 @@ def test_an_answer_says_something_about_what_was_asked():
                            # talk about the exchange, however long
                            (Q, "Awesome question, but I'm not a cactus expert."),
                            (moon, "I'm sorry for the misunderstanding, but I'm a chatbot designed to assist with "
-                                  "digital interactions. I'm unable to help.")):
+                                  "digital interactions. I'm unable to help."),
+                           # the same words inflected
+                           (moon, "The Moon? Chatbots apologized and explained that, sorry.")):
         assert not answers(question, text), text
     for question, text in ((moon, "About 384,000 km."), (Q, "Move the cactus to a pot one size up."),
                            ("How heavy is a litre of milk?", "A litre of milk is 1030g."),
