@@ -421,6 +421,8 @@ class LossSettings(_Section):
     # seed 3, one run) the answers kept the base's logprob (−0.00 against −0.18) and the
     # preference came later (.25 / .44 after 12 / 24 against .69 / .69 on the same log): an
     # answer's start moves from one token to another through flatter distributions (README).
+    # With a margin of 1 it was behind after 12 as well (.38 against .69, to 48: .94 against
+    # .88), and neither run drifted, so nothing says it stops the drift.
     flat_coef: float = Field(default=0.0, ge=0)
     flat_margin: float = Field(default=0.0, ge=0)
     tis_cap: float = 2.0
