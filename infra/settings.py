@@ -483,6 +483,10 @@ class LoopGuardSettings(_Section):
     # the guard's time (one run, README "Where the next update may start")
     starts: int = Field(default=0, ge=0)
     start_ratio: float = Field(default=0.5, gt=0, le=1)
+    # push down the first `first` tokens of every looping answer as well, the start it grew
+    # from: most early loops of `brief` runs were "1. 1. 1. …" from a list start the updates
+    # had made greedy (README "Where the loops start"). 0: off
+    first: int = Field(default=0, ge=0)
 
 
 LORA_LR = 2e-4

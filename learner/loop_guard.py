@@ -195,6 +195,9 @@ class LoopGuard:
             said = sentence_repeat_positions(answer, self.decode)
             if any(said):
                 marks = said if marks is None else [max(a, b) for a, b in zip(marks, said)]
+        if marks is not None and cfg.first > 0:
+            # the start that led into it: "1." where the greedy answer became "1. 1. 1."
+            marks = [1 if i < cfg.first else m for i, m in enumerate(marks)]
         return marks
     def answer(self, module: torch.nn.Module, prompts: list[list[int]], device: torch.device) -> list[list[int]]:
         """The greedy answers of `module` to `prompts` (one left-padded batch), each cut before

@@ -89,6 +89,7 @@ def config_show() -> None:
     guard = (f"the policy's greedy answers to {g.prompts} of each step's contexts and {g.recall} earlier ones are "
              f"checked for loops (one {g.ngram}-token sequence {g.repeats} times, or one sentence three times) and "
              f"their repeats pushed down × {g.coef:g}"
+             + (f", with the first {g.first} token(s) each looping answer began with" if g.first else "")
              if g.prompts and g.coef else "the policy's greedy answers are not checked for loops")
     console.print(f"decided here: the learner trains on {device} with {trains} at lr "
                   f"{lp.learning_rate(device):g}{lr_note}, {lp.updates_per_step(device)} update(s) per step's "

@@ -99,6 +99,16 @@ def test_the_guard_reads_sentences_where_it_can_decode_and_token_ngrams_always()
     assert reading.repeats([4, 2, 3, 1, 2]) is None
 
 
+def test_the_guard_can_push_down_the_start_a_loop_grew_from():
+    run = [5, 6] + [4] * 12
+    cfg = LoopGuardSettings(ngram=8, repeats=3, unlikely_ngram=4, first=1)
+    marks = LoopGuard(cfg, 0, [0], toy_decode).repeats(run)
+    assert marks == [1, 0] + repeated_positions(run, 4)[2:] and marks[0] == 1 and any(marks[2:])
+    assert LoopGuard(LoopGuardSettings(first=0), 0, [0]).repeats(run)[0] == 0
+    # an answer that does not loop has nothing pushed down, its start included
+    assert LoopGuard(cfg, 0, [0], toy_decode).repeats([5, 6, 4, 2, 3, 1, 2]) is None
+
+
 def test_the_memory_hands_out_the_least_checked_contexts_keeps_the_newest_and_round_trips():
     memory = ContextMemory(3)
     memory.note([[1], [2]], seen=[[3]])
