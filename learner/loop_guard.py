@@ -188,7 +188,8 @@ class LoopGuard:
         return self.cfg.prompts > 0 and self.cfg.coef > 0
 
     def repeats(self, answer: Sequence[int]) -> list[int] | None:
-        """The repeats of `answer` to push down (1 per token), or None when it does not loop."""
+        """The repeats of `answer` to push down (1 per token; with `first`, its first tokens too),
+        or None when it does not loop."""
         cfg = self.cfg
         marks = repeated_positions(answer, cfg.unlikely_ngram) if loops(answer, cfg.ngram, cfg.repeats) else None
         if self.decode is not None:
@@ -199,6 +200,7 @@ class LoopGuard:
             # the start that led into it: "1." where the greedy answer became "1. 1. 1."
             marks = [1 if i < cfg.first else m for i, m in enumerate(marks)]
         return marks
+
     def answer(self, module: torch.nn.Module, prompts: list[list[int]], device: torch.device) -> list[list[int]]:
         """The greedy answers of `module` to `prompts` (one left-padded batch), each cut before
         its end-of-sequence token."""
