@@ -485,7 +485,8 @@ class LoopGuardSettings(_Section):
     start_ratio: float = Field(default=0.5, gt=0, le=1)
     # push down the first `first` tokens of every looping answer as well, the start it grew
     # from: most early loops of `brief` runs were "1. 1. 1. …" from a list start the updates
-    # had made greedy (README "Where the loops start"). 0: off
+    # had made greedy. Off: at 1 on `brief` seed 3 the probes looped as often (6 and 1 after
+    # 12 and 24 against 5 and 1 on the same log; one run, README "Where the loops start")
     first: int = Field(default=0, ge=0)
 
 
