@@ -264,23 +264,39 @@ class LoopGuard:
         return pairs
 
     def check(self, module: torch.nn.Module, batches: Sequence[Any],
-              device: torch.device) -> tuple[LoopBatch | None, dict[str, float]]:
-        """(the looping answers to push down, or None; the check's metrics)."""
-        started = time.perf_counter()
+              device: torch.device) -> tuple[LoopBatch | None, dict[str, float], list[list[int]]]:
+        """(the looping answers to push down, or None; the check's metrics; the prompts it
+        answered, for `recheck` after the update)."""
         cfg = self.cfg
         own = contexts(batches, max(cfg.prompts, cfg.memory), cfg.max_prompt_tokens)
         checked = own[:cfg.prompts]
         recalled = self.memory.recall(cfg.recall, exclude=own)
         self.memory.note(checked + recalled, seen=own[cfg.prompts:])
         prompts = checked + recalled
+        batch, metrics = self.find(module, prompts, device)
+        metrics["loop_guard_recalled"] = float(len(recalled))
+        return batch, metrics, prompts
+
+    def recheck(self, module: torch.nn.Module, prompts: list[list[int]],
+                device: torch.device) -> tuple[LoopBatch | None, dict[str, float]]:
+        """The same check of `prompts` on the updated weights, before they are published: the
+        probes and the users meet the weights a step produced, and a check before the next
+        step would find its loops only after they were served. Nothing is noted in the memory
+        (those prompts were noted by `check`)."""
+        return self.find(module, prompts, device)
+
+    def find(self, module: torch.nn.Module, prompts: list[list[int]],
+             device: torch.device) -> tuple[LoopBatch | None, dict[str, float]]:
+        """(the looping answers of `module` to `prompts` with their repeats marked, or None; metrics)."""
+        started = time.perf_counter()
         if not prompts:
-            return None, {"loop_guard_answers": 0.0, "loop_guard_recalled": 0.0, "loop_guard_starts": 0.0,
+            return None, {"loop_guard_answers": 0.0, "loop_guard_starts": 0.0,
                           "loop_guard_loops": 0.0, "loop_guard_s": 0.0}
         pairs = self.answers(module, prompts, device)
         marked = [(p, a, self.repeats(a)) for p, a in pairs]
         looping = [r for r in marked if r[2] is not None]
         rows = [(p, a, rep) for p, a, rep in looping if any(rep)]
-        metrics = {"loop_guard_answers": float(len(prompts)), "loop_guard_recalled": float(len(recalled)),
+        metrics = {"loop_guard_answers": float(len(prompts)),
                    "loop_guard_starts": float(len(pairs) - len(prompts)),
                    "loop_guard_loops": float(len(looping))}
         batch = None

@@ -14,7 +14,9 @@ Save layout (under one checkpoint directory, uploaded as is):
   without the frozen base). Only a resuming learner needs it.
 
 Before a step the policy's own greedy answers to some of its contexts are checked for loops
-(learner.loop_guard); the repeats of a looping one are pushed down in the same step.
+(learner.loop_guard); the repeats of a looping one are pushed down in the same step. With
+`loop_guard.after` the same contexts are answered again by the updated weights, and a loop
+found there gets one more pass of the step before the weights can be published.
 
 Knows nothing about Kafka or the object store.
 """
@@ -337,8 +339,8 @@ class Trainer:
                                 self.reward_window).split([len(b.rewards) for b in batches])
         if not self._has_signal(batches, normed):
             return self._still_metrics(batches, rewards, started)
-        looping, guarded = (self.loop_guard.check(self.engine.module, batches, self.device)
-                            if self.loop_guard.on else (None, {}))
+        looping, guarded, prompts = (self.loop_guard.check(self.engine.module, batches, self.device)
+                                     if self.loop_guard.on else (None, {}, []))
         proximal: list[torch.Tensor] = []
         refs: list[torch.Tensor | None] = []
         bases: list[Guide | None] = []
@@ -347,6 +349,8 @@ class Trainer:
         last = totals
         for _ in range(self.epochs - 1):
             last = self._pass(batches, normed, proximal, refs, bases, base_h, looping)
+        if prompts and self.settings.loop_guard.after > 0:
+            last = self._repair(prompts, batches, normed, proximal, refs, bases, base_h, guarded, last)
         elapsed = time.perf_counter() - started
         metrics = self._step_metrics(totals, batches, rewards, elapsed)
         metrics.update(guarded)
@@ -360,6 +364,25 @@ class Trainer:
             if "distill" in last:
                 metrics["last_distill_kl"] = last["distill"] / n
         return metrics
+
+    def _repair(self, prompts: list[list[int]], batches: list[Batch], normed: tuple[torch.Tensor, ...],
+                proximal: list[torch.Tensor], refs: list[torch.Tensor | None], bases: list[Guide | None],
+                base_h: list[torch.Tensor], guarded: dict[str, float], last: dict[str, float]) -> dict[str, float]:
+        """Up to `loop_guard.after` times: the guard's prompts answered again by the updated
+        weights (`LoopGuard.recheck`), and where some loop, one more pass of the step with those
+        repeats pushed down, so the weights this step publishes are checked ones. The last
+        pass's sums (the repaired one where there was one); `guarded` gets the recheck's counts."""
+        found = repairs = 0.0
+        for _ in range(self.settings.loop_guard.after):
+            looping, m = self.loop_guard.recheck(self.engine.module, prompts, self.device)
+            found += m["loop_guard_loops"]
+            guarded["loop_guard_s"] = guarded.get("loop_guard_s", 0.0) + m["loop_guard_s"]
+            if looping is None:
+                break
+            last = self._pass(batches, normed, proximal, refs, bases, base_h, looping)
+            repairs += 1
+        guarded.update(loop_guard_after_loops=found, loop_guard_repairs=repairs)
+        return last
 
     def _has_signal(self, batches: list[Batch], normed: tuple[torch.Tensor, ...]) -> bool:
         """Whether the step carries signal: a nonzero advantage on a trained token or a teacher

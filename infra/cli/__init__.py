@@ -90,6 +90,8 @@ def config_show() -> None:
              f"checked for loops (one {g.ngram}-token sequence {g.repeats} times, or one sentence three times) and "
              f"their repeats pushed down × {g.coef:g}"
              + (f", with the first {g.first} token(s) each looping answer began with" if g.first else "")
+             + (f"; the updated weights are checked on the same contexts and repaired by up to {g.after} more "
+                f"pass(es) before they are published" if g.after else "")
              if g.prompts and g.coef else "the policy's greedy answers are not checked for loops")
     console.print(f"decided here: the learner trains on {device} with {trains} at lr "
                   f"{lp.learning_rate(device):g}{lr_note}, {lp.updates_per_step(device)} update(s) per step's "

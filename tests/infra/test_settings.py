@@ -79,11 +79,16 @@ def test_config_show_says_what_the_device_decides(monkeypatch):
     assert "teacher is the served base model" in out
     assert "greedy answers to 4 of each step's contexts and 4 earlier ones are checked for loops" in out
     assert "each looping answer began with" not in out
+    assert "repaired by up to" not in out
     assert "rewards against the last 64 rewards of any step" in out
     monkeypatch.setenv("NEXTSTATE_LEARNER__LOOP_GUARD__FIRST", "1")
     out = " ".join(CliRunner().invoke(app, ["config", "show"]).output.split())
     assert "repeats pushed down × 1, with the first 1 token(s) each looping answer began with" in out
     monkeypatch.delenv("NEXTSTATE_LEARNER__LOOP_GUARD__FIRST")
+    monkeypatch.setenv("NEXTSTATE_LEARNER__LOOP_GUARD__AFTER", "2")
+    out = " ".join(CliRunner().invoke(app, ["config", "show"]).output.split())
+    assert "the updated weights are checked on the same contexts and repaired by up to 2 more pass(es)" in out
+    monkeypatch.delenv("NEXTSTATE_LEARNER__LOOP_GUARD__AFTER")
     monkeypatch.setenv("NEXTSTATE_LEARNER__LOOP_GUARD__PROMPTS", "0")
     monkeypatch.setenv("NEXTSTATE_LEARNER__ADV_NORM", "batch")
     out = " ".join(CliRunner().invoke(app, ["config", "show"]).output.split())

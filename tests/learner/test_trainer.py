@@ -281,6 +281,61 @@ def test_the_loop_guard_also_follows_the_first_tokens_nearly_as_likely_as_the_gr
     assert metrics["unlikely_tokens"] == expected
 
 
+def test_the_loop_guard_can_check_the_updated_weights_and_repair_them_before_they_are_published(tiny_model_dir):
+    """With `after`, the step's prompts are answered again by the updated weights; while they
+    loop, one more pass of the step pushes their repeats down (up to `after` passes), and a
+    recheck that finds nothing ends the repair."""
+    sample = make_sample(3, reward=1.0)
+    prompt = list(sample.prompt_token_ids)
+    guard = LoopGuardSettings(max_new_tokens=24, starts=0)
+    moved, seen = {}, {}
+    for after in (0, 2):
+        trainer = Trainer(settings(method="rl", lr=1e-2, loop_guard=guard.model_copy(update={"after": after})),
+                          tiny_model_dir)
+        answer = trainer.loop_guard.answer(trainer.engine.module, [prompt], trainer.device)[0]
+        repeats = torch.tensor(repeated_positions(answer, guard.unlikely_ngram), dtype=torch.bool)
+        recheck = trainer.loop_guard.recheck
+        calls: list[list[list[int]]] = []
+
+        def spy(module, prompts, device, recheck=recheck, calls=calls):
+            calls.append(prompts)
+            return recheck(module, prompts, device)
+
+        trainer.loop_guard.recheck = spy
+
+        def repeat_logprob(trainer=trainer, answer=answer, repeats=repeats) -> float:
+            ids = torch.tensor([prompt + answer])
+            with torch.no_grad():
+                logp = trainer.engine.module(input_ids=ids).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+            return float(logp.gather(-1, ids[0, len(prompt):, None]).squeeze(-1)[repeats].mean())
+
+        before = repeat_logprob()
+        metrics = trainer.train_step([collate([sample], trainer.pad_id)])
+        moved[after], seen[after] = repeat_logprob() - before, calls
+        if after:
+            # the tiny random model still loops after each update: two rechecks, two more passes
+            assert calls == [[prompt], [prompt]]
+            assert (metrics["loop_guard_after_loops"], metrics["loop_guard_repairs"]) == (2, 2)
+            assert trainer.engine.global_steps == trainer.epochs + 2
+        else:
+            assert calls == [] and "loop_guard_repairs" not in metrics
+            assert trainer.engine.global_steps == trainer.epochs
+    assert moved[2] < moved[0] < 0
+
+    # weights that answer without a loop after the step are published as they are
+    trainer = Trainer(settings(method="rl", lr=1e-2, loop_guard=guard.model_copy(update={"after": 2})), tiny_model_dir)
+    recheck = trainer.loop_guard.recheck
+
+    def clean(module, prompts, device):
+        _, m = recheck(module, prompts, device)
+        return None, {**m, "loop_guard_loops": 0.0}
+
+    trainer.loop_guard.recheck = clean
+    metrics = trainer.train_step([collate([sample], trainer.pad_id)])
+    assert (metrics["loop_guard_after_loops"], metrics["loop_guard_repairs"]) == (0, 0)
+    assert trainer.engine.global_steps == trainer.epochs
+
+
 def test_epochs_train_the_same_samples_again_within_the_clip(tiny_model_dir):
     moved = {}
     for epochs in (1, 3):
