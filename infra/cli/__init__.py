@@ -169,6 +169,9 @@ def bench_personal(preferences: str = typer.Option(",".join(("brief", "lowercase
                    probe_samples: int = typer.Option(4, min=0, help="besides the greedy probes, answers "
                                                                     "sampled per probe as users get them (0: none)"),
                    port: int = typer.Option(30300, help="the first gateway's port (one per run, consecutive)"),
+                   keep_checkpoints: bool = typer.Option(False, help="leave the runs' checkpoints in the object "
+                                                                     "store (a few GB per preference) to study "
+                                                                     "them later; removed by default"),
                    report: Optional[Path] = typer.Option(None, help="print an earlier run's tables and goals "
                                                                     "from its results.json (nothing is run)")) -> None:
     """Does the personal loop learn a hidden preference with the defaults? Base and hint-conditioned
@@ -195,7 +198,8 @@ def bench_personal(preferences: str = typer.Option(",".join(("brief", "lowercase
     if unknown or not prefs:
         fail(f"unknown preference(s) {unknown}; known: {', '.join(PERSONAS)}")
     cfg = PersonalBenchConfig(preferences=prefs, interactions=interactions, round_sessions=round_sessions,
-                              model=model, seed=seed, port=port, probe_samples=probe_samples)
+                              model=model, seed=seed, port=port, probe_samples=probe_samples,
+                              keep_checkpoints=keep_checkpoints)
     if variant:
         try:
             cfg.variants = tuple(Variant.parse(v) for v in variant)

@@ -5,6 +5,7 @@ goals, and a saved run reported again from its results.json."""
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 from rich.console import Console
@@ -138,3 +139,28 @@ def test_a_file_that_is_not_a_results_json_is_refused(tmp_path):
     path.write_text('{"preferences": [{"preference": "formal"}]}')
     with pytest.raises(ConfigError, match="not a results.json"):
         load_results(path)
+
+
+def test_the_command_line_reaches_the_benchmark_as_given(monkeypatch):
+    """What `nextstate bench personal` is told is what the benchmark runs: preferences, variants,
+    sizes, and whether the checkpoints stay for later study."""
+    from typer.testing import CliRunner
+
+    import infra.cli.bench_personal as bench
+    from infra.cli import app
+
+    seen: list[PersonalBenchConfig] = []
+    monkeypatch.setattr(signal, "signal", lambda *_: None)   # the command's SIGTERM handler stays out of pytest
+    monkeypatch.setattr(bench, "run_personal_bench", lambda settings, cfg, console: seen.append(cfg))
+    args = ["bench", "personal", "--preferences", "brief,formal", "--interactions", "24", "--seed", "3",
+            "--variant", "combined:loop_guard.after=2", "--variant", "combined", "--probe-samples", "0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, [*args, "--keep-checkpoints"])
+    assert result.exit_code == 0, result.output
+    first, kept = seen
+    assert first.preferences == ("brief", "formal") and (first.interactions, first.seed, first.probe_samples) == (24, 3, 0)
+    assert [v.name for v in first.variants] == ["combined[loop_guard.after=2]", "combined"]
+    assert not first.keep_checkpoints and kept.keep_checkpoints
+    result = CliRunner().invoke(app, ["bench", "personal", "--preferences", "nosuch"])
+    assert result.exit_code != 0 and "unknown preference" in result.output and not seen[2:]
