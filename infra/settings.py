@@ -488,10 +488,10 @@ class LoopGuardSettings(_Section):
     # had made greedy. Off: at 1 on `brief` seed 3 the probes looped as often (6 and 1 after
     # 12 and 24 against 5 and 1 on the same log; one run, README "Where the loops start")
     first: int = Field(default=0, ge=0)
-    # after the step's passes, answer the same contexts with the updated weights and, where some
-    # loop, run one more pass of the step with their repeats pushed down; up to `after` times,
-    # before the weights can be published (the check before a step finds the loops an update
-    # made only after the probes and the users met them). 0: off
+    # after the step's passes, answer the same contexts with the updated weights and, while some
+    # loop, run one more pass of the step with their repeats pushed down and check again, up to
+    # `after` passes, before the weights can be published (the check before a step finds the
+    # loops an update made only after the probes and the users met them). 0: off
     after: int = Field(default=0, ge=0)
 
 

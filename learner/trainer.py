@@ -368,20 +368,22 @@ class Trainer:
     def _repair(self, prompts: list[list[int]], batches: list[Batch], normed: tuple[torch.Tensor, ...],
                 proximal: list[torch.Tensor], refs: list[torch.Tensor | None], bases: list[Guide | None],
                 base_h: list[torch.Tensor], guarded: dict[str, float], last: dict[str, float]) -> dict[str, float]:
-        """Up to `loop_guard.after` times: the guard's prompts answered again by the updated
-        weights (`LoopGuard.recheck`), and where some loop, one more pass of the step with those
-        repeats pushed down, so the weights this step publishes are checked ones. The last
-        pass's sums (the repaired one where there was one); `guarded` gets the recheck's counts."""
-        found = repairs = 0.0
-        for _ in range(self.settings.loop_guard.after):
+        """The guard's prompts answered again by the updated weights (`LoopGuard.recheck`); while
+        some loop, one more pass of the step with those repeats pushed down and another recheck,
+        up to `loop_guard.after` passes, so the weights this step publishes are checked ones. The
+        last pass's sums (the repaired one where there was one). `guarded` gets the loops the
+        step made (the first recheck), the repair passes, and the loops left in the weights that
+        go out (the last recheck)."""
+        made = left = repairs = 0.0
+        for i in range(self.settings.loop_guard.after + 1):
             looping, m = self.loop_guard.recheck(self.engine.module, prompts, self.device)
-            found += m["loop_guard_loops"]
             guarded["loop_guard_s"] = guarded.get("loop_guard_s", 0.0) + m["loop_guard_s"]
-            if looping is None:
+            made, left = (m["loop_guard_loops"] if i == 0 else made), m["loop_guard_loops"]
+            if looping is None or i == self.settings.loop_guard.after:
                 break
             last = self._pass(batches, normed, proximal, refs, bases, base_h, looping)
             repairs += 1
-        guarded.update(loop_guard_after_loops=found, loop_guard_repairs=repairs)
+        guarded.update(loop_guard_after_loops=made, loop_guard_repairs=repairs, loop_guard_left_loops=left)
         return last
 
     def _has_signal(self, batches: list[Batch], normed: tuple[torch.Tensor, ...]) -> bool:

@@ -313,9 +313,10 @@ def test_the_loop_guard_can_check_the_updated_weights_and_repair_them_before_the
         metrics = trainer.train_step([collate([sample], trainer.pad_id)])
         moved[after], seen[after] = repeat_logprob() - before, calls
         if after:
-            # the tiny random model still loops after each update: two rechecks, two more passes
-            assert calls == [[prompt], [prompt]]
-            assert (metrics["loop_guard_after_loops"], metrics["loop_guard_repairs"]) == (2, 2)
+            # the tiny random model still loops after each update: two more passes, each rechecked
+            assert calls == [[prompt]] * 3
+            assert (metrics["loop_guard_after_loops"], metrics["loop_guard_repairs"],
+                    metrics["loop_guard_left_loops"]) == (1, 2, 1)
             assert trainer.engine.global_steps == trainer.epochs + 2
         else:
             assert calls == [] and "loop_guard_repairs" not in metrics
@@ -332,7 +333,7 @@ def test_the_loop_guard_can_check_the_updated_weights_and_repair_them_before_the
 
     trainer.loop_guard.recheck = clean
     metrics = trainer.train_step([collate([sample], trainer.pad_id)])
-    assert (metrics["loop_guard_after_loops"], metrics["loop_guard_repairs"]) == (0, 0)
+    assert (metrics["loop_guard_after_loops"], metrics["loop_guard_repairs"], metrics["loop_guard_left_loops"]) == (0, 0, 0)
     assert trainer.engine.global_steps == trainer.epochs
 
 
