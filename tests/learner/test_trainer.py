@@ -288,7 +288,7 @@ def test_the_loop_guard_can_check_the_updated_weights_and_repair_them_before_the
     sample = make_sample(3, reward=1.0)
     prompt = list(sample.prompt_token_ids)
     guard = LoopGuardSettings(max_new_tokens=24, starts=0)
-    moved, seen = {}, {}
+    moved = {}
     for after in (0, 2):
         trainer = Trainer(settings(method="rl", lr=1e-2, loop_guard=guard.model_copy(update={"after": after})),
                           tiny_model_dir)
@@ -311,7 +311,7 @@ def test_the_loop_guard_can_check_the_updated_weights_and_repair_them_before_the
 
         before = repeat_logprob()
         metrics = trainer.train_step([collate([sample], trainer.pad_id)])
-        moved[after], seen[after] = repeat_logprob() - before, calls
+        moved[after] = repeat_logprob() - before
         if after:
             # the tiny random model still loops after each update: two more passes, each rechecked
             assert calls == [[prompt]] * 3
