@@ -494,7 +494,7 @@ class LoopGuardSettings(_Section):
     # loops an update made only after the probes and the users met them). Off (0): at 2, four
     # 24-interaction runs (`brief` seeds 3, 3, 4, `formal` seed 3) were .06 ahead greedy after
     # 24 each time but behind sampled in three, looped about half as often where they looped,
-    # for 1.1-2.1x the step time (README "Checking the weights before they go out")
+    # for 1.5-1.6x the learner's time (README "Checking the weights before they go out")
     after: int = Field(default=0, ge=0)
 
 
