@@ -218,6 +218,14 @@ def test_combined_aims_at_the_policy_by_default_where_the_base_comes_free(tiny_m
     assert (opd.loss_cfg.opd_anchor, opd.loss_cfg.opd_guidance) == ("teacher", 0.0)
 
 
+def repeat_logprob(trainer: Trainer, prompt: list[int], answer: list[int], repeats: torch.Tensor) -> float:
+    """The policy's mean logprob of the tokens of `answer` marked in `repeats` (bool, one per token)."""
+    ids = torch.tensor([prompt + answer])
+    with torch.no_grad():
+        logp = trainer.engine.module(input_ids=ids).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+    return float(logp.gather(-1, ids[0, len(prompt):, None]).squeeze(-1)[repeats].mean())
+
+
 def test_the_loop_guard_pushes_down_the_repeats_of_the_policys_own_looping_greedy_answer(tiny_model_dir):
     """The tiny random model's greedy answers repeat one token: the guard finds them and the
     step lowers those repeats' probability, beside what the sample itself trains."""
@@ -232,15 +240,9 @@ def test_the_loop_guard_pushes_down_the_repeats_of_the_policys_own_looping_greed
         assert loops(answer, guard.ngram, guard.repeats)
         repeats = torch.tensor(repeated_positions(answer, guard.unlikely_ngram), dtype=torch.bool)
 
-        def repeat_logprob() -> float:
-            ids = torch.tensor([prompt + answer])
-            with torch.no_grad():
-                logp = trainer.engine.module(input_ids=ids).logits[0, len(prompt) - 1:-1].log_softmax(-1)
-            return float(logp.gather(-1, ids[0, len(prompt):, None]).squeeze(-1)[repeats].mean())
-
-        before = repeat_logprob()
+        before = repeat_logprob(trainer, prompt, answer, repeats)
         metrics = trainer.train_step([collate([sample], trainer.pad_id)])
-        moved[on], answers[on] = repeat_logprob() - before, answer
+        moved[on], answers[on] = repeat_logprob(trainer, prompt, answer, repeats) - before, answer
         if on:
             assert metrics["loop_guard_answers"] == 1 and metrics["loop_guard_loops"] == 1
             assert metrics["unlikely_tokens"] == float(repeats.sum()) > 0
@@ -303,15 +305,9 @@ def test_the_loop_guard_can_check_the_updated_weights_and_repair_them_before_the
 
         trainer.loop_guard.recheck = spy
 
-        def repeat_logprob(trainer=trainer, answer=answer, repeats=repeats) -> float:
-            ids = torch.tensor([prompt + answer])
-            with torch.no_grad():
-                logp = trainer.engine.module(input_ids=ids).logits[0, len(prompt) - 1:-1].log_softmax(-1)
-            return float(logp.gather(-1, ids[0, len(prompt):, None]).squeeze(-1)[repeats].mean())
-
-        before = repeat_logprob()
+        before = repeat_logprob(trainer, prompt, answer, repeats)
         metrics = trainer.train_step([collate([sample], trainer.pad_id)])
-        moved[after] = repeat_logprob() - before
+        moved[after] = repeat_logprob(trainer, prompt, answer, repeats) - before
         if after:
             # the tiny random model still loops after each update: two more passes, each rechecked
             assert calls == [[prompt]] * 3
