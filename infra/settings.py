@@ -498,6 +498,20 @@ class LoopGuardSettings(_Section):
     after: int = Field(default=0, ge=0)
 
 
+class ApprovedSettings(_Section):
+    """The answers users approved, trained again in later steps (learner.approved). A step
+    trains each sample once, a few passes under the clip, so an approved answer can raise its
+    tokens only by the clip's factor before it is gone. The learner remembers the newest `keep`
+    approved answers (a reward above zero, hindsight revisions included; not general agents'
+    group-normalised samples) and each later step trains up to `replay` of them again, the least
+    replayed first, in one more micro-batch of at most `token_budget` tokens, at a precomputed
+    advantage of `advantage` under the clip (self-imitation). Methods with a reward term only."""
+
+    replay: int = Field(default=0, ge=0)
+    keep: int = Field(default=32, ge=1)
+    advantage: float = Field(default=1.0, gt=0)
+
+
 LORA_LR = 2e-4
 FULL_LR = 1e-5
 # KL to the base with LoRA: 0. k3 at 0.2 did not keep greedy answers from looping and slowed
@@ -545,6 +559,7 @@ class LearnerSettings(_Section):
     staleness_policy: Annotated[StalenessPolicy, BeforeValidator(_lower)] = "correct"
     loss: LossSettings = LossSettings()
     loop_guard: LoopGuardSettings = LoopGuardSettings()
+    approved: ApprovedSettings = ApprovedSettings()
     checkpoint_every_steps: int = Field(default=4, ge=1)
     checkpoint_every_s: float = 300.0
     checkpoint_idle_s: float = Field(default=5.0, gt=0)   # publish unpublished steps once the feed is this quiet

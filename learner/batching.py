@@ -133,6 +133,7 @@ class Batch:
     has_advantage: torch.Tensor    # [B] float, 1 where the sample carries one
     stale: torch.Tensor            # [B] bool, importance-corrected rather than PPO-ratioed
     revision: torch.Tensor         # [B] bool, a hindsight revision: its behaviour logprobs are another context's
+    replayed: torch.Tensor         # [B] bool, an approved answer trained again (learner.approved): no behaviour logprobs
     sample_ids: list[str]
     task_groups: list[str | None]
     step_indices: list[int | None]
@@ -191,6 +192,7 @@ def collate(samples: Sequence[SampleReady], pad_id: int, stale: Sequence[bool] |
         has_advantage=torch.tensor([float(s.advantage is not None) for s in samples]),
         stale=torch.tensor(list(stale) if stale is not None else [False] * b, dtype=torch.bool),
         revision=torch.tensor([s.revision_of is not None for s in samples], dtype=torch.bool),
+        replayed=torch.zeros(b, dtype=torch.bool),
         sample_ids=[s.event_id for s in samples],
         task_groups=[s.task_group for s in samples],
         step_indices=[s.step_index for s in samples],

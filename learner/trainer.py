@@ -37,6 +37,7 @@ import torch
 
 from infra.errors import LearnerError
 from infra.settings import LearnerSettings
+from learner.approved import ApprovedMemory, replay_batch
 from learner.batching import Batch
 from learner.losses import (RewardWindow, advantages, entropy_from_logits, flatness, full_kl, k3_kl, micro_batch_loss,
                             normalisation_keys, sample_rewards, span_starts, topk_direction,
@@ -47,6 +48,7 @@ from schemas.methods import rule
 DS_TAG = "ds"
 REWARD_WINDOW = "reward_window"   # the running baseline's rewards, in the checkpoint's client state
 LOOP_MEMORY = "loop_guard_memory"  # the loop guard's remembered contexts, likewise
+APPROVED_MEMORY = "approved_memory"  # the approved answers trained again (learner.approved), likewise
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "vocab.json", "merges.txt", "generation_config.json")
 
@@ -211,6 +213,7 @@ class Trainer:
         self.loop_guard = LoopGuard(ls.loop_guard, self.pad_id,
                                     [] if eos is None else [eos] if isinstance(eos, int) else list(eos),
                                     decoder(self.model_path))
+        self.approved = ApprovedMemory(ls.approved.keep, ls.token_budget)
 
     # -- forward --------------------------------------------------------------------------
 
@@ -341,6 +344,12 @@ class Trainer:
             return self._still_metrics(batches, rewards, started)
         looping, guarded, prompts = (self.loop_guard.check(self.engine.module, batches, self.device)
                                      if self.loop_guard.on else (None, {}, []))
+        own = batches
+        if self._replays():
+            answers = self.approved.draw(ls.approved.replay)
+            if answers:
+                extra = replay_batch(answers, self.pad_id, ls.approved.advantage).to(self.device)
+                batches, normed = [*batches, extra], (*normed, extra.advantage)
         proximal: list[torch.Tensor] = []
         refs: list[torch.Tensor | None] = []
         bases: list[Guide | None] = []
@@ -352,8 +361,13 @@ class Trainer:
         if prompts and self.settings.loop_guard.after > 0:
             last = self._repair(prompts, batches, normed, proximal, refs, bases, base_h, guarded, last)
         elapsed = time.perf_counter() - started
-        metrics = self._step_metrics(totals, batches, rewards, elapsed)
+        metrics = self._step_metrics(totals, own, rewards, elapsed)
         metrics.update(guarded)
+        if self._replays():
+            replayed = batches[len(own):]
+            metrics.update(approved_replayed=float(sum(len(b.rewards) for b in replayed)),
+                           approved_tokens=float(sum(int(b.mask.sum()) for b in replayed)),
+                           approved_new=float(self.approved.note(own)), approved_kept=float(len(self.approved)))
         metrics["skipped"] = 0.0   # every step sets it: a gauge must not keep a skipped step's 1
         if self.epochs > 1:
             n = max(last["tokens"], 1.0)
@@ -364,6 +378,11 @@ class Trainer:
             if "distill" in last:
                 metrics["last_distill_kl"] = last["distill"] / n
         return metrics
+
+    def _replays(self) -> bool:
+        """Whether steps train remembered approved answers again (learner.approved): a method
+        with a reward term, `approved.replay` above 0."""
+        return self.rule.reward_term and self.settings.approved.replay > 0
 
     def _repair(self, prompts: list[list[int]], batches: list[Batch], normed: tuple[torch.Tensor, ...],
                 proximal: list[torch.Tensor], refs: list[torch.Tensor | None], bases: list[Guide | None],
@@ -470,12 +489,13 @@ class Trainer:
             if first:
                 proximal.append(logp.detach())
             behaviour, stale = batch.behaviour, batch.stale
-            if bool(batch.revision.any()):
-                # a hindsight revision's tokens were sampled under another context: its behaviour
-                # policy here is the first pass's (ratio 1 then, the clip bounds the later passes,
-                # no importance weight)
-                behaviour = torch.where(batch.revision[:, None], proximal[i], behaviour)
-                stale = stale | batch.revision
+            own_policy = batch.revision | batch.replayed
+            if bool(own_policy.any()):
+                # a hindsight revision's tokens were sampled under another context, a replayed
+                # approved answer's by an earlier policy: their behaviour policy here is the first
+                # pass's (ratio 1 then, the clip bounds the later passes, no importance weight)
+                behaviour = torch.where(own_policy[:, None], proximal[i], behaviour)
+                stale = stale | own_policy
             part = micro_batch_loss(logp, behaviour, adv, batch.mask, stale,
                                     step_tokens, cfg, kl=kl, entropy=ent if cfg.entropy_coef > 0 else None,
                                     distill=distill, flat=flat,
@@ -571,7 +591,8 @@ class Trainer:
                     shutil.copy2(self.model_path / name, weights / name)
         self.engine.save_checkpoint(str(directory / "train_state"), tag=DS_TAG,
                                     client_state={**client_state, REWARD_WINDOW: list(self.reward_window.values),
-                                                  LOOP_MEMORY: self.loop_guard.memory.state()},
+                                                  LOOP_MEMORY: self.loop_guard.memory.state(),
+                                                  APPROVED_MEMORY: self.approved.state()},
                                     exclude_frozen_parameters=self.lora)
         return directory
 
@@ -586,4 +607,6 @@ class Trainer:
         client_state = client_state or {}
         self.reward_window = RewardWindow(self.settings.adv_window, client_state.get(REWARD_WINDOW, ()))
         self.loop_guard.memory = ContextMemory(self.settings.loop_guard.memory, client_state.get(LOOP_MEMORY, ()))
+        self.approved = ApprovedMemory(self.settings.approved.keep, self.settings.token_budget,
+                                       client_state.get(APPROVED_MEMORY, ()))
         return client_state

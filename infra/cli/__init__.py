@@ -93,6 +93,10 @@ def config_show() -> None:
              + (f"; the updated weights are checked on the same contexts and repaired by up to {g.after} more "
                 f"pass(es) before they are published" if g.after else "")
              if g.prompts and g.coef else "the policy's greedy answers are not checked for loops")
+    a = lp.approved
+    if a.replay and rule(lp.method).reward_term:
+        guard += (f"; each step trains up to {a.replay} of the newest {a.keep} approved answers again "
+                  f"(advantage {a.advantage:g})")
     console.print(f"decided here: the learner trains on {device} with {trains} at lr "
                   f"{lp.learning_rate(device):g}{lr_note}, {lp.updates_per_step(device)} update(s) per step's "
                   f"samples, rewards against {baseline}, negative advantages × {loss.neg_weight:g} and KL to the "

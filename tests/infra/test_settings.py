@@ -89,6 +89,11 @@ def test_config_show_says_what_the_device_decides(monkeypatch):
     out = " ".join(CliRunner().invoke(app, ["config", "show"]).output.split())
     assert "the updated weights are checked on the same contexts and repaired by up to 2 more pass(es)" in out
     monkeypatch.delenv("NEXTSTATE_LEARNER__LOOP_GUARD__AFTER")
+    assert "approved answers again" not in out
+    monkeypatch.setenv("NEXTSTATE_LEARNER__APPROVED__REPLAY", "4")
+    out = " ".join(CliRunner().invoke(app, ["config", "show"]).output.split())
+    assert "each step trains up to 4 of the newest 32 approved answers again (advantage 1)" in out
+    monkeypatch.delenv("NEXTSTATE_LEARNER__APPROVED__REPLAY")
     monkeypatch.setenv("NEXTSTATE_LEARNER__LOOP_GUARD__PROMPTS", "0")
     monkeypatch.setenv("NEXTSTATE_LEARNER__ADV_NORM", "batch")
     out = " ".join(CliRunner().invoke(app, ["config", "show"]).output.split())

@@ -643,3 +643,33 @@ def test_the_loop_guard_recalls_earlier_contexts_and_its_memory_comes_back_with_
                 second.loop_guard.memory.recall(2, exclude=[list(d.prompt_token_ids)])]
     # the unchecked context (c's) first, then b's (checked once); a's was checked twice
     assert recalled[0] == recalled[1] == [list(c.prompt_token_ids), list(b.prompt_token_ids)]
+
+
+def test_approved_answers_are_trained_again_in_later_steps_and_come_back_with_the_checkpoint(
+        tiny_model_dir, tmp_path):
+    """With learner.approved on, an answer approved in one step is trained again in the next,
+    as the policy's own (ratio 1 on the first pass, whatever its recorded logprobs), and rises
+    further than without; a rejected one is not remembered; the memory is in the checkpoint."""
+    approved = make_sample(1, reward=1.0).model_copy(update={"behaviour_logprobs": [-30.0] * 3})
+    rejected = make_sample(2, reward=-1.0)
+    later = make_sample(3, reward=-1.0, prompt_len=5)
+    no_kl = LossSettings(kl_coef=0.0)
+
+    def run(replay: int) -> tuple[Trainer, list[dict[str, float]]]:
+        trainer = Trainer(settings(method="combined", lr=1e-2, loss=no_kl, approved={"replay": replay}),
+                          tiny_model_dir)
+        first = trainer.train_step([collate([approved, rejected], trainer.pad_id)])
+        return trainer, [first, trainer.train_step([collate([later], trainer.pad_id)])]
+
+    with_replay, (m1, m2) = run(replay=2)
+    without, (n1, n2) = run(replay=0)
+    assert m1["approved_replayed"] == 0 and m1["approved_new"] == 1 and m1["approved_kept"] == 1
+    assert m2["approved_replayed"] == 1 and m2["approved_tokens"] == 3 and m2["approved_new"] == 0
+    assert "approved_replayed" not in n2
+    # the step's own sample and the replay: its trained tokens, one more sample's worth
+    assert m2["trained_tokens"] == n2["trained_tokens"] + 3 and m2["samples"] == n2["samples"] == 1
+    assert response_logprob(with_replay, approved) > response_logprob(without, approved)
+    with_replay.save(tmp_path / "ckpt", {"step": 2})
+    restored = Trainer(settings(method="combined", loss=no_kl, approved={"replay": 2}), tiny_model_dir)
+    restored.restore(tmp_path / "ckpt")
+    assert restored.approved.state() == with_replay.approved.state() != []
