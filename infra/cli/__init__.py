@@ -158,6 +158,22 @@ def bench_hints(preferences: str = typer.Option("formal,brief,plain,curious",
         fail(exc)
 
 
+@bench_app.command("teacher")
+def bench_teacher(namespace: str = typer.Option(..., help="the namespace whose samples to read "
+                                                          "(a `bench personal` run prints it)"),
+                  tokens: str = typer.Option(r"^'(s|t|re|ll|ve|m|d)$|!",
+                                             help="a regular expression for the tokens the user objects to "
+                                                  "(the default: contractions and '!', what `formal` rejects)")) -> None:
+    """Where in the policy's answers the hinted teacher disagrees with it: the teacher − policy
+    logprob gap at the tokens matching --tokens against every trained token."""
+    from infra.cli.bench_teacher import run_teacher_bench
+
+    try:
+        run_teacher_bench(load_settings(), namespace, tokens, console)
+    except NextstateError as exc:
+        fail(exc)
+
+
 @bench_app.command("personal")
 def bench_personal(preferences: str = typer.Option(",".join(("brief", "lowercase", "curious", "formal")),
                                                    help="hidden preferences, one population each: "
