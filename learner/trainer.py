@@ -364,10 +364,11 @@ class Trainer:
         metrics = self._step_metrics(totals, own, rewards, elapsed)
         metrics.update(guarded)
         if self._replays():
+            new = self.approved.note(own)   # from the next step on
             replayed = batches[len(own):]
             metrics.update(approved_replayed=float(sum(len(b.rewards) for b in replayed)),
                            approved_tokens=float(sum(int(b.mask.sum()) for b in replayed)),
-                           approved_new=float(self.approved.note(own)), approved_kept=float(len(self.approved)))
+                           approved_new=float(new), approved_kept=float(len(self.approved)))
         metrics["skipped"] = 0.0   # every step sets it: a gauge must not keep a skipped step's 1
         if self.epochs > 1:
             n = max(last["tokens"], 1.0)

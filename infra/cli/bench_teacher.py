@@ -41,11 +41,14 @@ class Gaps:
     with_top: int
 
 
-def _gaps(values: Sequence[float], other_top: int, with_top: int) -> Gaps:
-    if not values:
-        return Gaps(0, None, None, None, other_top, with_top)
+def _gaps(rows: Sequence[tuple[float, bool | None]]) -> Gaps:
+    """`rows`: (gap, whether the teacher's top-1 is another token; None without top-K rows)."""
+    tops = [other for _, other in rows if other is not None]
+    if not rows:
+        return Gaps(0, None, None, None, sum(tops), len(tops))
+    values = [gap for gap, _ in rows]
     return Gaps(len(values), statistics.fmean(values), statistics.median(values),
-                sum(v < 0 for v in values) / len(values), other_top, with_top)
+                sum(v < 0 for v in values) / len(values), sum(tops), len(tops))
 
 
 def teacher_gaps(samples: Sequence[SampleReady], decode: Callable[[list[int]], str],
@@ -53,9 +56,8 @@ def teacher_gaps(samples: Sequence[SampleReady], decode: Callable[[list[int]], s
     """(samples read, the gaps at every trained token, the gaps at trained tokens whose decoded
     text matches `pattern` (re.search)) over the samples with teacher logprobs."""
     rx = re.compile(pattern)
-    every: list[float] = []
-    matched: list[float] = []
-    tops = {"every": [0, 0], "matched": [0, 0]}
+    every: list[tuple[float, bool | None]] = []
+    matched: list[tuple[float, bool | None]] = []
     used = 0
     for s in samples:
         if s.teacher_logprobs is None:
@@ -65,18 +67,11 @@ def teacher_gaps(samples: Sequence[SampleReady], decode: Callable[[list[int]], s
         for i, token in enumerate(s.response_token_ids):
             if not s.loss_mask[i]:
                 continue
-            gap = s.teacher_logprobs[i] - s.behaviour_logprobs[i]
-            hit = bool(rx.search(decode([token])))
-            keys = ("every", "matched") if hit else ("every",)
-            every.append(gap)
-            if hit:
-                matched.append(gap)
-            if k:
-                other = s.teacher_top_ids[i * k] != token
-                for key in keys:
-                    tops[key][0] += other
-                    tops[key][1] += 1
-    return used, _gaps(every, *tops["every"]), _gaps(matched, *tops["matched"])
+            row = (s.teacher_logprobs[i] - s.behaviour_logprobs[i], s.teacher_top_ids[i * k] != token if k else None)
+            every.append(row)
+            if rx.search(decode([token])):
+                matched.append(row)
+    return used, _gaps(every), _gaps(matched)
 
 
 def _cell(value: float | None, digits: int = 2) -> str:
