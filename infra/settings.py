@@ -313,6 +313,10 @@ class ProcessorSettings(_Section):
     # smaller K, so one event's rows stay within teacher_top_max_entries (4 bytes id + 4 logprob).
     teacher_top_k: int = Field(default=16, ge=0)
     teacher_top_max_entries: int = Field(default=65_536, ge=1)
+    # The teacher's own greedy answer under the accepted hint, made into a sample in the
+    # student's context (processors.assemble; the learner weighs it by learner.teacher_answers).
+    # It costs the hint stage one generation per accepted hint.
+    teacher_answers: bool = False
     # Feedback judge rule table overrides (regexes over the user's text in the next state).
     correction_patterns: list[str] | None = None
     approval_patterns: list[str] | None = None
@@ -535,6 +539,9 @@ class LearnerSettings(_Section):
     method: MethodName = Method.COMBINED
     # train on hindsight revisions (processors.assemble) where the method has a reward term
     revisions: bool = True
+    # the advantage of the hinted teacher's own answers (processors.teacher_answers), trained
+    # in the student's context where the method has a reward term; 0 leaves them out
+    teacher_answers: float = Field(default=1.0, ge=0)
     lora: bool | None = None
     device: str = "auto"
     # torch threads on CPU; None: torch's default (one per core). Several processes sharing the

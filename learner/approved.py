@@ -116,5 +116,5 @@ def replay_batch(answers: Sequence[tuple[list[int], list[int]]], pad_id: int, ad
         top_valid=torch.zeros((b, length - 1, 0), dtype=torch.bool), has_top=torch.zeros(b),
         rewards=torch.ones(b), advantage=torch.full((b,), float(advantage)), has_advantage=torch.ones(b),
         stale=torch.ones(b, dtype=torch.bool), revision=torch.zeros(b, dtype=torch.bool),
-        replayed=torch.ones(b, dtype=torch.bool),
+        replayed=torch.ones(b, dtype=torch.bool), answer=torch.zeros(b, dtype=torch.bool),
         sample_ids=[f"replay:{i}" for i in range(b)], task_groups=[None] * b, step_indices=[None] * b)

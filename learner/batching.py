@@ -44,13 +44,18 @@ def validate(sample: SampleReady, vocab_size: int | None = None) -> None:
                                     f"vocabulary of {vocab_size} (ids {min(ids)}..{max(ids)})")
 
 
-def has_signal(sample: SampleReady, method: MethodRule, revisions: bool = True) -> bool:
+def has_signal(sample: SampleReady, method: MethodRule, revisions: bool = True,
+               teacher_answers: float = 1.0) -> bool:
     """False for a sample this run can learn nothing from: one without teacher logprobs in a run
     whose method needs them, one whose only term is a precomputed advantage (general
     agents' group stage) that is 0 or covers no token (a dropped bucket, a group of equal
-    outcomes): its gradient would be zero, and skipping it is what the group stage asks; and a
-    hindsight revision in a run that does not train on them (`revisions` off)."""
-    if sample.revision_of is not None and not revisions:
+    outcomes): its gradient would be zero, and skipping it is what the group stage asks; a
+    hindsight revision in a run that does not train on them (`revisions` off); and a teacher's
+    own answer in a run that weighs them 0 (`teacher_answers`)."""
+    if is_teacher_answer(sample):
+        if teacher_answers <= 0:
+            return False
+    elif sample.revision_of is not None and not revisions:
         return False
     if method.needs_teacher_logprobs and sample.teacher_logprobs is None:
         return False
@@ -114,6 +119,11 @@ class StepCollector:
         return pack(self.samples, self.token_budget)
 
 
+def is_teacher_answer(sample: SampleReady) -> bool:
+    """The hinted teacher's own answer (processors.assemble), not the student's."""
+    return sample.revision_of is not None and sample.normaliser == "teacher"
+
+
 @dataclass
 class Batch:
     """One padded micro-batch; per-token tensors are [B, L-1], aligned to targets."""
@@ -134,6 +144,7 @@ class Batch:
     stale: torch.Tensor            # [B] bool, importance-corrected rather than PPO-ratioed
     revision: torch.Tensor         # [B] bool, a hindsight revision: its behaviour logprobs are another context's
     replayed: torch.Tensor         # [B] bool, an approved answer trained again (learner.approved): no behaviour logprobs
+    answer: torch.Tensor           # [B] bool, the hinted teacher's own answer: a revision whose advantage learner.teacher_answers weighs
     sample_ids: list[str]
     task_groups: list[str | None]
     step_indices: list[int | None]
@@ -193,6 +204,7 @@ def collate(samples: Sequence[SampleReady], pad_id: int, stale: Sequence[bool] |
         stale=torch.tensor(list(stale) if stale is not None else [False] * b, dtype=torch.bool),
         revision=torch.tensor([s.revision_of is not None for s in samples], dtype=torch.bool),
         replayed=torch.zeros(b, dtype=torch.bool),
+        answer=torch.tensor([is_teacher_answer(s) for s in samples], dtype=torch.bool),
         sample_ids=[s.event_id for s in samples],
         task_groups=[s.task_group for s in samples],
         step_indices=[s.step_index for s in samples],

@@ -73,7 +73,7 @@ class StepFeeder:
                 self.on_invalid(fed, exc)
                 step.note(fed, "invalid")
                 continue
-            if not has_signal(fed.sample, self.method, self.ls.revisions):
+            if not has_signal(fed.sample, self.method, self.ls.revisions, self.ls.teacher_answers):
                 step.note(fed, "no_signal")   # valid, just nothing for this method: skip, count
                 continue
             verdict, d = decide(self.rule, current_version, fed.sample.policy_version, self.ls.max_staleness)

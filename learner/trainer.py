@@ -335,7 +335,10 @@ class Trainer:
         cfg, ls = self.loss_cfg, self.settings
         batches = [b.to(self.device) for b in micro_batches]
         rewards = torch.cat([b.rewards for b in batches])
-        normed = sample_rewards(rewards, torch.cat([b.advantage for b in batches]),
+        # the hinted teacher's own answers at the weight this run gives them (learner.teacher_answers)
+        precomputed = torch.cat([torch.where(b.answer, b.advantage * ls.teacher_answers, b.advantage)
+                                 for b in batches])
+        normed = sample_rewards(rewards, precomputed,
                                 torch.cat([b.has_advantage for b in batches]),
                                 [g for b in batches for g in b.task_groups],
                                 [s for b in batches for s in b.step_indices], ls.adv_norm, cfg.eps,
@@ -532,6 +535,7 @@ class Trainer:
         adv_mean = t["adv_sum"] / n
         seq_tokens = sum(b.tokens for b in batches)
         revised = torch.cat([b.revision for b in batches]).to(rewards.device)
+        answers = torch.cat([b.answer for b in batches]).to(rewards.device)
         grad_norm = t["grad_norm"] if "grad_norm" in t else self.engine.get_global_grad_norm()
         metrics = {
             "loss": (t["policy_loss"] + self.loss_cfg.kl_coef * t.get("kl", 0.0)
@@ -542,7 +546,8 @@ class Trainer:
             "policy_loss": t["policy_loss"] / n,
             # the judged answers' rewards: a revision repeats its approved answer's
             "reward_mean": float(rewards[~revised].mean()) if bool((~revised).any()) else 0.0,
-            "revisions": float(revised.sum()),
+            "revisions": float((revised & ~answers).sum()),
+            "teacher_answers": float(answers.sum()),
             "adv_mean": adv_mean,
             "adv_std": math.sqrt(max(0.0, t["adv_sq_sum"] / n - adv_mean ** 2)),
             "ratio_mean": t["ratio_sum"] / n,

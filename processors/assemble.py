@@ -35,6 +35,17 @@ own current policy as the proximal one (learner.trainer). What it cannot tell: w
 asked something else after the rejection (then ``b`` answers another question); the next main
 turn right after a rejection is usually the redo.
 
+**The teacher's own answers** (``processors.teacher_answers``, off by default). Where the hint
+stage wrote the hinted teacher's own answer to a turn (processors.hint) and the turn's sample
+uses that hint, the answer, put after the student's prompt, is a second sample: what the
+hint-conditioned model says, where the teacher term only scores what the student said. The
+teacher term moves the student at the tokens the student wrote; a hinted model that meets a
+preference by taking another path early on (another phrasing, a shorter plan) shows that
+path only in its own answer. An RL sample with advantage 1 (normaliser ``teacher``, the
+learner weighs it by ``learner.teacher_answers``), reward 0 (no user judged it), and
+``revision_of`` naming the student's sample, so the learner takes its own current policy as
+the proximal one, as for a revision. Nobody approved it: it is as good as the teacher.
+
 Whichever of the two transitions is decided first leaves a ``Waiting`` entry under
 ``revision_key`` (the later turn's id) with its sample, teacher rows left out, or a mark that it
 can form no revision; the second takes it away. A transition whose conversation holds no earlier
@@ -179,6 +190,24 @@ def revision(a: SampleReady, b: SampleReady) -> SampleReady | None:
     return sample
 
 
+def teacher_answer(sample: SampleReady, hint: HintJudged | None) -> SampleReady | None:
+    """The hinted teacher's own answer to `sample`'s prompt, a sample of its own (see the module
+    docstring); None where the hint carries none or `sample` does not use the hint."""
+    if (hint is None or not hint.teacher_answer_ids or hint.teacher_answer_logprobs is None
+            or sample.teacher_logprobs is None or sample.task_group is not None):
+        return None
+    n = len(hint.teacher_answer_ids)
+    answer = SampleReady(
+        event_id=derived_id("teacher-answer", sample.event_id), parent_ids=[*sample.parent_ids, sample.event_id],
+        tenant=sample.tenant, session_id=sample.session_id, turn_index=sample.turn_index, method=Method.RL,
+        prompt_token_ids=sample.prompt_token_ids, response_token_ids=hint.teacher_answer_ids,
+        loss_mask=[1] * n, behaviour_logprobs=hint.teacher_answer_logprobs, reward=0.0,
+        policy_version=sample.policy_version, advantage=1.0, normaliser="teacher", revision_of=sample.event_id,
+    )
+    validate_sample(answer)
+    return answer
+
+
 REVISION_PREFIX = "revise:"
 
 
@@ -254,7 +283,10 @@ def on_side(join: Join | None, side: Side, event: TransitionFormed | RewardJudge
     if not wanted <= join.has():
         return Step(join)
     outcome = assemble(join.transition, join.judgement, join.hint, method)
-    return Step(Join(done=True), [outcome.sample] if outcome.sample else [], outcome.reason)
+    outputs = [outcome.sample] if outcome.sample else []
+    if outcome.sample is not None and (answer := teacher_answer(outcome.sample, join.hint)) is not None:
+        outputs.append(answer)
+    return Step(Join(done=True), outputs, outcome.reason)
 
 
 SIDES = {TransitionFormed: Side.TRANSITION, RewardJudged: Side.JUDGEMENT, HintJudged: Side.HINT}

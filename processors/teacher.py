@@ -8,6 +8,11 @@ recorded ``response_token_ids`` as the continuation: the response is never re-to
 Which policy teaches is configurable and recorded: ``base`` (the frozen base weights,
 ``score(base=True)``) or ``current`` (the policy the engine serves now).
 
+With ``processors.teacher_answers`` the teacher also writes its own greedy answer under the
+hint (``answer``): what the hint-conditioned model would have said, trained by the learner as
+an example in the student's context (processors.assemble). Its engine loads no checkpoint under
+``base``, so that answer is the base model's; under ``current``, the served policy's.
+
 The teacher runs inside the hint stage's process (HintJudged carries its logprobs), so
 hints and teacher scores travel together on ``hints``. Needs an Engine (serving.engine)
 and the served model's tokenizer; knows nothing about Kafka.
@@ -19,9 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from infra.errors import ProcessorError
+from infra.repetition import loops
 from schemas.events import TeacherPolicy, TurnRecorded
 from serving.chat import render_turn
-from serving.engine import Engine, Scores
+from serving.engine import Engine, Generation, Scores
 
 
 @dataclass
@@ -45,6 +51,16 @@ class Teacher:
             raise ProcessorError(f"teacher returned {len(scores.logprobs)} logprobs for the "
                                  f"{n} response tokens of turn {turn.event_id}")
         return scores
+
+    async def answer(self, turn: TurnRecorded, hint: str) -> Generation | None:
+        """The teacher's own greedy answer to the turn under the hint, within the turn's token
+        limit and stop strings; None when it loops (infra.repetition), as an answer a user
+        would reject: a looping answer is no example to learn from."""
+        params = turn.sampling.model_copy(update={"temperature": 0.0, "top_p": 1.0, "seed": None})
+        made = await self.engine.generate(self.prompt_ids(turn, hint), params)
+        if not made.token_ids or loops(self.tokenizer.decode(made.token_ids, skip_special_tokens=True)):
+            return None
+        return made
 
     async def student(self, turn: TurnRecorded, top_k: int) -> Scores:
         """The serving policy's top-k over the response under the original prompt."""

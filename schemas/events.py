@@ -259,6 +259,8 @@ class HintJudged(Event):
     teacher_logprobs: Float32List | None = None
     teacher_top_ids: list[int] | None = None
     teacher_top_logprobs: Float32List | None = None
+    teacher_answer_ids: list[int] | None = None         # the teacher's own answer (processors.teacher_answers)
+    teacher_answer_logprobs: Float32List | None = None
 
 
 def top_k_problem(what: str, n: int, ids: list[int] | None, logprobs: list[float] | None) -> str | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -104,7 +104,20 @@ def config_show() -> None:
                   f"{lp.loss.opd_form}{teacher_t}; the hint stage's teacher is {describe_teacher(settings)}, reading the "
                   f"hint {settings.processors.hint_placement} the user's message; a rejected answer's approved "
                   f"redo {'trains' if settings.processors.revisions and lp.revisions and rule(lp.method).reward_term else 'does not train'} "
-                  f"in the rejected answer's context (revisions)", markup=False)
+                  f"in the rejected answer's context (revisions){_answers(settings)}", markup=False)
+
+
+def _answers(settings: Any) -> str:
+    """What `config show` says of the teacher's own answers (processors.teacher_answers)."""
+    from schemas.methods import rule
+
+    lp = settings.learner
+    if not settings.processors.teacher_answers:
+        return ""
+    if lp.teacher_answers and rule(lp.method).reward_term:
+        return (f"; the teacher also answers each hinted turn itself, trained in the student's context at "
+                f"advantage {lp.teacher_answers:g} (teacher answers)")
+    return "; the teacher also answers each hinted turn itself, not trained here (learner.teacher_answers)"
 
 
 @app.command()

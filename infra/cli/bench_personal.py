@@ -347,7 +347,7 @@ def _await_runs(settings: Settings, cfg: PersonalBenchConfig, runs: dict[str, st
     want: dict[str, int] = {}
     ready: dict[str, bool] = {name: False for name in runs}
     variants = {v.name: v for v in cfg.variants}
-    revisions = {name: v.learner().revisions for name, v in variants.items()}
+    learners = {name: v.learner() for name, v in variants.items()}
     from infra.eventlog import read_log
 
     while time.monotonic() < deadline and not all(ready.values()):
@@ -358,7 +358,7 @@ def _await_runs(settings: Settings, cfg: PersonalBenchConfig, runs: dict[str, st
                 continue
             if name not in want:
                 version = _caught_up(settings, variants[name].method, run=run, log=log,
-                                     revisions=revisions[name])
+                                     learner=learners[name])
                 if version is not None:
                     want[name] = version
             if name in want and asyncio.run(_serving(urls[name], key)) >= want[name]:

@@ -37,7 +37,7 @@ from rich.live import Live
 from rich.table import Table
 
 from infra.cli.supervisor import Supervisor, nextstate_argv
-from infra.settings import Settings
+from infra.settings import LearnerSettings, Settings
 from producers.simulated.harness import GatewayUsers, ProbeResult, SessionResult
 from producers.simulated.personas import PERSONAS, split_questions
 
@@ -277,14 +277,15 @@ def _describe_failure(exc: Exception, phase: str, logs: Path) -> str:
 
 
 def _caught_up(settings: Settings, method: str, quiet_s: float = 2.0, run: str | None = None,
-               log: list | None = None, revisions: bool | None = None) -> int | None:
+               log: list | None = None, learner: LearnerSettings | None = None) -> int | None:
     """The version of the method's run that has trained on everything the users said so
     far, or None.
 
     Everything: every main turn has become a transition with its reward and hint decisions,
     no sample arrived for `quiet_s` (the assembler has had its moment), and the run's latest
     checkpoint consumed every sample offset in the log that its method trains on (an `opd`
-    run skips samples without teacher logprobs and publishes nothing for them)."""
+    run skips samples without teacher logprobs and publishes nothing for them). `learner`: the
+    run's own settings where they differ from `settings.learner` (which samples it trains)."""
     from infra.eventlog import read_log
     from learner.batching import has_signal
     from schemas.events import (
@@ -309,9 +310,10 @@ def _caught_up(settings: Settings, method: str, quiet_s: float = 2.0, run: str |
     samples = [i for i in log if isinstance(i.event, SampleReady)]
     if not samples or time.time() - max(i.event.occurred_at for i in samples).timestamp() < quiet_s:
         return None
+    ls = learner or settings.learner
     ends: dict[tuple[str, int], int] = {}
     for i in samples:
-        if has_signal(i.event, rule(method), settings.learner.revisions if revisions is None else revisions):
+        if has_signal(i.event, rule(method), ls.revisions, ls.teacher_answers):
             ends[(i.topic, i.partition)] = max(ends.get((i.topic, i.partition), 0), i.offset + 1)
     checkpoints = [e for e in events if isinstance(e, CheckpointPublished) and e.run == (run or f"demo-{method}")]
     if not ends:   # nothing in the log this run can learn from: it is caught up as it is

@@ -43,6 +43,18 @@ def test_a_revision_trains_where_the_method_has_a_reward_term_and_revisions_are_
     assert collate([rev, make_sample(4)], 0).revision.tolist() == [True, False]
 
 
+def test_a_teachers_own_answer_trains_unless_its_weight_is_zero_whatever_revisions_say():
+    answer = make_sample(3).model_copy(update={"advantage": 1.0, "normaliser": "teacher", "revision_of": "a",
+                                               "reward": 0.0})
+    assert has_signal(answer, rule("rl")) and has_signal(answer, rule("combined"), revisions=False)
+    assert not has_signal(answer, rule("opd"))
+    assert not any(has_signal(answer, rule(m), teacher_answers=0.0) for m in ("rl", "combined"))
+    rev = answer.model_copy(update={"normaliser": "revision"})
+    assert has_signal(rev, rule("combined"), teacher_answers=0.0)   # a revision is not the teacher's
+    batch = collate([answer, rev, make_sample(4)], 0)
+    assert batch.answer.tolist() == [True, False, False] and batch.revision.tolist() == [True, True, False]
+
+
 def test_pack_respects_padded_budget_and_keeps_order():
     samples = [make_sample(i, prompt_len=3, response_len=2) for i in range(5)]  # 5 tokens each
     batches = pack(samples, token_budget=10)

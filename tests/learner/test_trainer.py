@@ -399,6 +399,25 @@ def test_a_revision_trains_as_if_sampled_by_the_policy_now_whatever_its_behaviou
     assert as_sampled["clip_frac"] == 1.0 and as_sampled["grad_norm"] == 0.0
 
 
+def test_a_teachers_own_answer_trains_as_a_revision_at_the_weight_the_run_gives_it(tiny_model_dir):
+    """The hinted teacher's answer is trained like a revision (the policy now as its behaviour
+    policy, ratio 1 on the first pass) with its advantage times learner.teacher_answers: at
+    weight 2 the first pass's gradient is twice that at weight 1 (no clip, no KL, one pass)."""
+    no_kl = LossSettings(kl_coef=0.0)
+    answer = make_sample(5, reward=0.0).model_copy(update={
+        "behaviour_logprobs": [-30.0] * 3, "advantage": 1.0, "normaliser": "teacher", "revision_of": "a"})
+
+    def norm(weight: float) -> dict[str, float]:
+        trainer = Trainer(settings(method="combined", grad_clip=1e6, adv_norm="batch", loss=no_kl,
+                                   epochs=1, teacher_answers=weight), tiny_model_dir)
+        return trainer.train_step([collate([answer], trainer.pad_id)])
+
+    one, two = norm(1.0), norm(2.0)
+    assert one["ratio_mean"] == pytest.approx(1.0) and one["clip_frac"] == 0.0
+    assert one["teacher_answers"] == 1.0 and one["revisions"] == 0.0 and one["reward_mean"] == 0.0
+    assert one["grad_norm"] > 1e-4 and two["grad_norm"] == pytest.approx(2 * one["grad_norm"], rel=1e-3)
+
+
 def test_a_step_without_signal_leaves_weights_and_optimizer_as_they_were(tiny_model_dir, tmp_path):
     """Two approved answers under batch normalisation have advantage 0: Adam would still move
     every weight along its momentum from the step before. The step is skipped instead, so a

@@ -101,3 +101,44 @@ def test_join_waits_for_the_sides_its_method_needs_then_stays_done():
     rl = on_side(on_side(None, Side.TRANSITION, T, Method.RL).state, Side.JUDGEMENT, j, Method.RL)
     assert rl.outputs[0].method is Method.RL
     assert rl.outputs[0].event_id != sample.event_id  # ids depend on the method
+
+
+def with_answer(h, ids=(7, 8, 9)):
+    return h.model_copy(update={"teacher_answer_ids": list(ids), "teacher_answer_logprobs": [-0.5] * len(ids)})
+
+
+@pytest.mark.parametrize("method,r", [(Method.COMBINED, -1), (Method.COMBINED, 1), (Method.COMBINED, 0),
+                                      (Method.OPD, None)])
+def test_the_teachers_own_answer_is_a_sample_in_the_students_context(method, r):
+    j = judgement(T, r) if r is not None else None
+    step = on_side(None, Side.TRANSITION, T, method)
+    for side, event in ((Side.JUDGEMENT, j), (Side.HINT, with_answer(hint(T)))):
+        if event is not None:
+            step = on_side(step.state, side, event, method)
+    own, answer = step.outputs
+    assert answer.prompt_token_ids == own.prompt_token_ids == T.turn.prompt_token_ids
+    assert answer.response_token_ids == [7, 8, 9] and answer.behaviour_logprobs == [-0.5] * 3
+    assert answer.loss_mask == [1, 1, 1] and answer.teacher_logprobs is None
+    # an example of its own: advantage 1 whatever the user said of the student's answer, no reward
+    assert (answer.method, answer.advantage, answer.reward, answer.normaliser) == (Method.RL, 1.0, 0.0, "teacher")
+    assert answer.revision_of == own.event_id and own.event_id in answer.parent_ids
+    again = on_side(None, Side.TRANSITION, T, method)
+    for side, event in ((Side.JUDGEMENT, j), (Side.HINT, with_answer(hint(T)))):
+        if event is not None:
+            again = on_side(again.state, side, event, method)
+    assert again.outputs[1].event_id == answer.event_id   # derived: a re-run sends the same sample
+
+
+def test_no_teacher_answer_sample_where_the_sample_does_not_use_the_hint():
+    h = with_answer(hint(T))
+    rl = on_side(on_side(None, Side.TRANSITION, T, Method.RL).state, Side.JUDGEMENT, judgement(T, -1), Method.RL)
+    assert [s.method for s in rl.outputs] == [Method.RL]   # rl reads no hint
+    no_teacher = with_answer(hint(T, teacher=False))
+    step = on_side(on_side(None, Side.TRANSITION, T, Method.COMBINED).state, Side.JUDGEMENT, judgement(T, -1),
+                   Method.COMBINED)
+    step = on_side(step.state, Side.HINT, no_teacher, Method.COMBINED)
+    assert len(step.outputs) == 1 and step.outputs[0].teacher_logprobs is None
+    plain = on_side(on_side(None, Side.TRANSITION, T, Method.COMBINED).state, Side.JUDGEMENT, judgement(T, -1),
+                    Method.COMBINED)
+    plain = on_side(plain.state, Side.HINT, hint(T), Method.COMBINED)
+    assert len(plain.outputs) == 1 and h.teacher_answer_ids   # the same hint without an answer: one sample

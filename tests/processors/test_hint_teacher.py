@@ -10,7 +10,7 @@ from processors.hint import candidates, judge_hints, overlaps, pick_sequence, pi
 from processors.judges import build_hint_judge
 from processors.judges.prompts import JudgePrompt
 from processors.teacher import Teacher, TeacherPolicy
-from schemas.events import HintSelection, HintVote
+from schemas.events import HintSelection, HintVote, SamplingParams
 from serving.chat import HINT_LABEL, MESSAGE_LABEL, hinted_text, normalize_messages, with_hint
 from tests.processors.helpers import transition
 
@@ -195,3 +195,41 @@ def test_the_teacher_defaults_to_the_served_model(tiny_model_dir):
     assert after.index("be brief") > after.index(HINT_LABEL) > before.index(HINT_LABEL)
     for off in ("none", "NONE", ""):
         assert build_teacher(Settings(processors=ProcessorSettings(teacher_model=off))) is None
+
+
+def test_the_teacher_writes_its_own_greedy_answer_under_the_hint_when_asked(engine):
+    t = transition("No, use pathlib", **_turn_kw(engine))
+    t = t.model_copy(update={"turn": t.turn.model_copy(update={"sampling": t.turn.sampling.model_copy(
+        update={"max_new_tokens": 12, "temperature": 1.0, "seed": 7})})})
+    teacher = Teacher(engine, engine.tokenizer, TeacherPolicy.BASE)
+    judge = build_hint_judge(ProcessorSettings(), "feedback")
+    out = asyncio.run(judge_hints(t, judge, 1, 11, HintSelection.LONGEST, teacher, 4, answers=True))
+    # greedy under the hinted prompt, within the turn's own token limit, whatever its temperature
+    greedy = asyncio.run(engine.generate(teacher.prompt_ids(t.turn, "No, use pathlib"),
+                                         SamplingParams(temperature=0.0, max_new_tokens=12)))
+    assert out.teacher_answer_ids == greedy.token_ids and 0 < len(out.teacher_answer_ids) <= 12
+    assert out.teacher_answer_logprobs == pytest.approx(greedy.logprobs)
+    assert out.teacher_logprobs is not None   # the score of the student's answer is still there
+    # not asked, or no hint accepted: no answer
+    plain = asyncio.run(judge_hints(t, judge, 1, 11, HintSelection.LONGEST, teacher, 4))
+    assert plain.teacher_answer_ids is None and plain.teacher_answer_logprobs is None
+    none = asyncio.run(judge_hints(transition("great", **_turn_kw(engine)), judge, 1, 11,
+                                   HintSelection.LONGEST, teacher, 4, answers=True))
+    assert none.accepted_hint is None and none.teacher_answer_ids is None
+
+
+def test_a_teacher_answer_that_loops_is_left_out():
+    from serving.engine import Generation
+
+    class Looping:
+        async def generate(self, prompt_ids, params):
+            return Generation([1, 2, 3], [-0.1] * 3, "length", 0, len(prompt_ids))
+
+    class Words:
+        def decode(self, ids, skip_special_tokens=False):
+            return "Boil the egg. Boil the egg. Boil the egg."
+
+    t = transition("No, use pathlib")
+    teacher = Teacher(Looping(), Words(), TeacherPolicy.BASE)
+    teacher.prompt_ids = lambda turn, hint: [5, 6]
+    assert asyncio.run(teacher.answer(t.turn, "use pathlib")) is None

@@ -110,7 +110,8 @@ def test_all_stages_turns_to_samples_with_teacher_and_dead_letters(settings, reg
                                                                    workers, tiny_model_dir):
     env = {"NEXTSTATE_PROCESSORS__METHOD": "combined", "NEXTSTATE_PROCESSORS__JUDGE": "feedback",
            "NEXTSTATE_PROCESSORS__HINT_JUDGE": "feedback", "NEXTSTATE_PROCESSORS__JUDGE_VOTES": "1",
-           "NEXTSTATE_PROCESSORS__TEACHER_MODEL": str(tiny_model_dir)}
+           "NEXTSTATE_PROCESSORS__TEACHER_MODEL": str(tiny_model_dir),
+           "NEXTSTATE_PROCESSORS__TEACHER_ANSWERS": "true"}
     turns_topic = f"{namespace}turns"
     transitions_topic = f"{namespace}transitions"
     # bad records first: the stages must dead-letter them and keep going
@@ -139,8 +140,9 @@ def test_all_stages_turns_to_samples_with_teacher_and_dead_letters(settings, reg
     # corrected: reward -1 + hint → COMBINED; thanked: +1, no hint → RL; neutral turn 0: nothing;
     # the last turns close on SESSION_END with no signal → nothing.
     want = {corrected[0].event_id: (Method.COMBINED, -1.0), thanked[0].event_id: (Method.RL, 1.0)}
-    by_turn = lambda: {s.parent_ids[0]: s for s in out.events(SampleReady)}
-    wait_for(lambda: set(by_turn()) >= set(want) and len(out.unique(DeadLettered)) >= 5
+    by_turn = lambda: {s.parent_ids[0]: s for s in out.events(SampleReady) if s.normaliser != "teacher"}
+    answers = lambda: [s for s in out.events(SampleReady) if s.normaliser == "teacher"]
+    wait_for(lambda: set(by_turn()) >= set(want) and answers() and len(out.unique(DeadLettered)) >= 5
              and len(out.unique(RewardJudged)) >= 6 and len(out.unique(HintJudged)) >= 6, 180,
              what="samples, judgements, hints and dead letters")
     samples = by_turn()
@@ -152,6 +154,11 @@ def test_all_stages_turns_to_samples_with_teacher_and_dead_letters(settings, reg
     hints = {h.turn_id: h for h in out.events(HintJudged)}
     assert hints[corrected[0].event_id].accepted_hint == "No, I said print hello world instead"
     assert hints[corrected[0].event_id].teacher_policy == "base"
+    # the teacher's own answer under the hint: a sample in the corrected turn's context
+    (answer,) = answers()
+    assert answer.response_token_ids == hints[corrected[0].event_id].teacher_answer_ids
+    assert answer.prompt_token_ids == corrected[0].prompt_token_ids and answer.revision_of == combined.event_id
+    assert all(h.teacher_answer_ids is None for k, h in hints.items() if k != corrected[0].event_id)
     assert len(out.unique(RewardJudged)) == 6  # 3 sessions x 2 turns, each judged once
     dead = out.unique(DeadLettered)
     where = {(d.stage, d.source_topic) for d in dead.values()}
