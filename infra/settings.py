@@ -313,12 +313,10 @@ class ProcessorSettings(_Section):
     # smaller K, so one event's rows stay within teacher_top_max_entries (4 bytes id + 4 logprob).
     teacher_top_k: int = Field(default=16, ge=0)
     teacher_top_max_entries: int = Field(default=65_536, ge=1)
-    # The teacher's own answer under the accepted hint, made into a sample in the student's
-    # context (processors.assemble; the learner weighs it by learner.teacher_answers): 0 none,
-    # 1 its greedy answer, n the one of its greedy answer and n − 1 sampled ones that the hint
-    # explains best (processors.teacher.hint_gain). Each costs the hint stage one generation
-    # (and past the first one scoring) per accepted hint.
-    teacher_answers: int = Field(default=0, ge=0)
+    # The teacher's own greedy answer under the accepted hint, made into a sample in the
+    # student's context (processors.assemble; the learner weighs it by learner.teacher_answers).
+    # It costs the hint stage one generation per accepted hint.
+    teacher_answers: bool = False
     # Feedback judge rule table overrides (regexes over the user's text in the next state).
     correction_patterns: list[str] | None = None
     approval_patterns: list[str] | None = None

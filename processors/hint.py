@@ -18,10 +18,9 @@
    them), which lets the learner match the teacher's distribution, not only score the sample.
    Without a teacher (no engine configured) the hint is recorded with no teacher logprobs
    and assemble counts it as "hint without teacher logprobs".
-5. With ``processors.teacher_answers`` n > 0 the teacher also answers the turn's prompt itself
-   under the accepted hint (processors.teacher: ``answer``; greedy, or with n > 1 the one of n
-   the hint explains best); HintJudged carries that answer's tokens, and assemble makes a
-   sample of it. An answer that loops is never taken.
+5. With ``processors.teacher_answers`` the teacher also answers the turn's prompt itself under
+   the accepted hint, greedily (processors.teacher: ``answer``); HintJudged carries that answer's
+   tokens, and assemble makes a sample of it. An answer that loops is left out.
 
 The overlap math (``overlaps``, ``pick_sequence``, ``pick_tokens``) is pure and import-light.
 """
@@ -92,7 +91,7 @@ def hints_id(transition: TransitionFormed, judge: HintJudge, selection: HintSele
 
 async def judge_hints(transition: TransitionFormed, judge: HintJudge, votes: int, min_chars: int,
                       selection: HintSelection, teacher: Teacher | None, top_k: int,
-                      teacher_top_k: int = 0, teacher_top_max: int = 65_536, answers: int = 0) -> HintJudged:
+                      teacher_top_k: int = 0, teacher_top_max: int = 65_536, answers: bool = False) -> HintJudged:
     validate_transition(transition)
     if selection is not HintSelection.LONGEST and teacher is None:
         raise ValueError(f"hint selection {selection.value} needs a teacher engine")
@@ -129,7 +128,7 @@ async def judge_hints(transition: TransitionFormed, judge: HintJudge, votes: int
                             teacher_policy=teacher.policy.value if teacher else None,
                             teacher_policy_version=version, teacher_logprobs=teacher_lp,
                             teacher_top_ids=top_ids, teacher_top_logprobs=top_lps)
-        return await with_answer(judged, transition, teacher, answers) if answers else judged
+        return await with_answer(judged, transition, teacher) if answers else judged
     student = await teacher.student(transition.turn, top_k)
     scored = await asyncio.gather(*(teacher.score(transition.turn, c.hint, max(top_k, k_teacher))
                                     for c in cands))
@@ -150,20 +149,19 @@ async def judge_hints(transition: TransitionFormed, judge: HintJudge, votes: int
     judged = HintJudged(**fields, candidates=cands, selection=selection, accepted_hint=accepted,
                         teacher_policy=teacher.policy.value, teacher_policy_version=scored[0].policy_version,
                         teacher_logprobs=teacher_lp, teacher_top_ids=top_ids, teacher_top_logprobs=top_lps)
-    return await with_answer(judged, transition, teacher, answers) if answers else judged
+    return await with_answer(judged, transition, teacher) if answers else judged
 
 
-async def with_answer(judged: HintJudged, transition: TransitionFormed, teacher: Teacher | None,
-                      candidates: int) -> HintJudged:
-    """`judged` with the teacher's own answer under its accepted hint, the best of `candidates`
-    (step 5), if it wrote one that does not loop."""
+async def with_answer(judged: HintJudged, transition: TransitionFormed, teacher: Teacher | None) -> HintJudged:
+    """`judged` with the teacher's own answer under its accepted hint (step 5), if it wrote one
+    that does not loop."""
     if teacher is None or judged.accepted_hint is None:
         return judged
-    made = await teacher.answer(transition.turn, judged.accepted_hint, candidates)
+    made = await teacher.answer(transition.turn, judged.accepted_hint)
     if made is None:
         return judged
-    return judged.model_copy(update={"teacher_answer_ids": made.token_ids, "teacher_answer_logprobs": made.logprobs,
-                                     "teacher_answer_gain": made.gain})
+    return judged.model_copy(update={"teacher_answer_ids": made.token_ids,
+                                     "teacher_answer_logprobs": made.logprobs})
 
 
 def handler(ctx: Context) -> Handler:

@@ -8,12 +8,10 @@ recorded ``response_token_ids`` as the continuation: the response is never re-to
 Which policy teaches is configurable and recorded: ``base`` (the frozen base weights,
 ``score(base=True)``) or ``current`` (the policy the engine serves now).
 
-With ``processors.teacher_answers`` n the teacher also writes its own answer under the hint
-(``answer``): what the hint-conditioned model would have said, trained by the learner as an
-example in the student's context (processors.assemble). Of its greedy answer and n − 1 sampled
-ones it keeps the one with the largest hint gain (``hint_gain``). Its engine loads no
-checkpoint under ``base``, so that answer is the base model's; under ``current``, the served
-policy's.
+With ``processors.teacher_answers`` the teacher also writes its own greedy answer under the
+hint (``answer``): what the hint-conditioned model would have said, trained by the learner as
+an example in the student's context (processors.assemble). Its engine loads no checkpoint under
+``base``, so that answer is the base model's; under ``current``, the served policy's.
 
 The teacher runs inside the hint stage's process (HintJudged carries its logprobs), so
 hints and teacher scores travel together on ``hints``. Needs an Engine (serving.engine)
@@ -22,7 +20,6 @@ and the served model's tokenizer; knows nothing about Kafka.
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +27,7 @@ from infra.errors import ProcessorError
 from infra.repetition import loops
 from schemas.events import TeacherPolicy, TurnRecorded
 from serving.chat import render_turn
-from serving.engine import Engine, Scores
+from serving.engine import Engine, Generation, Scores
 
 
 @dataclass
@@ -55,61 +52,20 @@ class Teacher:
                                  f"{n} response tokens of turn {turn.event_id}")
         return scores
 
-    async def answer(self, turn: TurnRecorded, hint: str, candidates: int = 1) -> Answer | None:
-        """The teacher's own answer to the turn under the hint, within the turn's token limit
-        and stop strings: of its greedy answer and `candidates` − 1 sampled ones (temperature 1,
-        seeded by the turn, so a re-run writes the same), the one the hint explains best, by
-        `hint_gain`. An answer that loops (infra.repetition) is no example to learn from and is
-        never taken; None when every one loops."""
-        hinted, plain = self.prompt_ids(turn, hint), list(turn.prompt_token_ids)
-        seed = uuid.UUID(turn.event_id).int % 2**31 if _is_uuid(turn.event_id) else 0
-        best: Answer | None = None
-        for k in range(max(candidates, 1)):
-            params = turn.sampling.model_copy(update={"temperature": 0.0 if k == 0 else 1.0, "top_p": 1.0,
-                                                     "seed": None if k == 0 else seed + k})
-            made = await self.engine.generate(hinted, params)
-            if not made.token_ids or loops(self.tokenizer.decode(made.token_ids, skip_special_tokens=True)):
-                continue
-            if candidates <= 1:
-                return Answer(made.token_ids, made.logprobs, None)
-            unhinted = await self.engine.score(plain, made.token_ids, base=self.policy is TeacherPolicy.BASE)
-            gain = hint_gain(made.logprobs, unhinted.logprobs)
-            if best is None or gain > best.gain:
-                best = Answer(made.token_ids, made.logprobs, gain)
-        return best
+    async def answer(self, turn: TurnRecorded, hint: str) -> Generation | None:
+        """The teacher's own greedy answer to the turn under the hint, within the turn's token
+        limit and stop strings; None when it loops (infra.repetition), as an answer a user
+        would reject: a looping answer is no example to learn from."""
+        params = turn.sampling.model_copy(update={"temperature": 0.0, "top_p": 1.0, "seed": None})
+        made = await self.engine.generate(self.prompt_ids(turn, hint), params)
+        if not made.token_ids or loops(self.tokenizer.decode(made.token_ids, skip_special_tokens=True)):
+            return None
+        return made
 
     async def student(self, turn: TurnRecorded, top_k: int) -> Scores:
         """The serving policy's top-k over the response under the original prompt."""
         return await self.engine.score(list(turn.prompt_token_ids), list(turn.response_token_ids),
                                        top_k=top_k, base=False)
-
-
-@dataclass(frozen=True)
-class Answer:
-    """The teacher's own answer: its tokens, their logprobs under the hinted context, and its
-    hint gain where it was chosen among several (None: the greedy answer alone)."""
-
-    token_ids: list[int]
-    logprobs: list[float]
-    gain: float | None
-
-
-def hint_gain(hinted: list[float], unhinted: list[float]) -> float:
-    """Mean per-token log p(answer | prompt + hint) − log p(answer | prompt): how much more the
-    hint makes the teacher write this answer. Among answers to one prompt, the one with the
-    largest gain is the one the hint explains best, the likeliest to follow it (pointwise
-    mutual information of hint and answer, per token)."""
-    if not hinted or len(hinted) != len(unhinted):
-        raise ProcessorError(f"hint gain needs logprobs of one answer twice, got {len(hinted)} and {len(unhinted)}")
-    return (sum(hinted) - sum(unhinted)) / len(hinted)
-
-
-def _is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True
 
 
 NO_TEACHER = ("", "none", "off", "false")

@@ -261,7 +261,6 @@ class HintJudged(Event):
     teacher_top_logprobs: Float32List | None = None
     teacher_answer_ids: list[int] | None = None         # the teacher's own answer (processors.teacher_answers)
     teacher_answer_logprobs: Float32List | None = None
-    teacher_answer_gain: float | None = None            # its hint gain, where chosen among several
 
 
 def top_k_problem(what: str, n: int, ids: list[int] | None, logprobs: list[float] | None) -> str | None:

@@ -114,12 +114,10 @@ def _answers(settings: Any) -> str:
     lp = settings.learner
     if not settings.processors.teacher_answers:
         return ""
-    n = settings.processors.teacher_answers
-    which = "greedily" if n == 1 else f"(of {n} answers the one the hint explains best)"
     if lp.teacher_answers and rule(lp.method).reward_term:
-        return (f"; the teacher also answers each hinted turn itself {which}, trained in the student's context at "
+        return (f"; the teacher also answers each hinted turn itself, trained in the student's context at "
                 f"advantage {lp.teacher_answers:g} (teacher answers)")
-    return f"; the teacher also answers each hinted turn itself {which}, not trained here (learner.teacher_answers)"
+    return "; the teacher also answers each hinted turn itself, not trained here (learner.teacher_answers)"
 
 
 @app.command()
