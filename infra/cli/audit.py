@@ -143,13 +143,16 @@ def render(lin: Lineage, console: Console) -> None:
             f"selection {h.selection.value} · accepted: {h.accepted_hint!r}"
             + (f" · rejected: {h.rejected_reason}" if h.rejected_reason else "")
             + "".join(f"\ncandidate {c.vote_index}: {c.hint!r} overlap={c.overlap_score}" for c in h.candidates)
-            + (f"\nteacher {h.teacher_policy} v{h.teacher_policy_version}" if h.teacher_policy else ""),
+            + (f"\nteacher {h.teacher_policy} v{h.teacher_policy_version}" if h.teacher_policy else "")
+            + (f"\nthe teacher's own answer: {len(h.teacher_answer_ids)} tokens" if h.teacher_answer_ids else ""),
             title=f"hint {h.event_id}"))
     if t.episode is not None:
         render_group(lin, console)
     for item in lin.samples:
         s = item.event
-        step = (f" · revision of {s.revision_of}, advantage {s.advantage:+.3f}" if s.revision_of else
+        step = (f" · the teacher's own answer beside {s.revision_of}, advantage {s.advantage:+.3f}"
+                if s.revision_of and s.normaliser == "teacher" else
+                f" · revision of {s.revision_of}, advantage {s.advantage:+.3f}" if s.revision_of else
                 f" · advantage {s.advantage:+.3f} ({s.normaliser}, group of {s.group_size})"
                 if s.advantage is not None else "")
         console.print(f"sample {s.event_id} · {s.method.value} · reward {s.reward:+.2f}{step} · "

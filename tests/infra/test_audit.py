@@ -48,11 +48,16 @@ def test_resolve_by_session_and_judgement():
 
 def test_render_prints_the_whole_story():
     log, ex = _log()
+    own = ex["SampleReady"]
+    answer = own.model_copy(update={"event_id": "answer-1", "parent_ids": [*own.parent_ids, own.event_id],
+                                    "normaliser": "teacher", "revision_of": own.event_id, "advantage": 1.0})
+    log.append(Logged(answer, "n.samples", 0, 99))
     console = Console(record=True, width=200)
     render(lineage(log, ex["TurnRecorded"].event_id), console)
     text = console.export_text()
     for needle in ("ls -la", "permission denied", "majority -1", "check the permissions first",
-                   "COMBINED", "checkpoint main v2"):
+                   "COMBINED", "checkpoint main v2", "the teacher's own answer: 2 tokens",
+                   f"the teacher's own answer beside {own.event_id}, advantage +1.000"):
         assert needle in text, needle
 
 

@@ -75,6 +75,7 @@ def examples(session: str = "s-1") -> dict[str, Event]:
         candidates=[HintCandidate(hint="check the permissions first", vote_index=0, overlap_score=0.75)],
         selection=HintSelection.OVERLAP_SEQUENCE, accepted_hint="check the permissions first",
         teacher_policy="base", teacher_policy_version=0, teacher_logprobs=[-0.2, -1.0, -0.5],
+        teacher_answer_ids=[12, 13], teacher_answer_logprobs=[-0.25, -0.75],
         parent_ids=[transition.event_id],
     )
     sample = SampleReady(
