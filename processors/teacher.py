@@ -10,8 +10,10 @@ Which policy teaches is configurable and recorded: ``base`` (the frozen base wei
 
 With ``processors.teacher_answers`` the teacher also writes its own greedy answer under the
 hint (``answer``): what the hint-conditioned model would have said, trained by the learner as
-an example in the student's context (processors.assemble). Its engine loads no checkpoint under
-``base``, so that answer is the base model's; under ``current``, the served policy's.
+an example in the student's context (processors.assemble). Generation has no ``base`` switch:
+an in-process engine under ``base`` loads no checkpoint, so its answer is the base model's; a
+remote engine (``serving.engine=remote``, `nextstate serve`) answers with the policy it serves,
+whatever ``teacher_policy`` says.
 
 The teacher runs inside the hint stage's process (HintJudged carries its logprobs), so
 hints and teacher scores travel together on ``hints``. Needs an Engine (serving.engine)
