@@ -141,7 +141,7 @@ def test_all_stages_turns_to_samples_with_teacher_and_dead_letters(settings, reg
     # the last turns close on SESSION_END with no signal → nothing.
     want = {corrected[0].event_id: (Method.COMBINED, -1.0), thanked[0].event_id: (Method.RL, 1.0)}
     by_turn = lambda: {s.parent_ids[0]: s for s in out.events(SampleReady) if s.normaliser != "teacher"}
-    answers = lambda: [s for s in out.events(SampleReady) if s.normaliser == "teacher"]
+    answers = lambda: list({s.event_id: s for s in out.events(SampleReady) if s.normaliser == "teacher"}.values())
     wait_for(lambda: set(by_turn()) >= set(want) and answers() and len(out.unique(DeadLettered)) >= 5
              and len(out.unique(RewardJudged)) >= 6 and len(out.unique(HintJudged)) >= 6, 180,
              what="samples, judgements, hints and dead letters")
