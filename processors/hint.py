@@ -91,7 +91,7 @@ def hints_id(transition: TransitionFormed, judge: HintJudge, selection: HintSele
 
 async def judge_hints(transition: TransitionFormed, judge: HintJudge, votes: int, min_chars: int,
                       selection: HintSelection, teacher: Teacher | None, top_k: int,
-                      teacher_top_k: int = 0, teacher_top_max: int = 65_536, answers: bool = False) -> HintJudged:
+                      teacher_top_k: int = 0, teacher_top_max: int = 65_536) -> HintJudged:
     validate_transition(transition)
     if selection is not HintSelection.LONGEST and teacher is None:
         raise ValueError(f"hint selection {selection.value} needs a teacher engine")
@@ -124,11 +124,10 @@ async def judge_hints(transition: TransitionFormed, judge: HintJudge, votes: int
             scores = await teacher.score(transition.turn, chosen.hint, k_teacher)
             teacher_lp, version = scores.logprobs, scores.policy_version
             top_ids, top_lps = top_rows(scores.top_ids, scores.top_logprobs, k_teacher)
-        judged = HintJudged(**fields, candidates=cands, selection=used, accepted_hint=chosen.hint,
-                            teacher_policy=teacher.policy.value if teacher else None,
-                            teacher_policy_version=version, teacher_logprobs=teacher_lp,
-                            teacher_top_ids=top_ids, teacher_top_logprobs=top_lps)
-        return await with_answer(judged, transition, teacher) if answers else judged
+        return HintJudged(**fields, candidates=cands, selection=used, accepted_hint=chosen.hint,
+                          teacher_policy=teacher.policy.value if teacher else None,
+                          teacher_policy_version=version, teacher_logprobs=teacher_lp,
+                          teacher_top_ids=top_ids, teacher_top_logprobs=top_lps)
     student = await teacher.student(transition.turn, top_k)
     scored = await asyncio.gather(*(teacher.score(transition.turn, c.hint, max(top_k, k_teacher))
                                     for c in cands))
@@ -146,10 +145,9 @@ async def judge_hints(transition: TransitionFormed, judge: HintJudge, votes: int
     top_ids, top_lps = (top_rows([scored[k].top_ids[t] for t, k in enumerate(picks)],
                                  [scored[k].top_logprobs[t] for t, k in enumerate(picks)], k_teacher)
                         if k_teacher else (None, None))
-    judged = HintJudged(**fields, candidates=cands, selection=selection, accepted_hint=accepted,
-                        teacher_policy=teacher.policy.value, teacher_policy_version=scored[0].policy_version,
-                        teacher_logprobs=teacher_lp, teacher_top_ids=top_ids, teacher_top_logprobs=top_lps)
-    return await with_answer(judged, transition, teacher) if answers else judged
+    return HintJudged(**fields, candidates=cands, selection=selection, accepted_hint=accepted,
+                      teacher_policy=teacher.policy.value, teacher_policy_version=scored[0].policy_version,
+                      teacher_logprobs=teacher_lp, teacher_top_ids=top_ids, teacher_top_logprobs=top_lps)
 
 
 async def with_answer(judged: HintJudged, transition: TransitionFormed, teacher: Teacher | None) -> HintJudged:
@@ -170,9 +168,9 @@ def handler(ctx: Context) -> Handler:
     selection = HintSelection(s.hint_selection)
 
     async def handle(event: TransitionFormed, key: bytes | None, partition: int, offset: int = -1) -> Result:
-        return Result([await judge_hints(event, judge, s.hint_votes, s.hint_min_chars, selection,
-                                         ctx.teacher, s.overlap_top_k, s.teacher_top_k,
-                                         s.teacher_top_max_entries, s.teacher_answers)])
+        judged = await judge_hints(event, judge, s.hint_votes, s.hint_min_chars, selection, ctx.teacher,
+                                   s.overlap_top_k, s.teacher_top_k, s.teacher_top_max_entries)
+        return Result([await with_answer(judged, event, ctx.teacher) if s.teacher_answers else judged])
 
     return handle
 

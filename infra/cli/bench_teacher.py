@@ -43,9 +43,9 @@ class Gaps:
 
 def _gaps(rows: Sequence[tuple[float, bool | None]]) -> Gaps:
     """`rows`: (gap, whether the teacher's top-1 is another token; None without top-K rows)."""
-    tops = [other for _, other in rows if other is not None]
     if not rows:
-        return Gaps(0, None, None, None, sum(tops), len(tops))
+        return Gaps(0, None, None, None, 0, 0)
+    tops = [other for _, other in rows if other is not None]
     values = [gap for gap, _ in rows]
     return Gaps(len(values), statistics.fmean(values), statistics.median(values),
                 sum(v < 0 for v in values) / len(values), sum(tops), len(tops))

@@ -6,7 +6,8 @@ import pytest
 
 from infra.errors import ChatError
 from infra.settings import ProcessorSettings, ServingSettings
-from processors.hint import candidates, judge_hints, overlaps, pick_sequence, pick_tokens, top_k_for, top_rows
+from processors.hint import (candidates, judge_hints, overlaps, pick_sequence, pick_tokens, top_k_for, top_rows,
+                             with_answer)
 from processors.judges import build_hint_judge
 from processors.judges.prompts import JudgePrompt
 from processors.teacher import Teacher, TeacherPolicy
@@ -203,7 +204,8 @@ def test_the_teacher_writes_its_own_greedy_answer_under_the_hint_when_asked(engi
         update={"max_new_tokens": 12, "temperature": 1.0, "seed": 7})})})
     teacher = Teacher(engine, engine.tokenizer, TeacherPolicy.BASE)
     judge = build_hint_judge(ProcessorSettings(), "feedback")
-    out = asyncio.run(judge_hints(t, judge, 1, 11, HintSelection.LONGEST, teacher, 4, answers=True))
+    out = asyncio.run(with_answer(asyncio.run(judge_hints(t, judge, 1, 11, HintSelection.LONGEST, teacher, 4)),
+                                  t, teacher))
     # greedy under the hinted prompt, within the turn's own token limit, whatever its temperature
     greedy = asyncio.run(engine.generate(teacher.prompt_ids(t.turn, "No, use pathlib"),
                                          SamplingParams(temperature=0.0, max_new_tokens=12)))
@@ -213,8 +215,9 @@ def test_the_teacher_writes_its_own_greedy_answer_under_the_hint_when_asked(engi
     # not asked, or no hint accepted: no answer
     plain = asyncio.run(judge_hints(t, judge, 1, 11, HintSelection.LONGEST, teacher, 4))
     assert plain.teacher_answer_ids is None and plain.teacher_answer_logprobs is None
-    none = asyncio.run(judge_hints(transition("great", **_turn_kw(engine)), judge, 1, 11,
-                                   HintSelection.LONGEST, teacher, 4, answers=True))
+    great = transition("great", **_turn_kw(engine))
+    none = asyncio.run(with_answer(asyncio.run(judge_hints(great, judge, 1, 11, HintSelection.LONGEST, teacher, 4)),
+                                   great, teacher))
     assert none.accepted_hint is None and none.teacher_answer_ids is None
 
 
