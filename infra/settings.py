@@ -43,6 +43,7 @@ StalenessPolicy = Literal["drop", "correct"]                          # learner.
 AdvNorm = Literal["none", "group", "step", "batch", "running"]       # learner.losses.normalisation_keys
 LrSchedule = Literal["constant", "cosine", "linear"]                  # learner.trainer.LR_SCHEDULES
 HintPlacement = Literal["before", "after"]                            # serving.chat.PLACEMENTS
+AnswerCredit = Literal["flat", "gap"]                                 # learner.trainer.ANSWER_CREDITS
 
 
 def _cache_root() -> Path:
@@ -542,6 +543,11 @@ class LearnerSettings(_Section):
     # the advantage of the hinted teacher's own answers (processors.teacher_answers), trained
     # in the student's context where the method has a reward term; 0 leaves them out
     teacher_answers: float = Field(default=1.0, ge=0)
+    # how that advantage is spread over an answer's tokens: "flat", each token the same (the
+    # answer as an example); "gap", each token times clip(teacher − policy, ±loss.opd_clip), the
+    # hinted teacher's logprob of the token over the policy's at the step's first pass, so a token
+    # the policy already gives as much as the teacher does is not pushed
+    teacher_answer_credit: AnswerCredit = "flat"
     lora: bool | None = None
     device: str = "auto"
     # torch threads on CPU; None: torch's default (one per core). Several processes sharing the

@@ -40,7 +40,7 @@ from infra.settings import LearnerSettings
 from learner.approved import ApprovedMemory, replay_batch
 from learner.batching import Batch
 from learner.losses import (RewardWindow, advantages, entropy_from_logits, flatness, full_kl, k3_kl, micro_batch_loss,
-                            normalisation_keys, sample_rewards, span_starts, topk_direction,
+                            normalisation_keys, opd_term, sample_rewards, span_starts, topk_direction,
                             topk_kl, unlikelihood)
 from learner.loop_guard import ContextMemory, LoopBatch, LoopGuard
 from schemas.methods import rule
@@ -138,6 +138,9 @@ def _linear(step: int, warmup: int, total: int) -> float:
 
 
 LR_SCHEDULES = {"constant": _constant, "cosine": _cosine, "linear": _linear}
+# how a teacher's own answer's advantage is spread over its tokens (learner.teacher_answer_credit):
+# the same on each, or by the teacher's lead over the policy (`Trainer._answer_gap`)
+ANSWER_CREDITS = ("flat", "gap")
 
 
 def ds_config(ls: LearnerSettings, bf16: bool) -> dict[str, Any]:
@@ -476,6 +479,9 @@ class Trainer:
             # a sample whose teacher term is its KL to the teacher's top-K gets no sampled-token gap
             token_teacher = batch.has_teacher * (1 - batch.has_top) if distill is not None else batch.has_teacher
             adv = advantages(self.rule, r, batch.teacher, batch.behaviour, token_teacher, cfg)
+            if self.settings.teacher_answer_credit == "gap" and bool(batch.answer.any()):
+                adv = self._answer_gap(adv, batch, proximal[i] if len(proximal) > i else logp.detach(),
+                                       totals if len(proximal) <= i else None)
             kl = None
             if cfg.kl_coef > 0:
                 if len(refs) <= i:
@@ -520,6 +526,23 @@ class Trainer:
                 [p.grad for p in self._params if p.grad is not None]))
         self.engine.step()
         return totals
+
+    def _answer_gap(self, adv: torch.Tensor, batch: Batch, policy: torch.Tensor,
+                    totals: dict[str, float] | None) -> torch.Tensor:
+        """`adv` with the hinted teacher's own answers' rows spread by the teacher's lead
+        (learner.teacher_answer_credit "gap"): each token's advantage times clip(teacher −
+        policy, ±loss.opd_clip), the teacher's logprob of the token under the hint (the answer's
+        behaviour logprobs, as the hint stage's teacher wrote it) over `policy`'s, the step's
+        first pass, so the advantage does not change between passes. A token the policy already
+        gives as much as the teacher does is not pushed; one it gives more is pushed down.
+        `totals` (the first pass only) gets the lead's sum over the answers' tokens."""
+        gap = opd_term(batch.behaviour, policy, self.loss_cfg.opd_clip)
+        rows = batch.answer[:, None]
+        if totals is not None:
+            counted = rows & batch.mask.bool()
+            totals["answer_gap"] = totals.get("answer_gap", 0.0) + float(gap[counted].sum())
+            totals["answer_tokens"] = totals.get("answer_tokens", 0.0) + float(counted.sum())
+        return torch.where(rows, adv * gap, adv)
 
     def _teacher_tokens(self, batches: list[Batch]) -> int:
         """The step's trained tokens of samples whose teacher term is the top-K KL."""
@@ -576,6 +599,9 @@ class Trainer:
         if "distill" in t:
             metrics["distill_kl"] = t["distill"] / n
             metrics["teacher_tokens"] = t["teacher_tokens"]
+        if "answer_gap" in t:
+            # per token of the teacher's own answers: its logprob over the policy's (teacher_answer_credit gap)
+            metrics["teacher_answer_gap"] = t["answer_gap"] / max(t["answer_tokens"], 1.0)
         if "unlikelihood" in t:
             # per pushed-down token (their count beside it)
             metrics["unlikelihood"] = t["unlikelihood"] / max(t["unlikely_tokens"], 1.0)

@@ -115,8 +115,10 @@ def _answers(settings: Any) -> str:
     if not settings.processors.teacher_answers:
         return ""
     if lp.teacher_answers and rule(lp.method).reward_term:
+        spread = ("" if lp.teacher_answer_credit == "flat"
+                  else ", each token times the teacher's logprob lead over the policy (teacher_answer_credit gap)")
         return (f"; the teacher also answers each hinted turn itself, trained in the student's context at "
-                f"advantage {lp.teacher_answers:g} (teacher answers)")
+                f"advantage {lp.teacher_answers:g} (teacher answers){spread}")
     return "; the teacher also answers each hinted turn itself, not trained here (learner.teacher_answers)"
 
 

@@ -94,6 +94,18 @@ def test_config_show_says_what_the_device_decides(monkeypatch):
     out = " ".join(CliRunner().invoke(app, ["config", "show"]).output.split())
     assert "each step trains up to 4 of the newest 32 approved answers again (advantage 1)" in out
     monkeypatch.delenv("NEXTSTATE_LEARNER__APPROVED__REPLAY")
+    assert "the teacher also answers" not in out
+    monkeypatch.setenv("NEXTSTATE_PROCESSORS__TEACHER_ANSWERS", "true")
+    out = " ".join(CliRunner().invoke(app, ["config", "show"]).output.split())
+    assert "the teacher also answers each hinted turn itself, trained in the student's context at advantage 1 (teacher answers)" in out
+    monkeypatch.setenv("NEXTSTATE_LEARNER__TEACHER_ANSWER_CREDIT", "gap")
+    out = " ".join(CliRunner().invoke(app, ["config", "show"]).output.split())
+    assert "advantage 1 (teacher answers), each token times the teacher's logprob lead over the policy" in out
+    monkeypatch.setenv("NEXTSTATE_LEARNER__TEACHER_ANSWERS", "0")
+    out = " ".join(CliRunner().invoke(app, ["config", "show"]).output.split())
+    assert "the teacher also answers each hinted turn itself, not trained here (learner.teacher_answers)" in out
+    for name in ("PROCESSORS__TEACHER_ANSWERS", "LEARNER__TEACHER_ANSWER_CREDIT", "LEARNER__TEACHER_ANSWERS"):
+        monkeypatch.delenv("NEXTSTATE_" + name)
     monkeypatch.setenv("NEXTSTATE_LEARNER__LOOP_GUARD__PROMPTS", "0")
     monkeypatch.setenv("NEXTSTATE_LEARNER__ADV_NORM", "batch")
     out = " ".join(CliRunner().invoke(app, ["config", "show"]).output.split())
@@ -162,7 +174,7 @@ def test_the_settings_choices_match_the_registries_that_own_them():
 
     from infra import settings as st
     from learner.staleness import POLICIES
-    from learner.trainer import LR_SCHEDULES
+    from learner.trainer import ANSWER_CREDITS, LR_SCHEDULES
     from processors.judges import HINT_JUDGES, REWARD_JUDGES
     from serving.chat import PLACEMENTS
     from serving.registry import ENGINE_MODULES
@@ -172,6 +184,7 @@ def test_the_settings_choices_match_the_registries_that_own_them():
     assert set(get_args(st.StalenessPolicy)) == set(POLICIES)
     assert set(get_args(st.LrSchedule)) == set(LR_SCHEDULES)
     assert set(get_args(st.HintPlacement)) == set(PLACEMENTS)
+    assert set(get_args(st.AnswerCredit)) == set(ANSWER_CREDITS)
 
 
 def test_an_invalid_secret_is_named_but_never_echoed(monkeypatch):

@@ -418,6 +418,40 @@ def test_a_teachers_own_answer_trains_as_a_revision_at_the_weight_the_run_gives_
     assert one["grad_norm"] > 1e-4 and two["grad_norm"] == pytest.approx(2 * one["grad_norm"], rel=1e-3)
 
 
+def test_a_teachers_own_answer_by_gap_pushes_each_token_by_the_teachers_lead_over_the_policy(tiny_model_dir):
+    """learner.teacher_answer_credit "gap": each token of the teacher's answer is pushed by
+    clip(teacher − policy, ±opd_clip), its logprob under the hint (the sample's behaviour
+    logprobs) over the policy's now: up where the teacher leads, not at all where the policy
+    already agrees, down (clipped) where the policy is surer. The first pass's gradient is that
+    of −Σ lead·logp / tokens, and the metric is the mean lead."""
+    no_kl = LossSettings(kl_coef=0.0, opd_clip=2.0)
+    trainer = Trainer(settings(method="combined", grad_clip=1e6, adv_norm="batch", loss=no_kl, epochs=1,
+                               teacher_answer_credit="gap"), tiny_model_dir)
+    answer = make_sample(5, reward=0.0).model_copy(update={
+        "behaviour_logprobs": [0.0] * 3, "advantage": 1.0, "normaliser": "teacher", "revision_of": "a"})
+    twin = copy.deepcopy(trainer.engine.module)
+    probe = collate([answer], trainer.pad_id)
+    now = trainer._token_logprobs(*trainer._logits(twin, probe), probe).detach()
+    own = now[probe.mask.bool()].tolist()
+    assert len(own) == 3
+    answer = answer.model_copy(update={"behaviour_logprobs": [own[0] + 0.5, own[1], own[2] - 5.0]})
+    batch = collate([answer], trainer.pad_id)
+    lead = torch.zeros_like(now)
+    lead[batch.mask.bool()] = torch.tensor([0.5, 0.0, -2.0])
+    params = [p for p in twin.parameters() if p.requires_grad]
+    logp = trainer._token_logprobs(*trainer._logits(twin, batch), batch)
+    grads = torch.autograd.grad(-(lead * logp * batch.mask).sum() / batch.mask.sum(), params)
+    expected = float(torch.nn.utils.get_total_norm(grads))
+    metrics = trainer.train_step([batch])
+    assert expected > 1e-5
+    assert metrics["grad_norm"] == pytest.approx(expected, rel=1e-3)
+    assert metrics["teacher_answer_gap"] == pytest.approx(-0.5, abs=1e-4)
+    assert metrics["teacher_answers"] == 1.0 and metrics["ratio_mean"] == pytest.approx(1.0)
+    flat = Trainer(settings(method="combined", grad_clip=1e6, adv_norm="batch", loss=no_kl, epochs=1),
+                   tiny_model_dir).train_step([batch])
+    assert "teacher_answer_gap" not in flat and flat["grad_norm"] != pytest.approx(expected, rel=1e-2)
+
+
 def test_a_step_without_signal_leaves_weights_and_optimizer_as_they_were(tiny_model_dir, tmp_path):
     """Two approved answers under batch normalisation have advantage 0: Adam would still move
     every weight along its momentum from the step before. The step is skipped instead, so a
