@@ -52,7 +52,7 @@ def has_signal(sample: SampleReady, method: MethodRule, revisions: bool = True,
     outcomes): its gradient would be zero, and skipping it is what the group stage asks; a
     hindsight revision in a run that does not train on them (`revisions` off); and a teacher's
     own answer in a run that weighs them 0 (`teacher_answers`)."""
-    if is_teacher_answer(sample):
+    if sample.teacher_answer:
         if teacher_answers <= 0:
             return False
     elif sample.revision_of is not None and not revisions:
@@ -117,11 +117,6 @@ class StepCollector:
 
     def micro_batches(self) -> list[list[SampleReady]]:
         return pack(self.samples, self.token_budget)
-
-
-def is_teacher_answer(sample: SampleReady) -> bool:
-    """The hinted teacher's own answer (processors.assemble), not the student's."""
-    return sample.revision_of is not None and sample.normaliser == "teacher"
 
 
 @dataclass
@@ -204,7 +199,7 @@ def collate(samples: Sequence[SampleReady], pad_id: int, stale: Sequence[bool] |
         stale=torch.tensor(list(stale) if stale is not None else [False] * b, dtype=torch.bool),
         revision=torch.tensor([s.revision_of is not None for s in samples], dtype=torch.bool),
         replayed=torch.zeros(b, dtype=torch.bool),
-        answer=torch.tensor([is_teacher_answer(s) for s in samples], dtype=torch.bool),
+        answer=torch.tensor([s.teacher_answer for s in samples], dtype=torch.bool),
         sample_ids=[s.event_id for s in samples],
         task_groups=[s.task_group for s in samples],
         step_indices=[s.step_index for s in samples],

@@ -74,7 +74,7 @@ from pydantic import BaseModel, ConfigDict
 from infra.settings import Settings
 from processors.dead_letters import validate_sample
 from processors.stage import Context, ControlSend, Handler, Result, Stage, Timer
-from schemas.events import HintJudged, Method, RewardJudged, SampleReady, TransitionFormed, derived_id
+from schemas.events import TEACHER_ANSWER, HintJudged, Method, RewardJudged, SampleReady, TransitionFormed, derived_id
 from schemas.methods import METHODS
 from schemas.methods import method as parse_method
 
@@ -202,7 +202,7 @@ def teacher_answer(sample: SampleReady, hint: HintJudged | None) -> SampleReady 
         tenant=sample.tenant, session_id=sample.session_id, turn_index=sample.turn_index, method=Method.RL,
         prompt_token_ids=sample.prompt_token_ids, response_token_ids=hint.teacher_answer_ids,
         loss_mask=[1] * n, behaviour_logprobs=hint.teacher_answer_logprobs, reward=0.0,
-        policy_version=sample.policy_version, advantage=1.0, normaliser="teacher", revision_of=sample.event_id,
+        policy_version=sample.policy_version, advantage=1.0, normaliser=TEACHER_ANSWER, revision_of=sample.event_id,
     )
     validate_sample(answer)
     return answer

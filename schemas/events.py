@@ -295,6 +295,9 @@ class Method(StrEnum):
     COMBINED = "COMBINED"
 
 
+TEACHER_ANSWER = "teacher"   # the normaliser of the hinted teacher's own answer (processors.assemble)
+
+
 class SampleReady(Event):
     tenant: str
     session_id: str
@@ -338,6 +341,11 @@ class SampleReady(Event):
         if any(m not in (0, 1) for m in self.loss_mask):
             return f"{what} has loss_mask values other than 0/1"
         return top_k_problem(what, n, self.teacher_top_ids, self.teacher_top_logprobs)
+
+    @property
+    def teacher_answer(self) -> bool:
+        """The hinted teacher's own answer beside the student's sample it names, not the student's."""
+        return self.revision_of is not None and self.normaliser == TEACHER_ANSWER
 
     @property
     def teacher_top_k(self) -> int:

@@ -151,7 +151,7 @@ def render(lin: Lineage, console: Console) -> None:
     for item in lin.samples:
         s = item.event
         step = (f" · the teacher's own answer beside {s.revision_of}, advantage {s.advantage:+.3f}"
-                if s.revision_of and s.normaliser == "teacher" else
+                if s.teacher_answer else
                 f" · revision of {s.revision_of}, advantage {s.advantage:+.3f}" if s.revision_of else
                 f" · advantage {s.advantage:+.3f} ({s.normaliser}, group of {s.group_size})"
                 if s.advantage is not None else "")
