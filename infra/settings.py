@@ -548,6 +548,9 @@ class LearnerSettings(_Section):
     # hinted teacher's logprob of the token over the policy's at the step's first pass, so a token
     # the policy already gives as much as the teacher does is not pushed
     teacher_answer_credit: AnswerCredit = "flat"
+    # the teacher's answers as a start: their advantage halves with every this many of them
+    # trained (the count goes into checkpoints); 0, the default, keeps it whole
+    teacher_answers_halflife: float = Field(default=0.0, ge=0)
     lora: bool | None = None
     device: str = "auto"
     # torch threads on CPU; None: torch's default (one per core). Several processes sharing the

@@ -49,6 +49,7 @@ DS_TAG = "ds"
 REWARD_WINDOW = "reward_window"   # the running baseline's rewards, in the checkpoint's client state
 LOOP_MEMORY = "loop_guard_memory"  # the loop guard's remembered contexts, likewise
 APPROVED_MEMORY = "approved_memory"  # the approved answers trained again (learner.approved), likewise
+ANSWERS_TRAINED = "teacher_answers_trained"  # how many teacher answers the fade has counted, likewise
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "vocab.json", "merges.txt", "generation_config.json")
 
@@ -175,6 +176,7 @@ class Trainer:
         self.rule = rule(ls.method)
         normalisation_keys([], [], ls.adv_norm)  # fail at start, not at the first step
         self.reward_window = RewardWindow(ls.adv_window)
+        self.answers_trained = 0   # the hinted teacher's answers trained so far (teacher_answers_halflife)
         self.loss_cfg = ls.loss_for(self.device.type)
         self.topk = topk_direction(self.loss_cfg.opd_form) if self.rule.teacher_term else None
         deepspeed = init_distributed(self.device)
@@ -338,8 +340,10 @@ class Trainer:
         cfg, ls = self.loss_cfg, self.settings
         batches = [b.to(self.device) for b in micro_batches]
         rewards = torch.cat([b.rewards for b in batches])
-        # the hinted teacher's own answers at the weight this run gives them (learner.teacher_answers)
-        precomputed = torch.cat([torch.where(b.answer, b.advantage * ls.teacher_answers, b.advantage)
+        # the hinted teacher's own answers at the weight this run gives them (learner.teacher_answers),
+        # faded by the ones trained before (teacher_answers_halflife)
+        answer_weight = self.answer_weight()
+        precomputed = torch.cat([torch.where(b.answer, b.advantage * answer_weight, b.advantage)
                                  for b in batches])
         normed = sample_rewards(rewards, precomputed,
                                 torch.cat([b.has_advantage for b in batches]),
@@ -376,6 +380,8 @@ class Trainer:
                            approved_tokens=float(sum(int(b.mask.sum()) for b in replayed)),
                            approved_new=float(new), approved_kept=float(len(self.approved)))
         metrics["skipped"] = 0.0   # every step sets it: a gauge must not keep a skipped step's 1
+        metrics["teacher_answer_weight"] = answer_weight
+        self.answers_trained += int(metrics["teacher_answers"])
         if self.epochs > 1:
             n = max(last["tokens"], 1.0)
             if "grad_norm" in last:
@@ -385,6 +391,17 @@ class Trainer:
             if "distill" in last:
                 metrics["last_distill_kl"] = last["distill"] / n
         return metrics
+
+    def answer_weight(self) -> float:
+        """The advantage of the teacher's own answers this step: `learner.teacher_answers`, halved
+        for every `teacher_answers_halflife` of them trained before it (whole when that is 0).
+        Early on the hinted teacher's answers show the policy where the hint points; later they hold
+        it near a teacher that meets the preference only as often as it does, while the users'
+        verdicts and the teacher term go on."""
+        ls = self.settings
+        if ls.teacher_answers_halflife <= 0:
+            return ls.teacher_answers
+        return ls.teacher_answers * 0.5 ** (self.answers_trained / ls.teacher_answers_halflife)
 
     def _replays(self) -> bool:
         """Whether steps train remembered approved answers again (learner.approved): a method
@@ -624,7 +641,8 @@ class Trainer:
         self.engine.save_checkpoint(str(directory / "train_state"), tag=DS_TAG,
                                     client_state={**client_state, REWARD_WINDOW: list(self.reward_window.values),
                                                   LOOP_MEMORY: self.loop_guard.memory.state(),
-                                                  APPROVED_MEMORY: self.approved.state()},
+                                                  APPROVED_MEMORY: self.approved.state(),
+                                                  ANSWERS_TRAINED: self.answers_trained},
                                     exclude_frozen_parameters=self.lora)
         return directory
 
@@ -641,4 +659,5 @@ class Trainer:
         self.loop_guard.memory = ContextMemory(self.settings.loop_guard.memory, client_state.get(LOOP_MEMORY, ()))
         self.approved = ApprovedMemory(self.settings.approved.keep, self.settings.token_budget,
                                        client_state.get(APPROVED_MEMORY, ()))
+        self.answers_trained = int(client_state.get(ANSWERS_TRAINED, 0))
         return client_state

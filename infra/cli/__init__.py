@@ -117,8 +117,10 @@ def _answers(settings: Any) -> str:
     if lp.teacher_answers and rule(lp.method).reward_term:
         spread = ("" if lp.teacher_answer_credit == "flat"
                   else ", each token times the teacher's logprob lead over the policy (teacher_answer_credit gap)")
+        fade = (f", halved every {lp.teacher_answers_halflife:g} answers trained (teacher_answers_halflife)"
+                if lp.teacher_answers_halflife else "")
         return (f"; the teacher also answers each hinted turn itself, trained in the student's context at "
-                f"advantage {lp.teacher_answers:g} (teacher answers){spread}")
+                f"advantage {lp.teacher_answers:g} (teacher answers){spread}{fade}")
     return "; the teacher also answers each hinted turn itself, not trained here (learner.teacher_answers)"
 
 

@@ -101,10 +101,15 @@ def test_config_show_says_what_the_device_decides(monkeypatch):
     monkeypatch.setenv("NEXTSTATE_LEARNER__TEACHER_ANSWER_CREDIT", "gap")
     out = " ".join(CliRunner().invoke(app, ["config", "show"]).output.split())
     assert "advantage 1 (teacher answers), each token times the teacher's logprob lead over the policy" in out
+    assert "halved every" not in out
+    monkeypatch.setenv("NEXTSTATE_LEARNER__TEACHER_ANSWERS_HALFLIFE", "8")
+    out = " ".join(CliRunner().invoke(app, ["config", "show"]).output.split())
+    assert "over the policy (teacher_answer_credit gap), halved every 8 answers trained (teacher_answers_halflife)" in out
     monkeypatch.setenv("NEXTSTATE_LEARNER__TEACHER_ANSWERS", "0")
     out = " ".join(CliRunner().invoke(app, ["config", "show"]).output.split())
     assert "the teacher also answers each hinted turn itself, not trained here (learner.teacher_answers)" in out
-    for name in ("PROCESSORS__TEACHER_ANSWERS", "LEARNER__TEACHER_ANSWER_CREDIT", "LEARNER__TEACHER_ANSWERS"):
+    for name in ("PROCESSORS__TEACHER_ANSWERS", "LEARNER__TEACHER_ANSWER_CREDIT", "LEARNER__TEACHER_ANSWERS",
+                 "LEARNER__TEACHER_ANSWERS_HALFLIFE"):
         monkeypatch.delenv("NEXTSTATE_" + name)
     monkeypatch.setenv("NEXTSTATE_LEARNER__LOOP_GUARD__PROMPTS", "0")
     monkeypatch.setenv("NEXTSTATE_LEARNER__ADV_NORM", "batch")

@@ -418,6 +418,32 @@ def test_a_teachers_own_answer_trains_as_a_revision_at_the_weight_the_run_gives_
     assert one["grad_norm"] > 1e-4 and two["grad_norm"] == pytest.approx(2 * one["grad_norm"], rel=1e-3)
 
 
+def test_teacher_answers_fade_by_the_answers_trained_and_the_count_survives_a_restart(tiny_model_dir, tmp_path):
+    """learner.teacher_answers_halflife h: the answers' advantage halves with every h of them
+    trained. A step of two answers at h 2 trains them whole; the next step's weight is 0.5 (its
+    first pass's gradient half that of an unfaded run on the same weights), and a learner
+    restarted from the checkpoint between them goes on from the same count."""
+    no_kl = LossSettings(kl_coef=0.0)
+    answer = make_sample(5, reward=0.0).model_copy(update={
+        "behaviour_logprobs": [-30.0] * 3, "advantage": 1.0, "normaliser": "teacher", "revision_of": "a"})
+    fading = settings(method="combined", grad_clip=1e6, adv_norm="batch", loss=no_kl, epochs=1,
+                      teacher_answers_halflife=2.0)
+    first = Trainer(fading, tiny_model_dir)
+    step = first.train_step([collate([answer, answer.model_copy(update={"sample_id": "s2"})], first.pad_id)])
+    assert step["teacher_answers"] == 2.0 and step["teacher_answer_weight"] == 1.0
+    first.save(tmp_path / "ckpt", {})
+    again = Trainer(fading, tiny_model_dir)
+    again.restore(tmp_path / "ckpt")
+    whole = Trainer(settings(method="combined", grad_clip=1e6, adv_norm="batch", loss=no_kl, epochs=1),
+                    tiny_model_dir)
+    whole.restore(tmp_path / "ckpt")
+    assert again.answer_weight() == 0.5 and whole.answer_weight() == 1.0
+    faded, full = (t.train_step([collate([answer], t.pad_id)]) for t in (again, whole))
+    assert faded["teacher_answer_weight"] == 0.5 and full["grad_norm"] > 1e-4
+    assert faded["grad_norm"] == pytest.approx(0.5 * full["grad_norm"], rel=1e-3)
+    assert again.answer_weight() == pytest.approx(0.5 ** 1.5)
+
+
 def test_a_teachers_own_answer_by_gap_pushes_each_token_by_the_teachers_lead_over_the_policy(tiny_model_dir):
     """learner.teacher_answer_credit "gap": each token of the teacher's answer is pushed by
     clip(teacher − policy, ±opd_clip), its logprob under the hint (the sample's behaviour
