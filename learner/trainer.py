@@ -380,7 +380,8 @@ class Trainer:
                            approved_tokens=float(sum(int(b.mask.sum()) for b in replayed)),
                            approved_new=float(new), approved_kept=float(len(self.approved)))
         metrics["skipped"] = 0.0   # every step sets it: a gauge must not keep a skipped step's 1
-        metrics["teacher_answer_weight"] = answer_weight
+        if ls.teacher_answers_halflife > 0:
+            metrics["teacher_answer_weight"] = answer_weight
         self.answers_trained += int(metrics["teacher_answers"])
         if self.epochs > 1:
             n = max(last["tokens"], 1.0)
