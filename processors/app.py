@@ -35,7 +35,7 @@ from infra.provision import control_plans, ensure_topics
 from infra.settings import Settings
 from processors.order import OffsetOrder, UnfilteredReadOffsets, Verdict
 from processors.runtime import Raw, Serdes, StagedState, StageRunner
-from processors.stage import Context, Stage
+from processors.stage import Context, Requested, Stage
 from processors.topology import control_topic, stage
 from schemas.events import TeacherPolicy
 
@@ -295,12 +295,16 @@ def build_app(settings: Settings, namespace: str, stage_name: str, teacher: Any 
                          raw_topics=frozenset({control} if control else ()))
     app.stream_topics = frozenset(inputs)
 
+    requested = Requested(hold_s=max(30.0, 10 * spec.timer.interval(settings))) if spec.timer else None
+
     async def body(stream: Any) -> None:
         # take_events acks a batch's records only after this loop's body returns from it
         async for events in stream.take_events(s.batch_max, within=s.batch_within_s):
-            await runner.process_batch([Raw(e.message.topic, e.message.partition, e.message.offset,
-                                            e.message.key, e.message.value, dict(e.message.headers or []))
-                                        for e in events])
+            batch = [Raw(e.message.topic, e.message.partition, e.message.offset,
+                         e.message.key, e.message.value, dict(e.message.headers or [])) for e in events]
+            await runner.process_batch(batch)
+            if requested is not None:
+                requested.handled((r.key, r.value) for r in batch if r.topic == control)
 
     app.agent(channel(*inputs), name=spec.name)(body)
 
@@ -327,7 +331,8 @@ def build_app(settings: Settings, namespace: str, stage_name: str, teacher: Any 
             queued = []
 
             async def request(key: bytes, value: bytes, partition: int) -> None:
-                queued.append(await control_channel.send(key=key, value=value, partition=partition))
+                if requested.ask(key, value):
+                    queued.append(await control_channel.send(key=key, value=value, partition=partition))
 
             await timer.run(settings, table, request)
             # one wait for all of them: a round trip per request made a scan of 2,642 held

@@ -16,7 +16,8 @@ Knows nothing about faust or Kafka.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -69,6 +70,38 @@ class Timer:
 
     interval: Callable[[Settings], float]
     run: Callable[[Settings, Mapping[str, Any], ControlSend], Awaitable[None]]
+
+
+class Requested:
+    """The control requests a timer has sent that its stage has not handled yet: a request is
+    not sent again while the same one waits on the control topic (younger than `hold_s`).
+
+    A timer scans the whole table every interval. When the stage is behind on its control topic,
+    every scan asked again about every entry it had asked about before: in `nextstate bench
+    pipeline` sessionize handled 6,766 checks for 2,000 sessions, 4,232 of them about a session
+    already closed. After `hold_s` a request is sent again (the
+    partition may have moved to another worker, which handled it there)."""
+
+    def __init__(self, hold_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.hold_s, self.clock = hold_s, clock
+        self._sent: dict[tuple[bytes, bytes], float] = {}
+        self._pruned = self.clock()
+
+    def ask(self, key: bytes, value: bytes) -> bool:
+        """Whether to send this request now (and, if so, note it as sent)."""
+        now = self.clock()
+        if now - self._pruned >= self.hold_s:   # requests handled elsewhere are never `handled` here
+            self._sent = {k: t for k, t in self._sent.items() if now - t < self.hold_s}
+            self._pruned = now
+        at = self._sent.get((key, value))
+        if at is not None and now - at < self.hold_s:
+            return False
+        self._sent[(key, value)] = now
+        return True
+
+    def handled(self, requests: Iterable[tuple[bytes | None, bytes | None]]) -> None:
+        for request in requests:
+            self._sent.pop(request, None)
 
 
 @dataclass(frozen=True)

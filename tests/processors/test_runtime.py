@@ -180,3 +180,20 @@ def test_concurrent_stage_keeps_record_order_of_outputs():
         assert sent == [b"slow", b"fast"]          # sent in the records' order
 
     asyncio.run(main())
+
+
+def test_a_timer_does_not_ask_again_what_its_stage_has_not_handled_yet():
+    from processors.stage import Requested
+
+    now = [0.0]
+    requested = Requested(hold_s=30.0, clock=lambda: now[0])
+    assert requested.ask(b"s1", b"check t1")
+    assert requested.ask(b"s2", b"check t2")
+    now[0] = 1.0   # the next scan: both still wait on the control topic
+    assert not requested.ask(b"s1", b"check t1") and not requested.ask(b"s2", b"check t2")
+    assert requested.ask(b"s1", b"check t3")   # another request about the same key is its own
+    requested.handled([(b"s1", b"check t1"), (b"other", b"x")])
+    assert requested.ask(b"s1", b"check t1")   # handled: the next scan may ask again
+    now[0] = 31.0   # s2's request was handled elsewhere (its partition moved): asked again after hold_s
+    assert requested.ask(b"s2", b"check t2")
+    assert not requested.ask(b"s2", b"check t2")
