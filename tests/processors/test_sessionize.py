@@ -213,3 +213,111 @@ def test_a_prefilled_final_message_is_part_of_the_action_not_the_next_state():
     second = turn("s", 1, [*task, {"role": "assistant", "content": "```python\nprint(12*13)\n```"},
                            {"role": "user", "content": "Output:\n156"}, prefill], continue_final_message=True)
     assert next_messages(first, second) == [{"role": "user", "content": "Output:\n156"}]
+
+
+class _Turns:
+    """A turns partition of which `end` records exist; counts the broker's fresh answers."""
+
+    def __init__(self, end):
+        self.end, self.asked = end, 0
+
+    async def highwater(self, event, partition, fresh):
+        self.asked += fresh
+        return self.end
+
+    async def committed(self, event, partition):
+        return None
+
+    def assignment(self):
+        return 1
+
+
+def _handler(offsets):
+    from infra.settings import Settings
+    from processors.sessionize import handler
+    from processors.stage import Context
+
+    table: dict = {}
+    return handler(Context(Settings(), table, None, offsets)), table
+
+
+def test_a_turn_read_after_a_held_verdict_closes_it_at_once():
+    """Feedback is small and runs ahead of the turns: a thumbs read while later turns of its
+    partition are still unread waits; the next turn read that occurred after it closes it, in
+    that turn's own result, without waiting for the periodic check."""
+    import asyncio
+
+    base = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    a0 = conversation("a", 1)[0].model_copy(update={"occurred_at": base})
+    thumbs = feedback("a", FeedbackKind.THUMBS, 0, thumbs=1, occurred_at=base + timedelta(seconds=1))
+    b0 = conversation("b", 1)[0].model_copy(update={"occurred_at": base + timedelta(seconds=2)})
+    handle, table = _handler(_Turns(end=10))   # ten turns in the partition, one read so far
+
+    async def run(event, offset=-1):
+        result = await handle(event, event.session_id.encode(), 0, offset)
+        if result.keep:
+            result.keep()
+        return result
+
+    async def scenario():
+        assert (await run(a0, 0)).outputs == []
+        held = await run(thumbs)
+        assert held.outputs == [] and table["a"]["feedback"]   # held: turns 1..9 unread
+        closed = await run(b0, 1)
+        (tr,) = closed.outputs
+        assert tr.session_id == "a" and tr.next_state_kind is NextStateKind.FEEDBACK
+        assert [f.event_id for f in tr.feedback] == [thumbs.event_id]
+        assert "a" not in table and table["b"]["turn"]["event_id"] == b0.event_id
+        # the same turn read again (a rewind) closes nothing twice
+        assert (await run(b0, 1)).outputs == []
+
+    asyncio.run(scenario())
+
+
+def test_a_verdict_read_later_than_the_turn_waits_for_a_later_turn():
+    import asyncio
+
+    base = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    a0 = conversation("a", 1)[0].model_copy(update={"occurred_at": base})
+    b0 = conversation("b", 1)[0].model_copy(update={"occurred_at": base + timedelta(seconds=1)})
+    thumbs = feedback("a", FeedbackKind.THUMBS, 0, thumbs=1, occurred_at=base + timedelta(seconds=2))
+    handle, table = _handler(_Turns(end=10))
+
+    async def run(event, offset=-1):
+        result = await handle(event, event.session_id.encode(), 0, offset)
+        if result.keep:
+            result.keep()
+        return result
+
+    async def scenario():
+        await run(a0, 0)
+        await run(thumbs)
+        # b0 occurred before the thumbs: a turn of session a between them may still be unread
+        assert (await run(b0, 1)).outputs == [] and table["a"]["feedback"]
+
+    asyncio.run(scenario())
+
+
+def test_a_burst_of_checks_asks_the_broker_once_for_verdicts_read_before_the_answer():
+    """The periodic check confirms "caught up" with the broker's end offset; one answer, asked
+    after a verdict was read, serves it: a scan's burst of checks is not a round trip each."""
+    import asyncio
+    import time
+
+    from processors.sessionize import TurnsClock
+
+    offsets = _Turns(end=4)
+    clock = TurnsClock(offsets)
+    q = [{"role": "user", "content": "q"}]
+    for i in range(4):
+        clock.saw(0, i, turn("s", i, q))
+    later = datetime(2100, 1, 1, tzinfo=timezone.utc)   # no turn read has a later time
+    read_at = time.time()
+    assert asyncio.run(clock.caught_up(0, later, periodic=True, read_at=read_at))
+    assert asyncio.run(clock.caught_up(0, later, periodic=True, read_at=read_at))
+    assert offsets.asked == 1
+    assert asyncio.run(clock.caught_up(0, later, periodic=True, read_at=time.time() + 1))  # read after it
+    assert asyncio.run(clock.caught_up(0, later))   # not said when: asked again
+    assert offsets.asked == 3
+    offsets.end = 5   # a turn was produced since: the next fresh answer says so
+    assert not asyncio.run(clock.caught_up(0, later, read_at=time.time() + 1))
