@@ -132,7 +132,7 @@ def compare(left: str = typer.Argument(..., help="namespace of one reward stream
     print_agreement(load_settings(), left, right)
 
 
-def bench_pipeline(turns: int = typer.Option(4000, help="sessions × turns to push through (enough that the last scan's wait is a small part)"),
+def bench_pipeline(turns: int = typer.Option(4000, min=20, help="sessions × turns to push through (enough that the last scan's wait is a small part)"),
                    response_tokens: int = typer.Option(64),
                    llm_calls: int = typer.Option(16, help="judge calls per concurrency level (0: skip)"),
                    model: Optional[str] = typer.Option(None, help="model dir for the llm-judge bench; default: a tiny random model")) -> None:
