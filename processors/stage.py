@@ -79,8 +79,8 @@ class Requested:
     A timer scans the whole table every interval. When the stage is behind on its control topic,
     every scan asked again about every entry it had asked about before: in `nextstate bench
     pipeline` sessionize handled 6,766 checks for 2,000 sessions, 4,232 of them about a session
-    already closed. After `hold_s` a request is sent again (the
-    partition may have moved to another worker, which handled it there)."""
+    already closed. After `hold_s` a request is sent again (the partition may have moved to
+    another worker, which handled it there)."""
 
     def __init__(self, hold_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.hold_s, self.clock = hold_s, clock
