@@ -233,12 +233,21 @@ class _Turns:
 
 
 def _handler(offsets):
+    """(run, table): `run(event, offset)` handles a record of partition 0 and keeps its state."""
     from infra.settings import Settings
     from processors.sessionize import handler
     from processors.stage import Context
 
     table: dict = {}
-    return handler(Context(Settings(), table, None, offsets)), table
+    handle = handler(Context(Settings(), table, None, offsets))
+
+    async def run(event, offset=-1):
+        result = await handle(event, event.session_id.encode(), 0, offset)
+        if result.keep:
+            result.keep()
+        return result
+
+    return run, table
 
 
 def test_a_turn_read_after_a_held_verdict_closes_it_at_once():
@@ -251,13 +260,7 @@ def test_a_turn_read_after_a_held_verdict_closes_it_at_once():
     a0 = conversation("a", 1)[0].model_copy(update={"occurred_at": base})
     thumbs = feedback("a", FeedbackKind.THUMBS, 0, thumbs=1, occurred_at=base + timedelta(seconds=1))
     b0 = conversation("b", 1)[0].model_copy(update={"occurred_at": base + timedelta(seconds=2)})
-    handle, table = _handler(_Turns(end=10))   # ten turns in the partition, one read so far
-
-    async def run(event, offset=-1):
-        result = await handle(event, event.session_id.encode(), 0, offset)
-        if result.keep:
-            result.keep()
-        return result
+    run, table = _handler(_Turns(end=10))   # ten turns in the partition, one read so far
 
     async def scenario():
         assert (await run(a0, 0)).outputs == []
@@ -281,13 +284,7 @@ def test_a_verdict_read_later_than_the_turn_waits_for_a_later_turn():
     a0 = conversation("a", 1)[0].model_copy(update={"occurred_at": base})
     b0 = conversation("b", 1)[0].model_copy(update={"occurred_at": base + timedelta(seconds=1)})
     thumbs = feedback("a", FeedbackKind.THUMBS, 0, thumbs=1, occurred_at=base + timedelta(seconds=2))
-    handle, table = _handler(_Turns(end=10))
-
-    async def run(event, offset=-1):
-        result = await handle(event, event.session_id.encode(), 0, offset)
-        if result.keep:
-            result.keep()
-        return result
+    run, table = _handler(_Turns(end=10))
 
     async def scenario():
         await run(a0, 0)
