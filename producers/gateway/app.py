@@ -234,7 +234,7 @@ def create_app(gw: Gateway, settings: Any = None, namespace: str | None = None,
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             headers["X-Policy-Version"] = str(gw.engine.info().policy_version)
-            return Reply(200, ClosingStreamingResponse(sse_stream(gw, turn, include_usage),
+            return Reply(200, ClosingStreamingResponse(sse_stream(gw, turn, include_usage, req.logprobs),
                                                        media_type="text/event-stream",
                                                        headers={**headers, "Cache-Control": "no-cache"}), headers)
         try:
@@ -248,7 +248,20 @@ def create_app(gw: Gateway, settings: Any = None, namespace: str | None = None,
             raise ApiError(502 if isinstance(exc, ServingError) else 500, f"engine failed: {exc}",
                            "server_error") from None
         headers["X-Policy-Version"] = str(outcome.policy_version)
-        return Reply(200, completion_body(gw, turn, outcome), headers)
+        body = completion_body(gw, turn, outcome)
+        if req.logprobs and outcome.sampled is not None:
+            top = req.top_logprobs or 0
+            try:
+                body["choices"][0]["logprobs"], scored_by = await gw.logprobs(turn, outcome.sampled, top)
+                if scored_by is not None:
+                    body["nextstate"]["top_logprobs_policy_version"] = scored_by
+            except (ShuttingDown, NextstateError) as exc:
+                # The turn is recorded: answer it (an error would have the client send it again and
+                # record it twice), with the sampled tokens' logprobs and why the top-k are missing.
+                log.warning("request %s: scoring its top_logprobs failed: %s", turn.request_id, exc)
+                body["choices"][0]["logprobs"], _ = await gw.logprobs(turn, outcome.sampled, 0)
+                body["nextstate"]["top_logprobs_error"] = f"scoring the top {top} failed: {exc}"
+        return Reply(200, body, headers)
 
     @app.post("/v1/feedback")
     async def feedback(request: Request) -> Response:

@@ -57,6 +57,7 @@ from infra.settings import GatewaySettings
 from producers.gateway.auth import KeyRing
 from producers.gateway.chat import ToolCallParser, parser_for
 from producers.gateway.decode import Final, TextAssembler
+from producers.gateway.logprobs import TokenText, entries
 from producers.gateway.metrics import GatewayMetrics
 from producers.gateway.replies import Replies, client_request_id
 from producers.gateway.sessions import Session, SessionRef, SessionTracker
@@ -116,6 +117,7 @@ class Outcome:
     completion_tokens: int
     policy_version: int
     turn_index: int
+    sampled: Sampled | None = None
 
 
 class Gateway:
@@ -131,6 +133,7 @@ class Gateway:
         self.model_name = model_name or settings.served_model_name or Path(engine.info().model).name
         self.model_names = frozenset([self.model_name, *settings.model_aliases])
         self.parser = parser_for(tokenizer, settings.tool_parser)
+        self.token_text = TokenText(tokenizer)
         self.sessions = SessionTracker(settings.session_idle_timeout_s)
         self.replies = Replies(settings.replay_window)
         self.metrics = GatewayMetrics()
@@ -302,7 +305,17 @@ class Gateway:
         m = self.metrics
         m.tokens.labels("prompt").inc(len(turn.prompt_ids))
         m.tokens.labels("completion").inc(len(sampled.ids))
-        return Outcome(final, finish, len(sampled.ids), sampled.version, index)
+        return Outcome(final, finish, len(sampled.ids), sampled.version, index, sampled)
+
+    async def logprobs(self, turn: Turn, sampled: Sampled, top: int) -> tuple[dict[str, Any], int | None]:
+        """OpenAI's `choices[0].logprobs` for a finished turn, and the policy version that scored
+        its top-k (None without top-k); see producers.gateway.logprobs."""
+        if not top or not sampled.ids:
+            return {"content": entries(self.token_text, sampled.ids, sampled.logprobs), "refusal": None}, None
+        with self._abortable():
+            scores = await self.engine.score(turn.prompt_ids, sampled.ids, top_k=top, base=False)
+        rows = entries(self.token_text, sampled.ids, sampled.logprobs, scores.top_ids, scores.top_logprobs)
+        return {"content": rows, "refusal": None}, scores.policy_version
 
     def record_aborted(self, turn: Turn, sampled: "Sampled", assembler: TextAssembler) -> None:
         """A stream the client left (or the engine broke) mid-way: record what was sampled,

@@ -3,7 +3,10 @@
 A first chunk carries the assistant role; then one chunk per piece of visible text as the
 engine samples it (real token-by-token streaming, not a fake single chunk); tool calls, once
 the answer is complete and parsed, as `delta.tool_calls`; a chunk with `finish_reason`; with
-`stream_options.include_usage` a last chunk with empty `choices` and `usage`; `[DONE]`.
+`stream_options.include_usage` a last chunk with empty `choices` and `usage`; `[DONE]`. With
+`logprobs: true` each chunk carries the logprobs of the tokens sampled since the one before
+(tokens held back by a stop string or a tool call go with a later chunk, the finishing one at
+the latest).
 
 The turn is recorded (spooled, fsync'd) before the finishing chunk is sent. A client that
 leaves mid-stream, or an engine that breaks, still gets what was sampled recorded, with
@@ -22,6 +25,7 @@ import orjson
 from starlette.responses import StreamingResponse
 
 from producers.gateway.decode import TextAssembler
+from producers.gateway.logprobs import entries
 from producers.gateway.service import Gateway, Sampled, ShuttingDown, Turn
 from producers.gateway.wire import error_body
 
@@ -32,18 +36,24 @@ def _event(payload: Any) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
-async def sse_stream(gw: Gateway, turn: Turn, include_usage: bool) -> AsyncIterator[bytes]:
+async def sse_stream(gw: Gateway, turn: Turn, include_usage: bool, logprobs: bool = False) -> AsyncIterator[bytes]:
     created = int(time.time())
     base = {"id": f"chatcmpl-{turn.request_id}", "object": "chat.completion.chunk",
             "created": created, "model": gw.model_name}
     usage_field = {"usage": None} if include_usage else {}
 
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-        return _event({**base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                            "finish_reason": finish}], **usage_field})
-
     assembler = TextAssembler(gw.tokenizer, turn.params.stop, turn.parser)
     sampled = Sampled(gw.engine.info().policy_version)
+    sent = 0   # tokens whose logprobs went out
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        nonlocal sent
+        lps = None
+        if logprobs and len(sampled.ids) > sent:
+            lps = {"content": entries(gw.token_text, sampled.ids[sent:], sampled.logprobs[sent:]), "refusal": None}
+            sent = len(sampled.ids)
+        return _event({**base, "choices": [{"index": 0, "delta": delta, "logprobs": lps,
+                                            "finish_reason": finish}], **usage_field})
     recorded = False
     try:
         yield chunk({"role": "assistant", "content": ""})

@@ -3,7 +3,8 @@
 Requests are validated with pydantic; unknown OpenAI fields (`store`, `parallel_tool_calls`,
 `reasoning_effort`, ...) are accepted and ignored, so real clients are not refused for
 options this gateway does not act on. `tool_choice` other than "auto"/"none" is accepted but
-not enforced (no constrained decoding). Errors use OpenAI's `{"error": {...}}` body.
+not enforced (no constrained decoding). `logprobs` / `top_logprobs` are honoured
+(producers.gateway.logprobs). Errors use OpenAI's `{"error": {...}}` body.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ class ChatCompletionRequest(_Lenient):
     stop: str | list[str] | None = None
     n: int = 1
     user: str | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     # nextstate extensions (headers take precedence)
     session_id: str | None = Field(default=None, min_length=1, max_length=256)
     turn_type: Literal["main", "side", "MAIN", "SIDE"] | None = None
@@ -81,6 +84,16 @@ class ChatCompletionRequest(_Lenient):
         if v != 1:
             raise ValueError(f"n={v} is not supported; every turn is recorded as one sample, use n=1")
         return v
+
+    @model_validator(mode="after")
+    def _top_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.top_logprobs and self.stream:
+            raise ValueError("top_logprobs with stream: true is not supported here: the engine samples "
+                             "without them and they come from scoring the finished answer; ask without "
+                             "stream, or stream with logprobs: true alone")
+        return self
 
     @field_validator("stop")
     @classmethod

@@ -249,6 +249,42 @@ def test_a_stop_string_ends_the_answer_and_the_sampled_tokens_are_kept(make_gate
         assert turn.response_text == "hello STOP" and turn.finish_reason == "stop"
 
 
+def test_logprobs_are_the_recorded_ones_and_top_logprobs_come_from_the_served_weights(make_gateway, engine,
+                                                                                      tokenizer):
+    gw = make_gateway(engine)
+    messages = [{"role": "user", "content": "say something"}]
+    with ServerThread(gw) as server:
+        c = client(server)
+        whole = c.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                          logprobs=True, top_logprobs=3)
+        plain = c.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=1.0,
+                                          seed=5, logprobs=True)
+        chunks = list(c.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=1.0,
+                                                seed=6, logprobs=True, stream=True))
+        bad = {body_key: httpx.post(f"{server.url}/v1/chat/completions",
+                                    headers={"Authorization": f"Bearer {KEYS['acme']}"},
+                                    json={"messages": messages, **body}).json()["error"]["message"]
+               for body_key, body in {"no logprobs": {"top_logprobs": 2},
+                                      "streamed": {"logprobs": True, "top_logprobs": 2, "stream": True},
+                                      "too many": {"logprobs": True, "top_logprobs": 21}}.items()}
+    greedy, sampled, streamed = turns(gw)
+    rows = whole.choices[0].logprobs.content
+    assert [r.logprob for r in rows] == pytest.approx(greedy.response_logprobs, abs=1e-6)
+    assert b"".join(bytes(r.bytes) for r in rows).decode() == tokenizer.decode(greedy.response_token_ids)
+    assert [r.token for r in rows] == [tokenizer.decode([t]) for t in greedy.response_token_ids]
+    for r in rows:   # greedy: the sampled token is the top one, and the scoring pass agrees with sampling
+        assert len(r.top_logprobs) == 3
+        assert [a.logprob for a in r.top_logprobs] == sorted((a.logprob for a in r.top_logprobs), reverse=True)
+        assert r.top_logprobs[0].token == r.token and r.top_logprobs[0].logprob == pytest.approx(r.logprob, abs=1e-3)
+    assert whole.model_extra["nextstate"]["top_logprobs_policy_version"] == 0
+    assert [r.logprob for r in plain.choices[0].logprobs.content] == pytest.approx(sampled.response_logprobs, abs=1e-6)
+    assert all(r.top_logprobs == [] for r in plain.choices[0].logprobs.content)
+    per_chunk = [r for ch in chunks if ch.choices and ch.choices[0].logprobs for r in ch.choices[0].logprobs.content]
+    assert [r.logprob for r in per_chunk] == pytest.approx(streamed.response_logprobs, abs=1e-6)
+    assert "top_logprobs needs logprobs: true" in bad["no logprobs"]
+    assert "stream" in bad["streamed"] and "top_logprobs" in bad["too many"]
+
+
 def test_episode_headers_put_a_turn_in_its_rollout_and_partial_ones_are_refused(make_gateway, engine):
     gw = make_gateway(engine)
     body = {"model": "tiny", "messages": [{"role": "user", "content": "2+2?"}], "max_tokens": 2}
