@@ -393,6 +393,15 @@ class LossSettings(_Section):
     opd_norm: Literal["step", "teacher"] = "step"
     w_rl: float = 1.0
     w_opd: float = 1.0
+    # How the two terms share a step. "fixed": w_rl and w_opd as set. "approval": by the share s
+    # of approvals among the users' verdicts in the running baseline's window (the last
+    # `adv_window` rewards, learner.losses.RewardWindow; needs adv_norm "running"), the verdicts'
+    # reward terms × min(1, 2s) and the teacher term × min(1, 2(1 − s)): the teacher leads while
+    # users reject most answers, their verdicts once they approve most; at s = 1/2, or before any
+    # verdict, both as set. Revisions, the teacher's answers and group advantages keep their
+    # weight; `rl` and `opd` alone are unchanged. Runs with the teacher leading (w_rl 0.25) were
+    # ahead at 24 interactions and behind after 48, where `rl` was ahead (README, "Who leads").
+    balance: Literal["fixed", "approval"] = "fixed"
     # The weight of a token's advantage where it is below zero (1: symmetric). Pushed down, a
     # sampled token's probability goes wherever the model already puts it; below 1 the update
     # leans on what was approved and on the teacher term (`nextstate bench personal`).

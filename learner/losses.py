@@ -262,11 +262,26 @@ class RewardWindow:
             raise ValueError(f"a reward window holds at least one reward, not {size}")
         self.values: deque[float] = deque((float(v) for v in values), maxlen=size)
 
+    def approval(self) -> float | None:
+        """The share of approvals (reward > 0) among the verdicts (reward ≠ 0) in the window;
+        None before any."""
+        decided = [v for v in self.values if v != 0]
+        return sum(v > 0 for v in decided) / len(decided) if decided else None
+
     def normalise(self, rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
         """Adds `rewards` to the window, then (r − mean) / (std + eps) over the whole window."""
         self.values.extend(float(r) for r in rewards.tolist())
         window = rewards.new_tensor(list(self.values))
         return (rewards - window.mean()) / (window.std(unbiased=False) + eps)
+
+
+def balanced_weights(w_rl: float, w_opd: float, approval: float | None) -> tuple[float, float]:
+    """The reward and teacher terms' weights for a step under ``balance=approval``: with s the
+    share of approvals, w_rl·min(1, 2s) and w_opd·min(1, 2(1 − s)); as given when s is None."""
+    if approval is None:
+        return w_rl, w_opd
+    s = min(max(approval, 0.0), 1.0)
+    return w_rl * min(1.0, 2 * s), w_opd * min(1.0, 2 * (1 - s))
 
 
 def sample_rewards(rewards: torch.Tensor, advantage: torch.Tensor, has_advantage: torch.Tensor,

@@ -39,7 +39,7 @@ from infra.errors import LearnerError
 from infra.settings import LearnerSettings
 from learner.approved import ApprovedMemory, replay_batch
 from learner.batching import Batch
-from learner.losses import (RewardWindow, advantages, entropy_from_logits, flatness, full_kl, k3_kl, micro_batch_loss,
+from learner.losses import (RewardWindow, advantages, balanced_weights, entropy_from_logits, flatness, full_kl, k3_kl, micro_batch_loss,
                             normalisation_keys, opd_term, sample_rewards, span_starts, topk_direction,
                             topk_kl, unlikelihood)
 from learner.loop_guard import ContextMemory, LoopBatch, LoopGuard
@@ -177,7 +177,11 @@ class Trainer:
         normalisation_keys([], [], ls.adv_norm)  # fail at start, not at the first step
         self.reward_window = RewardWindow(ls.adv_window)
         self.answers_trained = 0   # the hinted teacher's answers trained so far (teacher_answers_halflife)
-        self.loss_cfg = ls.loss_for(self.device.type)
+        self.loss_base = ls.loss_for(self.device.type)
+        if self.loss_base.balance == "approval" and ls.adv_norm != "running":
+            raise LearnerError(f"learner.loss.balance=approval reads the running baseline's window of "
+                               f"verdicts; it needs adv_norm=running, not {ls.adv_norm!r}")
+        self.loss_cfg = self.loss_base   # the step's: w_rl and w_opd may move with loss.balance
         self.topk = topk_direction(self.loss_cfg.opd_form) if self.rule.teacher_term else None
         deepspeed = init_distributed(self.device)
         torch.manual_seed(ls.seed)
@@ -350,6 +354,10 @@ class Trainer:
                                 [g for b in batches for g in b.task_groups],
                                 [s for b in batches for s in b.step_indices], ls.adv_norm, cfg.eps,
                                 self.reward_window).split([len(b.rewards) for b in batches])
+        verdicts, balance = self._balance()
+        if verdicts != 1.0:   # the users' verdicts only: revisions, answers, group advantages keep theirs
+            normed = tuple(torch.where(b.has_advantage.bool().to(r.device), r, r * verdicts)
+                           for b, r in zip(batches, normed))
         if not self._has_signal(batches, normed):
             return self._still_metrics(batches, rewards, started)
         looping, guarded, prompts = (self.loop_guard.check(self.engine.module, batches, self.device)
@@ -372,7 +380,7 @@ class Trainer:
             last = self._repair(prompts, batches, normed, proximal, refs, bases, base_h, guarded, last)
         elapsed = time.perf_counter() - started
         metrics = self._step_metrics(totals, own, rewards, elapsed)
-        metrics.update(guarded)
+        metrics.update(guarded, **balance)
         if self._replays():
             new = self.approved.note(own)   # from the next step on
             replayed = batches[len(own):]
@@ -561,6 +569,22 @@ class Trainer:
             totals["answer_gap"] = totals.get("answer_gap", 0.0) + float(gap[counted].sum())
             totals["answer_tokens"] = totals.get("answer_tokens", 0.0) + float(counted.sum())
         return torch.where(rows, adv * gap, adv)
+
+    def _balance(self) -> tuple[float, dict[str, float]]:
+        """Under ``loss.balance=approval``, with s the share of approvals in the running window
+        (which already holds this step's verdicts): the factor on the users' verdicts' reward
+        terms, min(1, 2s), and this step's loss knobs with the teacher term's weight times
+        min(1, 2(1 − s)) (learner.losses.balanced_weights); and the metrics that say so. Samples
+        whose advantage came with them (revisions, the teacher's answers, group advantages) keep
+        theirs, and a method with one of the terms keeps its weight."""
+        base = self.loss_base
+        if base.balance != "approval" or not (self.rule.reward_term and self.rule.teacher_term):
+            return 1.0, {}
+        share = self.reward_window.approval()
+        verdicts, w_opd = balanced_weights(1.0, base.w_opd, share)
+        self.loss_cfg = base.model_copy(update={"w_opd": w_opd})
+        return verdicts, {"verdict_weight": verdicts, "w_opd": w_opd,
+                          **({"approval_share": share} if share is not None else {})}
 
     def _teacher_tokens(self, batches: list[Batch]) -> int:
         """The step's trained tokens of samples whose teacher term is the top-K KL."""

@@ -82,6 +82,9 @@ def config_show() -> None:
                       f"changed (each bin's log-ratio to the base capped at ±{loss.opd_guidance_cap:g})")
     if loss.opd_norm == "teacher":
         teacher_t += ", averaged over the tokens of the samples with a teacher, not the step's"
+    if loss.balance == "approval" and rule(lp.method).reward_term and rule(lp.method).teacher_term:
+        teacher_t += (", weighed against the users' verdicts by how often they approve (s, over the last "
+                      f"{lp.adv_window} verdicts): the teacher term × min(1, 2(1 − s)), the verdicts × min(1, 2s)")
     baseline = {"running": f"the last {lp.adv_window} rewards of any step", "batch": "the step's mean and spread",
                 "group": "their task group's mean and spread",
                 "step": "their task group's mean and spread at the same step", "none": "no baseline"}[lp.adv_norm]

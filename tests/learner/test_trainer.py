@@ -10,10 +10,11 @@ import json
 import pytest
 import torch
 
+from infra.errors import LearnerError
 from infra.settings import LearnerSettings, LoopGuardSettings, LossSettings
 from learner.batching import collate
 from learner.loop_guard import LoopGuard, loops, repeated_positions
-from learner.losses import span_starts, topk_kl
+from learner.losses import RewardWindow, balanced_weights, span_starts, topk_kl
 from learner.trainer import Trainer
 from tests.learner.samples import make_sample
 
@@ -443,6 +444,46 @@ def test_teacher_answers_fade_by_the_answers_trained_and_the_count_survives_a_re
     assert full["grad_norm"] > 1e-4
     assert faded["grad_norm"] == pytest.approx(0.5 * full["grad_norm"], rel=1e-3)
     assert again.answer_weight() == pytest.approx(0.5 ** 1.5)
+
+
+def test_approval_balance_lets_the_teacher_lead_while_users_reject_and_their_verdicts_once_they_approve(
+        tiny_model_dir):
+    """learner.loss.balance "approval": with s the share of approvals among the verdicts in the
+    running window (this step's among them), the verdicts' reward terms weigh min(1, 2s) and the
+    teacher term min(1, 2(1 − s)). On the same weights and window, the first pass's gradient is
+    exactly that fraction of the fixed weights' one."""
+    assert balanced_weights(1.0, 1.0, None) == (1.0, 1.0)
+    assert balanced_weights(1.0, 1.0, 0.5) == (1.0, 1.0)
+    assert balanced_weights(2.0, 1.0, 0.125) == pytest.approx((0.5, 1.0))
+    assert balanced_weights(1.0, 2.0, 0.875) == pytest.approx((1.0, 0.5))
+    assert RewardWindow(8, [0.0, 0.0]).approval() is None
+    assert RewardWindow(8, [1.0, 0.0, -1.0, -1.0]).approval() == pytest.approx(1 / 3)
+    token = LossSettings(kl_coef=0.0, opd_form="token")
+
+    def step(sample, window: list[float], balance: str) -> dict[str, float]:
+        trainer = Trainer(settings(method="combined", grad_clip=1e6, adv_norm="running", epochs=1,
+                                   loss=token.model_copy(update={"balance": balance})), tiny_model_dir)
+        trainer.reward_window = RewardWindow(64, window)
+        return trainer.train_step([collate([sample], trainer.pad_id)])
+
+    # users reject most answers: a rejected answer's reward term at 2 · 1/8
+    rejected = make_sample(1, reward=-1.0)
+    window = [1.0] + [-1.0] * 6
+    balanced, fixed = step(rejected, window, "approval"), step(rejected, window, "fixed")
+    assert balanced["approval_share"] == pytest.approx(1 / 8)
+    assert balanced["verdict_weight"] == pytest.approx(0.25) and balanced["w_opd"] == 1.0
+    assert "verdict_weight" not in fixed and fixed["grad_norm"] > 1e-4
+    assert balanced["grad_norm"] == pytest.approx(0.25 * fixed["grad_norm"], rel=1e-3)
+    # users approve most: a hinted answer whose verdict is the window's mean (no reward term left)
+    # trains its teacher term at 2 · (1 − 7/8)
+    hinted = make_sample(2, reward=5 / 7, teacher=True)
+    window = [1.0] * 6 + [-1.0]
+    balanced, fixed = step(hinted, window, "approval"), step(hinted, window, "fixed")
+    assert balanced["approval_share"] == pytest.approx(7 / 8) and balanced["w_opd"] == pytest.approx(0.25)
+    assert fixed["grad_norm"] > 1e-4
+    assert balanced["grad_norm"] == pytest.approx(0.25 * fixed["grad_norm"], rel=1e-3)
+    with pytest.raises(LearnerError, match="adv_norm=running"):
+        Trainer(settings(method="combined", adv_norm="batch", loss=LossSettings(balance="approval")), tiny_model_dir)
 
 
 def test_a_teachers_own_answer_by_gap_pushes_each_token_by_the_teachers_lead_over_the_policy(tiny_model_dir):
