@@ -39,9 +39,9 @@ from infra.errors import LearnerError
 from infra.settings import LearnerSettings
 from learner.approved import ApprovedMemory, replay_batch
 from learner.batching import Batch
-from learner.losses import (RewardWindow, advantages, balanced_weights, entropy_from_logits, flatness, full_kl, k3_kl, micro_batch_loss,
-                            normalisation_keys, opd_term, sample_rewards, span_starts, topk_direction,
-                            topk_kl, unlikelihood)
+from learner.losses import (RewardWindow, advantages, balanced_weights, entropy_from_logits, flatness, full_kl,
+                            k3_kl, micro_batch_loss, normalisation_keys, opd_term, sample_rewards, span_starts,
+                            topk_direction, topk_kl, unlikelihood)
 from learner.loop_guard import ContextMemory, LoopBatch, LoopGuard
 from schemas.methods import rule
 

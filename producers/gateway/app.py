@@ -234,7 +234,7 @@ def create_app(gw: Gateway, settings: Any = None, namespace: str | None = None,
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             headers["X-Policy-Version"] = str(gw.engine.info().policy_version)
-            return Reply(200, ClosingStreamingResponse(sse_stream(gw, turn, include_usage, req.logprobs),
+            return Reply(200, ClosingStreamingResponse(sse_stream(gw, turn, include_usage, bool(req.logprobs)),
                                                        media_type="text/event-stream",
                                                        headers={**headers, "Cache-Control": "no-cache"}), headers)
         try:

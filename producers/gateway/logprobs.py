@@ -46,6 +46,7 @@ class TokenText:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        self._special = set(getattr(tokenizer, "all_special_tokens", ()) or ())
         self._cache: dict[int, tuple[str, list[int]]] = {}
 
     def __call__(self, token_id: int) -> tuple[str, list[int]]:
@@ -59,8 +60,7 @@ class TokenText:
 
     def _bytes(self, token_id: int, text: str) -> bytes:
         piece = self.tokenizer.convert_ids_to_tokens(token_id)
-        special = set(getattr(self.tokenizer, "all_special_tokens", ()) or ())
-        if isinstance(piece, str) and piece not in special:
+        if isinstance(piece, str) and piece not in self._special:
             raw = _HEX_BYTE.fullmatch(piece)
             if raw:
                 return bytes([int(raw.group(1), 16)])

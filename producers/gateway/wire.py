@@ -69,7 +69,7 @@ class ChatCompletionRequest(_Lenient):
     stop: str | list[str] | None = None
     n: int = 1
     user: str | None = None
-    logprobs: bool = False
+    logprobs: bool | None = None        # null is false, as clients that send every field write it
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     # nextstate extensions (headers take precedence)
     session_id: str | None = Field(default=None, min_length=1, max_length=256)

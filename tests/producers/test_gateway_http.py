@@ -264,7 +264,7 @@ def test_logprobs_are_the_recorded_ones_and_top_logprobs_come_from_the_served_we
         bad = {body_key: httpx.post(f"{server.url}/v1/chat/completions",
                                     headers={"Authorization": f"Bearer {KEYS['acme']}"},
                                     json={"messages": messages, **body}).json()["error"]["message"]
-               for body_key, body in {"no logprobs": {"top_logprobs": 2},
+               for body_key, body in {"no logprobs": {"top_logprobs": 2, "logprobs": None},
                                       "streamed": {"logprobs": True, "top_logprobs": 2, "stream": True},
                                       "too many": {"logprobs": True, "top_logprobs": 21}}.items()}
     greedy, sampled, streamed = turns(gw)
