@@ -4,8 +4,9 @@ Routes: `POST /v1/chat/completions` (whole or SSE-streamed token by token), `GET
 `POST /v1/feedback`, `POST /v1/sessions/{id}/end`, `GET /metrics` (Prometheus), and
 `GET /healthz`. Every route but `/healthz` needs `Authorization: Bearer <key>` (401).
 
-Only this module turns errors into status codes: malformed JSON 400, invalid fields 422
-(the message names each field), bodies over `max_body_bytes` 413 (Content-Length or the
+Only this module turns errors into status codes: malformed JSON 400, invalid fields 400 as
+OpenAI and vLLM answer them (the message names each field, `param` the first; the SDKs raise
+`BadRequestError`), bodies over `max_body_bytes` 413 (Content-Length or the
 bytes actually received), a prompt longer than the context or a max_tokens larger than it 400
 `context_length_exceeded`, a `model` the gateway neither serves nor maps
 (`gateway.model_aliases`) 404 `model_not_found`, a broken engine 502. Responses carry `X-Policy-Version`,
@@ -35,16 +36,18 @@ from producers.gateway.auth import bearer
 from producers.gateway.replies import ReplayConflict, Reply, client_request_id
 from producers.gateway.service import ENGINE_WAIT, Gateway, MaxTokensError, Outcome, ShuttingDown, Turn, UnknownModel
 from producers.gateway.streaming import ClosingStreamingResponse, sse_stream
-from producers.gateway.wire import ChatCompletionRequest, FeedbackRequest, describe, error_body
+from producers.gateway.wire import ChatCompletionRequest, FeedbackRequest, describe, error_body, first_field
 
 log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None,
+                 param: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.headers = status, message, type_, code, headers
+        self.param = param
 
 
 def _route_label(path: str) -> str:
@@ -150,7 +153,8 @@ def create_app(gw: Gateway, settings: Any = None, namespace: str | None = None,
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.type, exc.code), exc.status, headers=exc.headers)
+        return JSONResponse(error_body(exc.message, exc.type, exc.code, exc.param), exc.status,
+                            headers=exc.headers)
 
     def tenant_of(request: Request) -> str:
         tenant = gw.keys.tenant_for(bearer(request.headers.get("authorization")))
@@ -170,7 +174,8 @@ def create_app(gw: Gateway, settings: Any = None, namespace: str | None = None,
         try:
             return model.model_validate(data)
         except ValidationError as exc:
-            raise ApiError(422, f"invalid request: {describe(exc)}") from None
+            raise ApiError(400, f"invalid request: {describe(exc)}", code="invalid_value",
+                           param=first_field(exc)) from None
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:

@@ -160,6 +160,12 @@ def error_body(message: str, type_: str = "invalid_request_error", code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+def first_field(exc: ValidationError) -> str | None:
+    """The path of the first invalid field (`messages.0.role`), OpenAI's `param`; None for the body."""
+    errors = exc.errors()
+    return (".".join(str(p) for p in errors[0]["loc"]) or None) if errors else None
+
+
 def describe(exc: ValidationError) -> str:
     """A pydantic error as one readable line: where, and what was wrong."""
     parts = []

@@ -133,7 +133,13 @@ def test_auth_errors_limits_and_models(make_gateway, engine):
         bad = httpx.post(url, content=b"{nope", headers=auth)
         assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
         invalid = httpx.post(url, json={"messages": [{"role": "user", "content": "x"}], "n": 3}, headers=auth)
-        assert invalid.status_code == 422 and "n=3 is not supported" in invalid.json()["error"]["message"]
+        assert invalid.status_code == 400 and "n=3 is not supported" in invalid.json()["error"]["message"]
+        assert invalid.json()["error"]["param"] == "n"
+        # invalid fields answer 400 as OpenAI does: the SDK raises BadRequestError, naming the field
+        with pytest.raises(openai.BadRequestError, match="temperature") as refused:
+            client(server, KEYS["acme"]).chat.completions.create(
+                model="policy", messages=[{"role": "user", "content": "x"}], temperature=3)
+        assert refused.value.param == "temperature"
         image = httpx.post(url, json={"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
                            headers=auth)
         assert image.status_code == 400 and "only" in image.json()["error"]["message"]

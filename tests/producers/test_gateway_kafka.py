@@ -48,7 +48,7 @@ def test_turns_feedback_and_session_ends_reach_kafka(settings, registry, namespa
         assert fb.status_code == 200
         bad = httpx.post(f"{server.url}/v1/feedback", headers=auth,
                          json={"session_id": "s-a", "kind": "outcome_reward", "reward": 3})
-        assert bad.status_code == 422 and "reward" in bad.json()["error"]["message"]
+        assert bad.status_code == 400 and "reward" in bad.json()["error"]["message"]
         _ask(c, "b", **{"X-Session-Id": "s-b"})
         end = httpx.post(f"{server.url}/v1/sessions/s-b/end", headers=auth)
         assert end.status_code == 200 and end.json()["known"] is True
