@@ -56,7 +56,7 @@ class Teacher:
 
     async def answer(self, turn: TurnRecorded, hint: str) -> Generation | None:
         """The teacher's own greedy answer to the turn under the hint, within the turn's token
-        limit and stop strings; None when it loops (infra.repetition), as an answer a user
+        limit, stop strings and grammar (a structured answer stays one); None when it loops (infra.repetition), as an answer a user
         would reject: a looping answer is no example to learn from."""
         params = turn.sampling.model_copy(update={"temperature": 0.0, "top_p": 1.0, "seed": None})
         made = await self.engine.generate(self.prompt_ids(turn, hint), params)

@@ -89,6 +89,7 @@ class SamplingParams(_Model):
     max_new_tokens: int = 256
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
+    grammar: str | None = None    # EBNF the answer was constrained to (serving.grammar); None: free
 
 
 class EpisodeRef(_Model):

@@ -11,7 +11,8 @@ event loop never blocks on torch and no request waits behind another one's whole
 Admission is bounded by ``max_batch_size`` running sequences; the rest queue, none is refused.
 
 Logprobs are the raw model logprob at temperature 1 of each sampled token (see
-`serving.sampling`). Every sampled token is returned, including EOS and the token that
+`serving.sampling`). A request whose params carry a grammar samples only what the grammar
+allows next (serving.grammar; compiled off the scheduler thread, cached by its text). Every sampled token is returned, including EOS and the token that
 completed a stop string: the gateway trims the text, the learner trains on what was sampled.
 
 Weight swaps (`load_weights`) never refuse or fail a request. A request is pinned to the
@@ -71,6 +72,10 @@ class _Request:
         self.scored: tuple[list, list, list] = ([], [], [])      # logprobs, top ids, top logprobs
         self.cache: Any = None      # its own KV cache while it is being prefilled
         self.prefilled = 0          # prompt tokens prefilled so far
+        self.constraint: Any = None  # serving.grammar.Constraint when params carry a grammar
+
+    def mask(self) -> Any:
+        return self.constraint.mask if self.constraint is not None else None
 
     def emit(self, item: Any) -> None:
         try:
@@ -115,6 +120,8 @@ class LocalEngine:
         self._dropped: weakref.ref | None = None   # the base model, weakly, once dropped
         self._prefix = (PrefixCache(settings.prefix_cache_mb << 20, settings.prefix_cache_min_tokens)
                         if settings.prefix_cache_mb > 0 else None)
+        self._grammars: Any = None   # serving.grammar.Grammars, made on the first grammar
+        self._grammars_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="local-engine", daemon=True)
         self._thread.start()
 
@@ -153,6 +160,8 @@ class LocalEngine:
         if params.max_new_tokens <= 0:
             return
         req = _Request(asyncio.get_running_loop(), list(prompt_ids), params)
+        if params.grammar:
+            req.constraint = await asyncio.to_thread(self._constraint, params.grammar)
         self._submit(req)
         try:
             while True:
@@ -223,6 +232,15 @@ class LocalEngine:
         await asyncio.to_thread(self._thread.join, 30)
 
     # -- plumbing between loops and the scheduler thread ---------------------------------
+
+    def _constraint(self, grammar: str) -> Any:
+        """A matcher for `grammar` (compiled once per text); off the scheduler thread."""
+        from serving.grammar import Grammars
+
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer, self._vocab, self.eos_ids)
+        return self._grammars.constraint(self._grammars.compile(grammar))
 
     def _check_context(self, prompt_tokens: int, max_new: int) -> None:
         if prompt_tokens + max_new > self.max_context:
@@ -360,7 +378,8 @@ class LocalEngine:
             if req.prefilled < len(req.tokens):
                 return True
             params = req.params
-            tok, lp = sample_rows(out.logits[:, -1, :], [params.temperature], [params.top_p], [req.generator])
+            tok, lp = sample_rows(out.logits[:, -1, :], [params.temperature], [params.top_p], [req.generator],
+                                  [req.mask()])
         except Exception as exc:
             log.exception("prefill failed")
             self._prefilling.remove(req)
@@ -403,7 +422,8 @@ class LocalEngine:
             batch.cache = out.past_key_values
             seqs = batch.seqs
             ids, lps = sample_rows(out.logits[:, -1, :], [r.params.temperature for r in seqs],
-                                   [r.params.top_p for r in seqs], [r.generator for r in seqs])
+                                   [r.params.top_p for r in seqs], [r.generator for r in seqs],
+                                   [r.mask() for r in seqs])
             keep = []
             for i, (req, tok, lp) in enumerate(zip(seqs, ids, lps, strict=True)):
                 if self._emit_token(req, tok, lp):
@@ -430,6 +450,8 @@ class LocalEngine:
         req.generated.append(tok)
         self._stats["tokens"] += 1
         params = req.params
+        if req.constraint is not None:
+            req.constraint.accept(tok)
         finish = None
         if tok in self.eos_ids:
             finish = "stop"

@@ -15,7 +15,7 @@ seed), so a seeded request samples the same tokens whatever else shares its batc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -44,10 +44,15 @@ def sample_row(logits: torch.Tensor, temperature: float, top_p: float,
 
 
 def sample_rows(logits: torch.Tensor, temperatures: Sequence[float], top_ps: Sequence[float],
-                generators: Sequence[torch.Generator | None]) -> tuple[list[int], list[float]]:
-    """Sample one token per row of `logits` [B, V]; return ids and their raw logprobs."""
+                generators: Sequence[torch.Generator | None],
+                masks: Sequence[Callable[[torch.Tensor], torch.Tensor] | None] | None = None,
+                ) -> tuple[list[int], list[float]]:
+    """Sample one token per row of `logits` [B, V]; return ids and their raw logprobs.
+    `masks[i]`, where given, returns row i with the tokens it forbids at -inf (a grammar,
+    serving.grammar): the draw is from the masked row, the logprob from the raw one."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    ids = [sample_row(logits[i], temperatures[i], top_ps[i], generators[i])
+    ids = [sample_row(masks[i](logits[i]) if masks and masks[i] else logits[i],
+                      temperatures[i], top_ps[i], generators[i])
            for i in range(logits.shape[0])]
     picked = logprobs[torch.arange(len(ids)), torch.tensor(ids, device=logits.device)]
     return ids, picked.tolist()

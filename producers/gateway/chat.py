@@ -51,6 +51,11 @@ class ToolCallParser(Protocol):
 
     def parse(self, text: str) -> ParsedOutput: ...
 
+    def call_syntax(self) -> tuple[str, str, str]:
+        """How one call is written: (text before its JSON object, text after it, the key of
+        its arguments); what a forced `tool_choice` constrains the answer to."""
+        ...
+
 
 def _call_from_obj(obj: Any, args_key: str = "arguments") -> ToolCall | None:
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
@@ -77,6 +82,9 @@ class HermesParser:
 
     def markers(self) -> tuple[str, ...]:
         return ("<tool_call>",)
+
+    def call_syntax(self) -> tuple[str, str, str]:
+        return "<tool_call>\n", "\n</tool_call>", "arguments"
 
     def parse(self, text: str) -> ParsedOutput:
         calls, kept, last = [], [], 0
@@ -109,6 +117,9 @@ class Llama3JsonParser:
     def markers(self) -> tuple[str, ...]:
         return ("<|python_tag|>",)
 
+    def call_syntax(self) -> tuple[str, str, str]:
+        return "", "", "parameters"
+
     def parse(self, text: str) -> ParsedOutput:
         body = text.strip().removeprefix("<|python_tag|>").strip()
         calls = []
@@ -134,6 +145,9 @@ class MistralParser:
 
     def markers(self) -> tuple[str, ...]:
         return ("[TOOL_CALLS]",)
+
+    def call_syntax(self) -> tuple[str, str, str]:
+        return "[TOOL_CALLS][", "]", "arguments"
 
     def parse(self, text: str) -> ParsedOutput:
         i = text.find("[TOOL_CALLS]")

@@ -56,6 +56,7 @@ class MaxTokensError(GatewayError):
 from infra.settings import GatewaySettings
 from producers.gateway.auth import KeyRing
 from producers.gateway.chat import ToolCallParser, parser_for
+from producers.gateway.constraints import request_grammar
 from producers.gateway.decode import Final, TextAssembler
 from producers.gateway.logprobs import TokenText, entries
 from producers.gateway.metrics import GatewayMetrics
@@ -236,7 +237,8 @@ class Gateway:
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
             max_new_tokens=min(asked, cap, info.max_context - len(prompt_ids)),
-            seed=req.seed, stop=req.stop_list)
+            seed=req.seed, stop=req.stop_list,
+            grammar=request_grammar(req.response_format, req.tool_choice, tools, self.parser))
         kind = (headers.get("x-turn-type") or req.turn_type or "main").upper()
         if kind not in TurnType.__members__:
             raise GatewayError(f"X-Turn-Type {kind.lower()!r} is not one of main, side")

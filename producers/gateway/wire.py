@@ -2,8 +2,9 @@
 
 Requests are validated with pydantic; unknown OpenAI fields (`store`, `parallel_tool_calls`,
 `reasoning_effort`, ...) are accepted and ignored, so real clients are not refused for
-options this gateway does not act on. `tool_choice` other than "auto"/"none" is accepted but
-not enforced (no constrained decoding). `logprobs` / `top_logprobs` are honoured
+options this gateway does not act on. `response_format` (JSON object or schema) and a forced
+`tool_choice` ("required" or a named function) are enforced by constrained decoding
+(producers.gateway.constraints); `logprobs` / `top_logprobs` are honoured
 (producers.gateway.logprobs). Errors use OpenAI's `{"error": {...}}` body.
 """
 
@@ -50,6 +51,25 @@ class ToolDef(_Lenient):
     function: FunctionDef
 
 
+class JsonSchemaFormat(_Lenient):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a json_schema object")
+        return self
+
+
 class StreamOptions(_Lenient):
     include_usage: bool = False
 
@@ -59,6 +79,7 @@ class ChatCompletionRequest(_Lenient):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[ToolDef] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)

@@ -291,6 +291,53 @@ def test_logprobs_are_the_recorded_ones_and_top_logprobs_come_from_the_served_we
     assert "stream" in bad["streamed"] and "top_logprobs" in bad["too many"]
 
 
+def test_structured_output_and_forced_tool_calls_are_enforced(make_gateway, engine):
+    # The tiny random model writes no JSON of its own: every well-formed answer here is the grammar's.
+    gw = make_gateway(engine)
+    ask = [{"role": "user", "content": "pick one"}]
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "blue"]}, "sure": {"type": "boolean"}},
+              "required": ["colour", "sure"]}
+    tools = [{"type": "function", "function": {"name": "paint", "parameters": schema}},
+             {"type": "function", "function": {"name": "wait", "parameters": {"type": "object", "properties": {}}}}]
+    with ServerThread(gw) as server:
+        c = client(server)
+        shaped = c.chat.completions.create(
+            model="tiny", messages=ask, max_tokens=60, temperature=1.0, seed=1,
+            response_format={"type": "json_schema", "json_schema": {"name": "choice", "schema": schema}})
+        anything = c.chat.completions.create(model="tiny", messages=ask, max_tokens=60, temperature=0,
+                                             response_format={"type": "json_object"})
+        named = c.chat.completions.create(model="tiny", messages=ask, tools=tools, max_tokens=200, seed=2,
+                                          tool_choice={"type": "function", "function": {"name": "paint"}})
+        required = c.chat.completions.create(model="tiny", messages=ask, tools=tools, max_tokens=200, seed=3,
+                                             tool_choice="required")
+        streamed = list(c.chat.completions.create(model="tiny", messages=ask, tools=tools, max_tokens=200, seed=4,
+                                                  tool_choice={"type": "function", "function": {"name": "paint"}},
+                                                  stream=True))
+        refusals = {}
+        for what, extra in {"unknown tool": {"tools": tools, "tool_choice": {"type": "function",
+                                                                            "function": {"name": "fly"}}},
+                            "no tools": {"tool_choice": "required"},
+                            "bad schema": {"response_format": {"type": "json_schema",
+                                                               "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}}.items():
+            with pytest.raises(openai.BadRequestError) as refused:
+                c.chat.completions.create(model="tiny", messages=ask, max_tokens=8, **extra)
+            refusals[what] = str(refused.value)
+    value = json.loads(shaped.choices[0].message.content)
+    assert value["colour"] in ("red", "blue") and isinstance(value["sure"], bool) and set(value) == {"colour", "sure"}
+    assert shaped.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(anything.choices[0].message.content), dict)
+    call = named.choices[0].message.tool_calls[0]
+    assert named.choices[0].finish_reason == "tool_calls" and call.function.name == "paint"
+    assert json.loads(call.function.arguments)["colour"] in ("red", "blue")
+    assert [tc.function.name for tc in required.choices[0].message.tool_calls] in (["paint"], ["wait"])
+    calls = [tc for ch in streamed if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert calls[0].function.name == "paint" and json.loads("".join(tc.function.arguments or "" for tc in calls))
+    assert "'fly'" in refusals["unknown tool"] and "needs tools" in refusals["no tools"]
+    assert 'cannot be enforced: Unsupported type "nonsense"' in refusals["bad schema"]
+    recorded = turns(gw)   # the constraint is recorded with the turn; refused requests record nothing
+    assert len(recorded) == 5 and all(t.sampling.grammar for t in recorded)
+
+
 def test_episode_headers_put_a_turn_in_its_rollout_and_partial_ones_are_refused(make_gateway, engine):
     gw = make_gateway(engine)
     body = {"model": "tiny", "messages": [{"role": "user", "content": "2+2?"}], "max_tokens": 2}

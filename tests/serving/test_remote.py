@@ -5,6 +5,7 @@ and errors as the engine used in-process; a bearer key guards it."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 from pathlib import Path
@@ -65,6 +66,11 @@ async def test_remote_equals_local(served) -> None:
         assert [d.token_id for d in deltas] == a.token_ids and deltas[-1].finish_reason == a.finish_reason
         s_local = await local.score(prompt, a.token_ids, top_k=2)
         assert await remote.score(prompt, a.token_ids, top_k=2) == s_local
+        # a grammar travels with the params: the remote answer is the local one, and JSON
+        constrained = params.model_copy(update={"max_new_tokens": 16, "grammar": 'root ::= "{\\"ok\\": " ("true" | "false") "}"'})
+        c = await remote.generate(prompt, constrained)
+        assert c == await local.generate(prompt, constrained)
+        assert json.loads(local.tokenizer.decode(c.token_ids[:-1]))["ok"] in (True, False)
     finally:
         await remote.close()
 

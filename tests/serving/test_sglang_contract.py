@@ -26,7 +26,7 @@ VOCAB = 1000
 CONTEXT = 256
 # Keys SGLang's SamplingParams accepts that our adapter may send.
 KNOWN_SAMPLING = {"temperature", "top_p", "top_k", "min_p", "max_new_tokens", "stop",
-                  "stop_token_ids", "sampling_seed", "no_stop_trim", "skip_special_tokens"}
+                  "stop_token_ids", "sampling_seed", "no_stop_trim", "skip_special_tokens", "ebnf"}
 KNOWN_GENERATE = {"input_ids", "sampling_params", "return_logprob", "logprob_start_len",
                   "top_logprobs_num", "stream", "lora_path", "rid"}
 
@@ -158,6 +158,9 @@ async def test_generate_sends_input_ids_and_parses_logprobs(fake) -> None:
     assert path == "/generate" and body["input_ids"] == [1, 2, 3] and body["return_logprob"] is True
     assert body["sampling_params"]["sampling_seed"] == 3 and body["sampling_params"]["stop"] == ["\n"]
     assert eng.info().max_context == CONTEXT
+    await eng.generate([1, 2, 3], SamplingParams(max_new_tokens=2, grammar='root ::= "yes" | "no"'))
+    assert fake.requests[-1][1]["sampling_params"]["ebnf"] == 'root ::= "yes" | "no"'
+    assert "ebnf" not in body["sampling_params"]   # free sampling sends none
     await eng.close()
 
 
