@@ -207,6 +207,10 @@ class GatewaySettings(_Section):
     # Tool-call syntax of the model's chat template (producers.gateway.chat.TOOL_PARSERS);
     # None: detected from the template.
     tool_parser: str | None = None
+    # What a request that leaves temperature / top_p / top_k out samples with: "model" takes
+    # the model's own recommendation from its generation_config.json (as vLLM does) where it
+    # gives one, OpenAI's defaults (1, 1, all tokens) elsewhere; "openai" always OpenAI's.
+    sampling_defaults: Annotated[Literal["model", "openai"], BeforeValidator(_lower)] = "model"
     default_max_tokens: int = Field(default=256, ge=1)
     # The most new tokens one request gets: one asking for more (but no more than the model's
     # context) is clamped to this and told so (`X-Max-Tokens-Clamped`); one asking for more

@@ -86,6 +86,7 @@ class TurnType(StrEnum):
 class SamplingParams(_Model):
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0                # the k most likely tokens only; 0: all
     max_new_tokens: int = 256
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)

@@ -379,7 +379,7 @@ class LocalEngine:
                 return True
             params = req.params
             tok, lp = sample_rows(out.logits[:, -1, :], [params.temperature], [params.top_p], [req.generator],
-                                  [req.mask()])
+                                  [req.mask()], [params.top_k])
         except Exception as exc:
             log.exception("prefill failed")
             self._prefilling.remove(req)
@@ -423,7 +423,7 @@ class LocalEngine:
             seqs = batch.seqs
             ids, lps = sample_rows(out.logits[:, -1, :], [r.params.temperature for r in seqs],
                                    [r.params.top_p for r in seqs], [r.generator for r in seqs],
-                                   [r.mask() for r in seqs])
+                                   [r.mask() for r in seqs], [r.params.top_k for r in seqs])
             keep = []
             for i, (req, tok, lp) in enumerate(zip(seqs, ids, lps, strict=True)):
                 if self._emit_token(req, tok, lp):

@@ -52,6 +52,34 @@ def packaged_smollm2_gguf() -> Path:
                       "holds no .gguf file")
 
 
+def sampling_defaults(model_dir: str | Path | None) -> dict[str, float | int]:
+    """The sampling a model recommends in its ``generation_config.json``: temperature, top_p
+    and top_k where it names them (Qwen and Llama instruct checkpoints do; SmolLM2 does not).
+    Read as vLLM reads it, whatever ``do_sample`` says; {} when there is no such file."""
+    import json
+
+    path = Path(model_dir) / "generation_config.json" if model_dir else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring %s: %s", path, exc)
+        return {}
+    out: dict[str, float | int] = {}
+    for key, kind in (("temperature", float), ("top_p", float), ("top_k", int)):
+        value = config.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = kind(value)
+    if not 0.0 <= out.get("temperature", 1.0) <= 2.0:
+        out.pop("temperature")
+    if not 0.0 < out.get("top_p", 1.0) <= 1.0:
+        out.pop("top_p")
+    if out.get("top_k", 0) < 0:
+        out["top_k"] = 0   # HF and vLLM spell "all tokens" -1 too
+    return out
+
+
 def is_hf_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 

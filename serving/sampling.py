@@ -34,10 +34,13 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def sample_row(logits: torch.Tensor, temperature: float, top_p: float,
-               generator: torch.Generator | None = None) -> int:
-    """One token id from a 1-D logits row under temperature and top-p."""
+               generator: torch.Generator | None = None, top_k: int = 0) -> int:
+    """One token id from a 1-D logits row under temperature, top-k (0: off) and top-p."""
     if temperature <= 0.0:
         return int(torch.argmax(logits))
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     probs = top_p_filter(probs, top_p)
     return int(torch.multinomial(probs, 1, generator=generator))
@@ -46,13 +49,13 @@ def sample_row(logits: torch.Tensor, temperature: float, top_p: float,
 def sample_rows(logits: torch.Tensor, temperatures: Sequence[float], top_ps: Sequence[float],
                 generators: Sequence[torch.Generator | None],
                 masks: Sequence[Callable[[torch.Tensor], torch.Tensor] | None] | None = None,
-                ) -> tuple[list[int], list[float]]:
+                top_ks: Sequence[int] | None = None) -> tuple[list[int], list[float]]:
     """Sample one token per row of `logits` [B, V]; return ids and their raw logprobs.
     `masks[i]`, where given, returns row i with the tokens it forbids at -inf (a grammar,
     serving.grammar): the draw is from the masked row, the logprob from the raw one."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     ids = [sample_row(masks[i](logits[i]) if masks and masks[i] else logits[i],
-                      temperatures[i], top_ps[i], generators[i])
+                      temperatures[i], top_ps[i], generators[i], top_ks[i] if top_ks else 0)
            for i in range(logits.shape[0])]
     picked = logprobs[torch.arange(len(ids)), torch.tensor(ids, device=logits.device)]
     return ids, picked.tolist()

@@ -55,6 +55,8 @@ def sampling_params(params: SamplingParams) -> dict[str, Any]:
         out["stop"] = list(params.stop)
     if params.seed is not None:
         out["sampling_seed"] = params.seed
+    if params.top_k > 0:
+        out["top_k"] = params.top_k
     if params.grammar:
         out["ebnf"] = params.grammar   # SGLang's grammar backend (xgrammar by default) reads it
     return out

@@ -75,6 +75,7 @@ from schemas.events import (
 )
 from serving.chat import normalize_messages, render_prompt
 from serving.engine import Engine
+from serving.models import sampling_defaults
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,13 @@ class Gateway:
         self.model_name = model_name or settings.served_model_name or Path(engine.info().model).name
         self.model_names = frozenset([self.model_name, *settings.model_aliases])
         self.parser = parser_for(tokenizer, settings.tool_parser)
+        # what a request that leaves temperature / top_p / top_k out samples with
+        info = engine.info()
+        self.sampling_defaults = (sampling_defaults(info.details.get("tokenizer") or info.model)
+                                  if settings.sampling_defaults == "model" else {})
+        if self.sampling_defaults:
+            log.info("requests that leave them out sample with the model's %s (gateway.sampling_defaults)",
+                     ", ".join(f"{k} {v}" for k, v in self.sampling_defaults.items()))
         self.token_text = TokenText(tokenizer)
         self.sessions = SessionTracker(settings.session_idle_timeout_s)
         self.replies = Replies(settings.replay_window)
@@ -233,9 +241,11 @@ class Gateway:
             raise MaxTokensError(asked, info.max_context)
         cap = self.max_tokens_cap(info.max_context)
         # Documented: max_new_tokens is clamped to the cap and to the room left in the context.
+        default = self.sampling_defaults
         params = SamplingParams(
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
+            temperature=default.get("temperature", 1.0) if req.temperature is None else req.temperature,
+            top_p=default.get("top_p", 1.0) if req.top_p is None else req.top_p,
+            top_k=default.get("top_k", 0) if req.top_k is None else max(0, req.top_k),
             max_new_tokens=min(asked, cap, info.max_context - len(prompt_ids)),
             seed=req.seed, stop=req.stop_list,
             grammar=request_grammar(req.response_format, req.tool_choice, tools, self.parser))

@@ -4,12 +4,14 @@ Kafka here; test_gateway_kafka.py covers delivery)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
 import openai
 import pytest
 
+from infra.settings import ServingSettings
 from producers.gateway.server import ServerThread
 from schemas.events import SamplingParams, SessionSource, TurnRecorded, TurnType
 from serving.chat import normalize_messages, render_prompt
@@ -336,6 +338,39 @@ def test_structured_output_and_forced_tool_calls_are_enforced(make_gateway, engi
     assert 'cannot be enforced: Unsupported type "nonsense"' in refusals["bad schema"]
     recorded = turns(gw)   # the constraint is recorded with the turn; refused requests record nothing
     assert len(recorded) == 5 and all(t.sampling.grammar for t in recorded)
+
+
+def test_sampling_left_out_follows_the_models_generation_config(make_gateway, tiny_model_dir, tmp_path):
+    import shutil
+
+    from serving.local import LocalEngine
+    from serving.models import sampling_defaults
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**config, "do_sample": True, "temperature": 0.3,
+                                                              "top_k": 1, "top_p": 7}))
+    assert sampling_defaults(model) == {"temperature": 0.3, "top_k": 1}   # top_p 7 is no probability
+    eng = LocalEngine(ServingSettings(max_batch_size=4), model_dir=model)
+    ask = {"model": "tiny", "messages": [{"role": "user", "content": "defaults"}], "max_tokens": 12}
+    try:
+        gw, plain = make_gateway(eng), make_gateway(eng, sampling_defaults="openai")
+        with ServerThread(gw) as server:
+            c = client(server)
+            left_out = c.chat.completions.create(**ask, seed=1)
+            greedy = c.chat.completions.create(**ask, temperature=0)
+            given = c.chat.completions.create(**ask, temperature=1.0, seed=2, extra_body={"top_k": -1})
+        with ServerThread(plain) as server:
+            client(server).chat.completions.create(**ask, seed=1)
+    finally:
+        asyncio.run(eng.close())
+    model_default, _, explicit = turns(gw)
+    assert (model_default.sampling.temperature, model_default.sampling.top_p, model_default.sampling.top_k) == (0.3, 1.0, 1)
+    assert left_out.choices[0].message.content == greedy.choices[0].message.content   # top_k 1 is greedy
+    assert (explicit.sampling.temperature, explicit.sampling.top_k) == (1.0, 0)
+    openai_default = turns(plain)[0]
+    assert (openai_default.sampling.temperature, openai_default.sampling.top_k) == (1.0, 0)
 
 
 def test_episode_headers_put_a_turn_in_its_rollout_and_partial_ones_are_refused(make_gateway, engine):

@@ -161,6 +161,9 @@ async def test_generate_sends_input_ids_and_parses_logprobs(fake) -> None:
     await eng.generate([1, 2, 3], SamplingParams(max_new_tokens=2, grammar='root ::= "yes" | "no"'))
     assert fake.requests[-1][1]["sampling_params"]["ebnf"] == 'root ::= "yes" | "no"'
     assert "ebnf" not in body["sampling_params"]   # free sampling sends none
+    assert "top_k" not in body["sampling_params"]   # 0: all tokens, SGLang's own default
+    await eng.generate([1, 2, 3], SamplingParams(max_new_tokens=2, top_k=20))
+    assert fake.requests[-1][1]["sampling_params"]["top_k"] == 20
     await eng.close()
 
 
