@@ -54,7 +54,8 @@ def forced_tools(tool_choice: Any, tools: list[dict[str, Any]] | None) -> list[d
             raise ChatError("tool_choice 'required' needs tools")
         return offered
     if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
-        name = (tool_choice.get("function") or {}).get("name")
+        # {"function": {"name": ...}} as chat completions write it, {"name": ...} as Responses do
+        name = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
         chosen = [t for t in offered if t["function"]["name"] == name]
         if not chosen:
             raise ChatError(f"tool_choice names the function {name!r}, which is not among the tools "
