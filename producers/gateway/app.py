@@ -1,7 +1,7 @@
 """The HTTP edge of the recording gateway: OpenAI-compatible routes over a `Gateway`.
 
-Routes: `POST /v1/chat/completions` (whole or SSE-streamed token by token), `GET /v1/models`,
-`POST /v1/feedback`, `POST /v1/sessions/{id}/end`, `GET /metrics` (Prometheus), and
+Routes: `POST /v1/chat/completions` (whole or SSE-streamed token by token), `GET /v1/models`
+and `GET /v1/models/{id}`, `POST /v1/feedback`, `POST /v1/sessions/{id}/end`, `GET /metrics` (Prometheus), and
 `GET /healthz`. Every route but `/healthz` needs `Authorization: Bearer <key>` (401).
 
 Only this module turns errors into status codes: malformed JSON 400, invalid fields 400 as
@@ -53,6 +53,8 @@ class ApiError(Exception):
 def _route_label(path: str) -> str:
     if path.startswith("/v1/sessions/"):
         return "/v1/sessions/{id}/end"
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{id}"
     return path if path in {"/v1/chat/completions", "/v1/models", "/v1/feedback", "/metrics",
                             "/healthz"} else "other"
 
@@ -186,13 +188,24 @@ def create_app(gw: Gateway, settings: Any = None, namespace: str | None = None,
         tenant_of(request)
         return Response(gw.metrics.render(), media_type=gw.metrics.content_type)
 
+    def model_card() -> dict[str, Any]:
+        info = gw.engine.info()
+        return {"id": gw.model_name, "object": "model", "created": 0, "owned_by": "nextstate",
+                "max_model_len": info.max_context, "policy_version": info.policy_version}
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         tenant_of(request)
-        info = gw.engine.info()
-        return {"object": "list", "data": [{"id": gw.model_name, "object": "model", "created": 0,
-                                            "owned_by": "nextstate", "max_model_len": info.max_context,
-                                            "policy_version": info.policy_version}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(request: Request, model: str) -> dict[str, Any]:
+        """One model, as OpenAI's `models.retrieve` asks: the served one under any of its names."""
+        tenant_of(request)
+        if model not in gw.model_names:
+            raise ApiError(404, f"the model {model!r} is not served here: this gateway serves "
+                           f"{gw.model_name!r}", code="model_not_found")
+        return {**model_card(), "id": model}
 
     async def once(request: Request, tenant: str, produce: Any, streamed: bool = False) -> Response:
         """Answer a request the client may retry: the same `X-Request-Id` gets the first answer

@@ -130,6 +130,16 @@ def test_auth_errors_limits_and_models(make_gateway, engine):
         assert httpx.get(f"{server.url}/v1/models").status_code == 401
         assert httpx.get(f"{server.url}/healthz").status_code == 200
         assert client(server, KEYS["globex"]).models.list().data[0].id == gw.model_name
+        assert client(server).models.retrieve("policy").id == "policy"   # a served name, an alias too
+        # more stop strings than OpenAI's 4, as clients written for vLLM send; not without bound
+        many = client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                                      max_tokens=2, stop=[f"s{i}" for i in range(8)])
+        assert many.choices[0].finish_reason in ("length", "stop")
+        with pytest.raises(openai.BadRequestError, match="at most 32 stop sequences"):
+            client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                                   stop=[f"s{i}" for i in range(33)])
+        with pytest.raises(openai.NotFoundError, match="not served here"):
+            client(server).models.retrieve("gpt-4o")
         auth = {"Authorization": f"Bearer {KEYS['acme']}"}
         url = f"{server.url}/v1/chat/completions"
         bad = httpx.post(url, content=b"{nope", headers=auth)
@@ -152,7 +162,7 @@ def test_auth_errors_limits_and_models(make_gateway, engine):
         assert chunked.status_code == 413  # by the bytes actually received
         metrics = httpx.get(f"{server.url}/metrics", headers=auth).text
         assert 'nextstate_gateway_requests_total{route="/v1/chat/completions",status="413"} 2.0' in metrics
-    assert turns(gw) == []  # refused requests record nothing
+    assert [t.sampling.stop for t in turns(gw)] == [[f"s{i}" for i in range(8)]]  # refused ones record nothing
 
 
 def test_a_model_the_gateway_does_not_serve_is_404_unless_mapped(make_gateway, engine):
