@@ -233,7 +233,8 @@ def create_app(gw: Gateway, settings: Any = None, namespace: str | None = None,
 
     async def _chat(request: Request, tenant: str, req: ChatCompletionRequest) -> Reply:
         try:
-            turn = gw.prepare(req, tenant, {k.lower(): v for k, v in request.headers.items()})
+            grammar = await gw.grammar(req)
+            turn = gw.prepare(req, tenant, {k.lower(): v for k, v in request.headers.items()}, grammar)
         except ContextLengthError as exc:
             raise ApiError(400, f"the prompt is {exc.prompt_tokens} tokens but the model's context is "
                            f"{exc.max_context} tokens; shorten the conversation",

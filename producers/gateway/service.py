@@ -56,7 +56,7 @@ class MaxTokensError(GatewayError):
 from infra.settings import GatewaySettings
 from producers.gateway.auth import KeyRing
 from producers.gateway.chat import ToolCallParser, parser_for
-from producers.gateway.constraints import request_grammar
+from producers.gateway.constraints import forced_tools, request_grammar
 from producers.gateway.decode import Final, TextAssembler
 from producers.gateway.logprobs import TokenText, entries
 from producers.gateway.metrics import GatewayMetrics
@@ -219,10 +219,22 @@ class Gateway:
                     log.exception("could not record the idle end of session %s", session.session_id)
 
     # -- turns --------------------------------------------------------------------------------
-    def prepare(self, req: ChatCompletionRequest, tenant: str, headers: dict[str, str]) -> Turn:
-        """Render the prompt ids once and place the request in a session. Raises ChatError
-        (bad messages), ContextLengthError (prompt longer than the model's context) or
-        ShuttingDown."""
+    async def grammar(self, req: ChatCompletionRequest) -> str | None:
+        """The grammar the request constrains its answer to (producers.gateway.constraints),
+        built in a worker thread: the first one imports xgrammar (up to 2 s where torch is not
+        loaded yet), a large schema takes milliseconds; neither may stall the event loop.
+        None, at no cost, for a request that constrains nothing. Raises ChatError."""
+        tools = req.dumped_tools()
+        if not forced_tools(req.tool_choice, tools) and (req.response_format is None
+                                                         or req.response_format.type == "text"):
+            return None
+        return await asyncio.to_thread(request_grammar, req.response_format, req.tool_choice, tools, self.parser)
+
+    def prepare(self, req: ChatCompletionRequest, tenant: str, headers: dict[str, str],
+                grammar: str | None = None) -> Turn:
+        """Render the prompt ids once and place the request in a session; `grammar` from
+        `grammar()`. Raises ChatError (bad messages), ContextLengthError (prompt longer than
+        the model's context) or ShuttingDown."""
         if self.draining:
             raise ShuttingDown("the gateway is shutting down; send the request again in a moment")
         if req.model is not None and req.model not in self.model_names:
@@ -247,8 +259,7 @@ class Gateway:
             top_p=default.get("top_p", 1.0) if req.top_p is None else req.top_p,
             top_k=default.get("top_k", 0) if req.top_k is None else max(0, req.top_k),
             max_new_tokens=min(asked, cap, info.max_context - len(prompt_ids)),
-            seed=req.seed, stop=req.stop_list,
-            grammar=request_grammar(req.response_format, req.tool_choice, tools, self.parser))
+            seed=req.seed, stop=req.stop_list, grammar=grammar)
         kind = (headers.get("x-turn-type") or req.turn_type or "main").upper()
         if kind not in TurnType.__members__:
             raise GatewayError(f"X-Turn-Type {kind.lower()!r} is not one of main, side")
