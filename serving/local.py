@@ -451,7 +451,11 @@ class LocalEngine:
         self._stats["tokens"] += 1
         params = req.params
         if req.constraint is not None:
-            req.constraint.accept(tok)
+            try:
+                req.constraint.accept(tok)
+            except ServingError as exc:   # never expected (the mask allowed it): this request only
+                req.emit(exc)
+                return True
         finish = None
         if tok in self.eos_ids:
             finish = "stop"
