@@ -12,8 +12,9 @@ Admission is bounded by ``max_batch_size`` running sequences; the rest queue, no
 
 Logprobs are the raw model logprob at temperature 1 of each sampled token (see
 `serving.sampling`). A request whose params carry a grammar samples only what the grammar
-allows next (serving.grammar; compiled off the scheduler thread, cached by its text). Every sampled token is returned, including EOS and the token that
-completed a stop string: the gateway trims the text, the learner trains on what was sampled.
+allows next (serving.grammar; compiled off the scheduler thread, cached by its text). Every
+sampled token is returned, including EOS and the token that completed a stop string: the
+gateway trims the text, the learner trains on what was sampled.
 
 Weight swaps (`load_weights`) never refuse or fail a request. A request is pinned to the
 `Policy` (weights + version) that was current when it was admitted, and decodes in that

@@ -9,7 +9,9 @@ vocabulary), so behaviour and training logprobs compare like with like; the samp
 that shaped the draw are recorded beside it in every turn. SGLang's default
 ``output_token_logprobs`` are the same raw quantity, so both engines agree.
 
-Temperature 0 means greedy. Each sequence may carry its own ``torch.Generator`` (from its
+Temperature 0 means greedy; top-k (0: off) and top-p cut the tail before the draw, and a
+grammar's mask (serving.grammar) removes what it does not allow; none of them changes the
+logprob reported. Each sequence may carry its own ``torch.Generator`` (from its
 seed), so a seeded request samples the same tokens whatever else shares its batch.
 """
 
