@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Literal
 
 import httpx
 import openai
+import pydantic
 import pytest
 
 from infra.settings import ServingSettings
@@ -303,6 +305,11 @@ def test_logprobs_are_the_recorded_ones_and_top_logprobs_come_from_the_served_we
     assert "stream" in bad["streamed"] and "top_logprobs" in bad["too many"]
 
 
+class Choice(pydantic.BaseModel):
+    colour: Literal["red", "blue"]
+    sure: bool
+
+
 def test_structured_output_and_forced_tool_calls_are_enforced(make_gateway, engine):
     # The tiny random model writes no JSON of its own: every well-formed answer here is the grammar's.
     gw = make_gateway(engine)
@@ -318,6 +325,9 @@ def test_structured_output_and_forced_tool_calls_are_enforced(make_gateway, engi
             response_format={"type": "json_schema", "json_schema": {"name": "choice", "schema": schema}})
         anything = c.chat.completions.create(model="tiny", messages=ask, max_tokens=60, temperature=0,
                                              response_format={"type": "json_object"})
+        # the SDK's own structured-output path: a pydantic model in, a parsed instance out
+        parsed = c.chat.completions.parse(model="tiny", messages=ask, max_tokens=60, seed=5,
+                                          response_format=Choice).choices[0].message.parsed
         named = c.chat.completions.create(model="tiny", messages=ask, tools=tools, max_tokens=200, seed=2,
                                           tool_choice={"type": "function", "function": {"name": "paint"}})
         required = c.chat.completions.create(model="tiny", messages=ask, tools=tools, max_tokens=200, seed=3,
@@ -334,6 +344,7 @@ def test_structured_output_and_forced_tool_calls_are_enforced(make_gateway, engi
             with pytest.raises(openai.BadRequestError) as refused:
                 c.chat.completions.create(model="tiny", messages=ask, max_tokens=8, **extra)
             refusals[what] = str(refused.value)
+    assert isinstance(parsed, Choice) and parsed.colour in ("red", "blue")
     value = json.loads(shaped.choices[0].message.content)
     assert value["colour"] in ("red", "blue") and isinstance(value["sure"], bool) and set(value) == {"colour", "sure"}
     assert shaped.choices[0].finish_reason == "stop"
@@ -347,7 +358,7 @@ def test_structured_output_and_forced_tool_calls_are_enforced(make_gateway, engi
     assert "'fly'" in refusals["unknown tool"] and "needs tools" in refusals["no tools"]
     assert 'cannot be enforced: Unsupported type "nonsense"' in refusals["bad schema"]
     recorded = turns(gw)   # the constraint is recorded with the turn; refused requests record nothing
-    assert len(recorded) == 5 and all(t.sampling.grammar for t in recorded)
+    assert len(recorded) == 6 and all(t.sampling.grammar for t in recorded)
 
 
 def test_sampling_left_out_follows_the_models_generation_config(make_gateway, tiny_model_dir, tmp_path):
