@@ -30,6 +30,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from infra.errors import ChatError, ContextLengthError, GatewayError, NextstateError, ServingError
 from producers.gateway.auth import bearer
@@ -152,6 +153,19 @@ def create_app(gw: Gateway, settings: Any = None, namespace: str | None = None,
                   openapi_url=None)
     app.state.gateway = gw
     mounted = mount(app) if mount is not None else None
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """A route or method not served here, in OpenAI's error body and saying what is."""
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = (f"{request.method} {request.url.path} is not served here: this gateway serves "
+                       "POST /v1/chat/completions, GET /v1/models, POST /v1/feedback and "
+                       "POST /v1/sessions/{id}/end")
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        return JSONResponse(error_body(message, code="not_found" if exc.status_code == 404 else None),
+                            exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:

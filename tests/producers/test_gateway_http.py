@@ -142,6 +142,9 @@ def test_auth_errors_limits_and_models(make_gateway, engine):
                                                    stop=[f"s{i}" for i in range(33)])
         with pytest.raises(openai.NotFoundError, match="not served here"):
             client(server).models.retrieve("gpt-4o")
+        other = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x"},
+                           headers={"Authorization": f"Bearer {KEYS['acme']}"})
+        assert other.status_code == 404 and "/v1/chat/completions" in other.json()["error"]["message"]
         auth = {"Authorization": f"Bearer {KEYS['acme']}"}
         url = f"{server.url}/v1/chat/completions"
         bad = httpx.post(url, content=b"{nope", headers=auth)
