@@ -1,8 +1,9 @@
 """The HTTP edge of the recording gateway: OpenAI-compatible routes over a `Gateway`.
 
 Routes: `POST /v1/chat/completions` (whole or SSE-streamed token by token), `GET /v1/models`
-and `GET /v1/models/{id}`, `POST /v1/feedback`, `POST /v1/sessions/{id}/end`, `GET /metrics` (Prometheus), and
-`GET /healthz`. Every route but `/healthz` needs `Authorization: Bearer <key>` (401).
+and `GET /v1/models/{id}`, `POST /v1/feedback`, `POST /v1/sessions/{id}/end`, `GET /metrics`
+(Prometheus), and `GET /healthz`. Every route but `/healthz` needs `Authorization: Bearer <key>`
+(401); any other route is a 404 in OpenAI's error body that names these.
 
 Only this module turns errors into status codes: malformed JSON 400, invalid fields 400 as
 OpenAI and vLLM answer them (the message names each field, `param` the first; the SDKs raise
