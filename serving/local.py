@@ -74,9 +74,18 @@ class _Request:
         self.cache: Any = None      # its own KV cache while it is being prefilled
         self.prefilled = 0          # prompt tokens prefilled so far
         self.constraint: Any = None  # serving.grammar.Constraint when params carry a grammar
+        self.grammar_error: ServingError | None = None
 
     def mask(self) -> Any:
-        return self.constraint.mask if self.constraint is not None else None
+        return self._masked if self.constraint is not None else None
+
+    def _masked(self, logits: Any) -> Any:
+        """The grammar's mask on this row; a failure fails this request alone (at its token)."""
+        try:
+            return self.constraint.mask(logits)
+        except Exception as exc:  # noqa: BLE001 - xgrammar/kernel errors: this request only
+            self.grammar_error = ServingError(f"the grammar's mask failed: {exc}")
+            return logits
 
     def emit(self, item: Any) -> None:
         try:
@@ -236,11 +245,14 @@ class LocalEngine:
 
     def _constraint(self, grammar: str) -> Any:
         """A matcher for `grammar` (compiled once per text); off the scheduler thread."""
-        from serving.grammar import Grammars
+        from serving.grammar import GrammarError, Grammars
 
         with self._grammars_lock:
             if self._grammars is None:
-                self._grammars = Grammars(self.tokenizer, self._vocab, self.eos_ids)
+                try:
+                    self._grammars = Grammars(self.tokenizer, self._vocab, self.eos_ids)
+                except Exception as exc:  # noqa: BLE001 - the tokenizer xgrammar cannot read
+                    raise GrammarError(f"constrained decoding is unavailable for this tokenizer: {exc}") from None
         return self._grammars.constraint(self._grammars.compile(grammar))
 
     def _check_context(self, prompt_tokens: int, max_new: int) -> None:
@@ -453,6 +465,8 @@ class LocalEngine:
         params = req.params
         if req.constraint is not None:
             try:
+                if req.grammar_error is not None:
+                    raise req.grammar_error
                 req.constraint.accept(tok)
             except ServingError as exc:   # never expected (the mask allowed it): this request only
                 req.emit(exc)

@@ -55,7 +55,10 @@ def forced_tools(tool_choice: Any, tools: list[dict[str, Any]] | None) -> list[d
         return offered
     if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
         # {"function": {"name": ...}} as chat completions write it, {"name": ...} as Responses do
-        name = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
+        function = tool_choice.get("function")
+        name = (function.get("name") if isinstance(function, dict) else None) or tool_choice.get("name")
+        if not isinstance(name, str):
+            raise ChatError("tool_choice of type function needs {'function': {'name': ...}}")
         chosen = [t for t in offered if t["function"]["name"] == name]
         if not chosen:
             raise ChatError(f"tool_choice names the function {name!r}, which is not among the tools "

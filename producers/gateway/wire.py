@@ -89,7 +89,7 @@ class ChatCompletionRequest(_Lenient):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)   # vLLM's extension; -1 or 0: all tokens
+    top_k: int | None = Field(default=None, ge=-1, le=2**31 - 1)   # vLLM's extension; -1 or 0: all
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = 1
