@@ -56,7 +56,7 @@ class MaxTokensError(GatewayError):
 from infra.settings import GatewaySettings
 from producers.gateway.auth import KeyRing
 from producers.gateway.chat import ToolCallParser, parser_for
-from producers.gateway.constraints import forced_tools, request_grammar
+from producers.gateway.constraints import request_grammar
 from producers.gateway.decode import Final, TextAssembler
 from producers.gateway.logprobs import TokenText, entries
 from producers.gateway.metrics import GatewayMetrics
@@ -224,10 +224,10 @@ class Gateway:
         built in a worker thread: the first one imports xgrammar (up to 2 s where torch is not
         loaded yet), a large schema takes milliseconds; neither may stall the event loop.
         None, at no cost, for a request that constrains nothing. Raises ChatError."""
+        free_tools = req.tool_choice is None or req.tool_choice in ("auto", "none")
+        if free_tools and (req.response_format is None or req.response_format.type == "text"):
+            return None   # the common request: nothing dumped, nothing built
         tools = req.dumped_tools()
-        if not forced_tools(req.tool_choice, tools) and (req.response_format is None
-                                                         or req.response_format.type == "text"):
-            return None
         return await asyncio.to_thread(request_grammar, req.response_format, req.tool_choice, tools, self.parser)
 
     def prepare(self, req: ChatCompletionRequest, tenant: str, headers: dict[str, str],
